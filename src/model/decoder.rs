@@ -1,0 +1,228 @@
+//! One decoder for the Llama and Qwen2 families: RMSNorm, GQA attention with rotary
+//! embeddings over the paged cache, SwiGLU MLP. Qwen2 is Llama with q/k/v biases (and often
+//! tied embeddings), so the families differ in flags read from the config, not in code.
+//!
+//! The forward takes a flattened [`ForwardBatch`] — sequences at different points, some
+//! prefilling a chunk, some decoding one token — and runs every layer once for all of them.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::ops::rms_norm;
+use candle_nn::rotary_emb::rope_thd;
+
+use super::batch::ForwardBatch;
+use super::config::ModelConfig;
+use super::kv_cache::KvCache;
+use super::paged_attention::{AttentionMeta, AttentionShape};
+use super::weights::Weights;
+use super::{ModelError, RopeTables};
+
+/// `x @ w.T (+ b)` for a 2-D activation.
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(
+        w: &Weights,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.get(&format!("{name}.weight"), &[out, inp])?,
+            bias: if bias {
+                Some(w.get(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Decoder {
+    config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: RopeTables,
+    device: Device,
+    dtype: DType,
+}
+
+impl Decoder {
+    pub fn new(config: ModelConfig, w: &Weights, device: &Device) -> Result<Self, ModelError> {
+        let c = &config;
+        let (h, kv) = (c.hidden_size, c.num_key_value_heads * c.head_dim);
+        let q_out = c.num_attention_heads * c.head_dim;
+        let embed = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let bias = c.attention_bias;
+                Ok(Layer {
+                    input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    q: Linear::load(w, &format!("{p}.self_attn.q_proj"), q_out, h, bias)?,
+                    k: Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, h, bias)?,
+                    v: Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, h, bias)?,
+                    o: Linear::load(w, &format!("{p}.self_attn.o_proj"), h, q_out, false)?,
+                    post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    gate: Linear::load(
+                        w,
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        h,
+                        false,
+                    )?,
+                    up: Linear::load(
+                        w,
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        h,
+                        false,
+                    )?,
+                    down: Linear::load(
+                        w,
+                        &format!("{p}.mlp.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        false,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let norm = w.get("model.norm.weight", &[h])?;
+        // Some checkpoints with tied embeddings still ship lm_head.weight; prefer it when present.
+        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            w.get("lm_head.weight", &[c.vocab_size, h])?
+        };
+        let rope = RopeTables::new(c, w.dtype(), device)?;
+        Ok(Self {
+            dtype: w.dtype(),
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn attention_shape(&self, block_size: usize) -> AttentionShape {
+        AttentionShape {
+            num_heads: self.config.num_attention_heads,
+            num_kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+            block_size,
+        }
+    }
+
+    /// Runs the batch, writing its K/V into `cache`. Returns f32 logits `[S, vocab]` for each
+    /// sequence's last token, or `[T, vocab]` for every token when `batch.all_logits`.
+    pub fn forward(&self, batch: &ForwardBatch, cache: &KvCache) -> Result<Tensor, ModelError> {
+        batch.validate(cache.num_slots(), cache.block_size())?;
+        let max_pos = self.config.max_position_embeddings;
+        if let Some(p) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
+            return Err(ModelError::Batch(format!(
+                "position {p} is beyond max_position_embeddings {max_pos}"
+            )));
+        }
+        if let Some(t) = batch
+            .token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(ModelError::Batch(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let c = &self.config;
+        let t = batch.num_tokens();
+        let meta = AttentionMeta::new(batch, self.attention_shape(cache.block_size()));
+        let ids = Tensor::from_slice(&batch.token_ids, t, &self.device)?;
+        let positions = Tensor::from_slice(&batch.positions, t, &self.device)?;
+        let (cos, sin) = self.rope.gather(&positions)?;
+        let eps = c.rms_norm_eps as f32;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = rms_norm(&x, &layer.input_norm, eps)?;
+            let q = layer
+                .q
+                .forward(&h)?
+                .reshape((1, t, c.num_attention_heads, c.head_dim))?;
+            let k = layer
+                .k
+                .forward(&h)?
+                .reshape((1, t, c.num_key_value_heads, c.head_dim))?;
+            let v = layer
+                .v
+                .forward(&h)?
+                .reshape((t, c.num_key_value_heads, c.head_dim))?;
+            let q = rope_thd(&q, &cos, &sin)?.squeeze(0)?;
+            let k = rope_thd(&k, &cos, &sin)?.squeeze(0)?;
+            meta.write_kv(cache.layer(i), &k, &v)?;
+            let attn = meta.attend(&q, cache.layer(i))?;
+            x = (residual + layer.o.forward(&attn)?)?;
+            let h = rms_norm(&x, &layer.post_norm, eps)?;
+            let gated =
+                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (&x + layer.down.forward(&gated)?)?;
+        }
+        let x = if batch.all_logits {
+            x
+        } else {
+            let last: Vec<u32> = batch.query_start[1..].iter().map(|&e| e - 1).collect();
+            let last = Tensor::from_vec(last, batch.num_seqs(), &self.device)?;
+            x.index_select(&last, 0)?
+        };
+        let x = rms_norm(&x, &self.norm, eps)?;
+        let logits = x.matmul(&self.lm_head.t()?)?;
+        Ok(logits.to_dtype(DType::F32)?.contiguous()?)
+    }
+}
+
+/// Index of the largest value in each row of `[S, vocab]` logits (ties: lowest id, as torch).
+pub fn argmax_rows(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    logits.argmax(D::Minus1)?.to_vec1::<u32>()
+}

@@ -1,0 +1,432 @@
+//! Attention over the paged KV cache, and the write of new K/V into it.
+//!
+//! The cache of one layer is a single tensor `[num_slots, 2, kv_heads, head_dim]` (K then V for
+//! each slot, so one gather brings both into cache lines together); slot = block * block_size +
+//! offset. The operators here read sequences' history only through their block tables, so the
+//! blocks of different sequences may be interleaved anywhere in the pool.
+//!
+//! The CPU kernels run one work item per (token, kv head): the group of query heads sharing
+//! that kv head is scored against each cached key once, with a numerically stable softmax and
+//! per-thread scratch reused across items (nothing is allocated per item). A CUDA device would
+//! implement the same two candle ops; until it does they return an error naming the op.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::batch::ForwardBatch;
+
+/// Element types the cache can hold; math is always done in f32.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl KvElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl KvElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// The shape facts both ops need.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+/// Per-forward metadata derived once from the batch and shared by every layer.
+pub struct AttentionMeta {
+    shape: AttentionShape,
+    scale: f32,
+    slots: Vec<u32>,
+    /// For each token: (its sequence, its position in that sequence).
+    token_seq: Vec<(u32, u32)>,
+    context_lens: Vec<u32>,
+    block_tables: Vec<u32>,
+    max_blocks: usize,
+    /// Total (query token × cached token) pairs, to decide whether threads pay off.
+    work: usize,
+}
+
+impl AttentionMeta {
+    pub fn new(batch: &ForwardBatch, shape: AttentionShape) -> Self {
+        let mut token_seq = Vec::with_capacity(batch.num_tokens());
+        let mut work = 0usize;
+        for s in 0..batch.num_seqs() {
+            let (start, end) = (batch.query_start[s], batch.query_start[s + 1]);
+            let ctx = batch.context_lens[s];
+            for t in start..end {
+                let pos = ctx - (end - t);
+                token_seq.push((s as u32, pos));
+                work += pos as usize + 1;
+            }
+        }
+        Self {
+            shape,
+            scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            slots: batch.slot_mapping.clone(),
+            token_seq,
+            context_lens: batch.context_lens.clone(),
+            block_tables: batch.block_tables.clone(),
+            max_blocks: batch.max_blocks,
+            work,
+        }
+    }
+
+    /// Writes `k` and `v` (`[T, kv_heads, head_dim]`) into `cache` at this batch's slots.
+    pub fn write_kv(&self, cache: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+        cache.inplace_op3(k, v, &WriteKv { meta: self })
+    }
+
+    /// Attention of `q` (`[T, heads, head_dim]`) over the cache; returns `[T, heads * head_dim]`.
+    pub fn attend(&self, q: &Tensor, cache: &Tensor) -> candle_core::Result<Tensor> {
+        q.apply_op2_no_bwd(cache, &PagedAttention { meta: self })
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+struct WriteKv<'a> {
+    meta: &'a AttentionMeta,
+}
+
+impl WriteKv<'_> {
+    fn write<T: KvElem>(
+        &self,
+        cache: &mut [T],
+        cache_l: &Layout,
+        k: &[T],
+        k_l: &Layout,
+        v: &[T],
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (start, end) = cache_l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("kv cache must be contiguous".into()))?;
+        let cache = &mut cache[start..end];
+        let k = contiguous(k, k_l, "k")?;
+        let v = contiguous(v, v_l, "v")?;
+        let row = self.meta.shape.num_kv_heads * self.meta.shape.head_dim;
+        if k.len() != self.meta.slots.len() * row || v.len() != k.len() {
+            candle_core::bail!("k/v do not match the batch's token count");
+        }
+        for (t, &slot) in self.meta.slots.iter().enumerate() {
+            let base = slot as usize * 2 * row;
+            if base + 2 * row > cache.len() {
+                candle_core::bail!("slot {slot} is outside the kv cache");
+            }
+            cache[base..base + row].copy_from_slice(&k[t * row..(t + 1) * row]);
+            cache[base + row..base + 2 * row].copy_from_slice(&v[t * row..(t + 1) * row]);
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for WriteKv<'_> {
+    fn name(&self) -> &'static str {
+        "paged-write-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        match (cache, k, v) {
+            (CpuStorage::F32(c), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::F16(c), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::BF16(c), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (c, k, _) => candle_core::bail!(
+                "paged-write-kv: unsupported dtypes cache {:?}, k {:?}",
+                c.dtype(),
+                k.dtype()
+            ),
+        }
+    }
+}
+
+struct PagedAttention<'a> {
+    meta: &'a AttentionMeta,
+}
+
+/// Scratch one worker thread reuses for every (token, kv head) it handles.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+#[inline(always)]
+fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
+    // Eight independent accumulators over exact chunks let the compiler vectorise a float
+    // reduction without bounds checks.
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y.to_f32())
+        .sum();
+    for (ca, cb) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += ca[l] * cb[l].to_f32();
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// What one (token, kv head) work item reads.
+struct ItemInputs<'a, T> {
+    meta: &'a AttentionMeta,
+    q: &'a [T],
+    cache: &'a [T],
+}
+
+/// Attention for the query heads of kv head `idx % kv_heads` at token `idx / kv_heads`,
+/// written to `out` (`group * head_dim` values).
+#[inline(always)]
+fn attend_item<T: KvElem>(
+    inp: &ItemInputs<'_, T>,
+    scratch: &mut Scratch,
+    idx: usize,
+    out: &mut [T],
+) {
+    let m = inp.meta;
+    let AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+    } = m.shape;
+    let group = num_heads / num_kv_heads;
+    let row = num_kv_heads * head_dim;
+    let item_len = group * head_dim;
+    let (t, g) = (idx / num_kv_heads, idx % num_kv_heads);
+    let (seq, pos) = m.token_seq[t];
+    let n_ctx = pos as usize + 1;
+    let table = &m.block_tables[seq as usize * m.max_blocks..];
+    scratch.q.clear();
+    scratch.q.extend(
+        inp.q[(t * num_heads + g * group) * head_dim..][..item_len]
+            .iter()
+            .map(|x| x.to_f32() * m.scale),
+    );
+    scratch.scores.clear();
+    scratch.scores.resize(group * n_ctx, 0.0);
+    for j in 0..n_ctx {
+        let slot = table[j / block_size] as usize * block_size + j % block_size;
+        let key = &inp.cache[slot * 2 * row + g * head_dim..][..head_dim];
+        for h in 0..group {
+            scratch.scores[h * n_ctx + j] = dot(&scratch.q[h * head_dim..(h + 1) * head_dim], key);
+        }
+    }
+    for h in 0..group {
+        let s = &mut scratch.scores[h * n_ctx..(h + 1) * n_ctx];
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0.0;
+        for x in s.iter_mut() {
+            *x = (*x - max).exp();
+            total += *x;
+        }
+        let inv = 1.0 / total;
+        s.iter_mut().for_each(|x| *x *= inv);
+    }
+    scratch.acc.clear();
+    scratch.acc.resize(item_len, 0.0);
+    for j in 0..n_ctx {
+        let slot = table[j / block_size] as usize * block_size + j % block_size;
+        let value = &inp.cache[slot * 2 * row + row + g * head_dim..][..head_dim];
+        for h in 0..group {
+            let w = scratch.scores[h * n_ctx + j];
+            let acc = &mut scratch.acc[h * head_dim..(h + 1) * head_dim];
+            for (a, v) in acc.iter_mut().zip(value) {
+                *a += w * v.to_f32();
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&scratch.acc) {
+        *o = T::from_f32(*a);
+    }
+}
+
+/// The same item compiled for AVX2 + FMA, which the baseline x86-64 target lacks.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; callers check with `is_x86_feature_detected!`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_item_avx2<T: KvElem>(
+    inp: &ItemInputs<'_, T>,
+    scratch: &mut Scratch,
+    idx: usize,
+    out: &mut [T],
+) {
+    attend_item(inp, scratch, idx, out)
+}
+
+fn attend_item_best<T: KvElem>(
+    inp: &ItemInputs<'_, T>,
+    avx2: bool,
+    scratch: &mut Scratch,
+    idx: usize,
+    out: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is true only when `is_x86_feature_detected!` found both AVX2 and FMA
+        // on this CPU, which is the sole requirement of `attend_item_avx2`.
+        unsafe { attend_item_avx2(inp, scratch, idx, out) };
+        return;
+    }
+    let _ = avx2;
+    attend_item(inp, scratch, idx, out)
+}
+
+fn cpu_has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl PagedAttention<'_> {
+    fn run<T: KvElem>(&self, q: &[T], cache: &[T]) -> Vec<T> {
+        let m = self.meta;
+        let s = m.shape;
+        let item_len = s.num_heads / s.num_kv_heads * s.head_dim;
+        let inp = ItemInputs { meta: m, q, cache };
+        let avx2 = cpu_has_avx2_fma();
+        let mut out = vec![T::from_f32(0.0); q.len()];
+        // Below this many multiply-adds the thread hand-off costs more than it saves.
+        const PARALLEL_WORK: usize = 1 << 15;
+        if m.work * s.num_heads * s.head_dim < PARALLEL_WORK {
+            let mut scratch = Scratch::default();
+            for (idx, chunk) in out.chunks_mut(item_len).enumerate() {
+                attend_item_best(&inp, avx2, &mut scratch, idx, chunk);
+            }
+        } else {
+            out.par_chunks_mut(item_len)
+                .enumerate()
+                .for_each_init(Scratch::default, |scratch, (idx, chunk)| {
+                    attend_item_best(&inp, avx2, scratch, idx, chunk)
+                });
+        }
+        out
+    }
+
+    fn checked<T: KvElem>(
+        &self,
+        q: &[T],
+        q_l: &Layout,
+        cache: &[T],
+        cache_l: &Layout,
+    ) -> candle_core::Result<Vec<T>> {
+        let q = contiguous(q, q_l, "q")?;
+        let cache = contiguous(cache, cache_l, "kv cache")?;
+        let s = self.meta.shape;
+        if q.len() != self.meta.token_seq.len() * s.num_heads * s.head_dim {
+            candle_core::bail!("q does not match the batch's token count");
+        }
+        let slots = cache.len() / (2 * s.num_kv_heads * s.head_dim);
+        let in_bounds = self
+            .meta
+            .block_tables
+            .chunks(self.meta.max_blocks.max(1))
+            .zip(&self.meta.context_lens)
+            .all(|(table, &ctx)| {
+                table[..(ctx as usize).div_ceil(s.block_size)]
+                    .iter()
+                    .all(|&b| (b as usize + 1) * s.block_size <= slots)
+            });
+        if !in_bounds {
+            candle_core::bail!("a block table points outside the kv cache");
+        }
+        Ok(self.run(q, cache))
+    }
+}
+
+impl CustomOp2 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        cache: &CpuStorage,
+        cache_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = self.meta.shape;
+        let shape = Shape::from((self.meta.token_seq.len(), s.num_heads * s.head_dim));
+        let storage = match (q, cache) {
+            (CpuStorage::F32(q), CpuStorage::F32(c)) => {
+                CpuStorage::F32(self.checked(q, q_l, c, cache_l)?)
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(c)) => {
+                CpuStorage::F16(self.checked(q, q_l, c, cache_l)?)
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(c)) => {
+                CpuStorage::BF16(self.checked(q, q_l, c, cache_l)?)
+            }
+            (q, c) => candle_core::bail!(
+                "paged-attention: unsupported dtypes q {:?}, cache {:?}",
+                q.dtype(),
+                c.dtype()
+            ),
+        };
+        Ok((storage, shape))
+    }
+}

@@ -1,0 +1,169 @@
+//! Chat templates, rendered to match transformers' `apply_chat_template`: jinja2 with
+//! `trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`
+//! and its own `tojson`; minijinja plus Python-compat methods stands in for jinja2.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use minijinja::value::Value;
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior};
+use serde::{Deserialize, Serialize};
+
+use super::python_format::{python_formatter, tojson};
+use super::TokenizerError;
+
+const NAME: &str = "chat_template";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A template compiled once and rendered many times.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: Value,
+    eos_token: Value,
+}
+
+impl ChatTemplate {
+    pub fn new(
+        source: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, TokenizerError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(false);
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_formatter(python_formatter);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(NAME, replace_generation_tags(source).into_owned())?;
+        // transformers leaves unset special tokens out of the context (undefined), not None.
+        let token = |t: Option<String>| t.map_or(Value::UNDEFINED, Value::from);
+        Ok(Self {
+            env,
+            bos_token: token(bos_token),
+            eos_token: token(eos_token),
+        })
+    }
+
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        self.render_serialized(messages, add_generation_prompt)
+    }
+
+    /// Renders any serializable message list, e.g. OpenAI messages with `tool_calls`
+    /// or `null` content, which [`ChatMessage`] cannot carry.
+    pub fn render_serialized<M: Serialize + ?Sized>(
+        &self,
+        messages: &M,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let template = self.env.get_template(NAME)?;
+        // transformers passes tools=None and documents=None explicitly, so templates
+        // see them as defined-but-none ("tools is not none" is false).
+        let ctx = minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone(),
+            eos_token => self.eos_token.clone(),
+            tools => Value::from(()),
+            documents => Value::from(()),
+        };
+        Ok(template.render(ctx)?)
+    }
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
+    }
+}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+fn strftime_now(format: String) -> Result<Value, Error> {
+    let mut out = String::new();
+    // chrono reports a bad format specifier as a fmt::Error rather than text.
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: invalid format {format:?}"),
+        )
+    })?;
+    Ok(Value::from(out))
+}
+
+/// transformers' `{% generation %}...{% endgeneration %}` extension marks assistant
+/// text for training masks and renders its body unchanged; minijinja has no such
+/// tag, so the keywords become `if true` / `endif`, keeping any `-` whitespace control.
+fn replace_generation_tags(source: &str) -> Cow<'_, str> {
+    if !source.contains("generation") {
+        return Cow::Borrowed(source);
+    }
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let (before, tag) = rest.split_at(start);
+        out.push_str(before);
+        let Some(end) = tag.find("%}") else {
+            rest = tag;
+            break;
+        };
+        let inner = &tag[2..end];
+        let keyword = inner.trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let replacement = match keyword {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => {
+                out.push_str("{%");
+                out.push_str(&inner.replacen(keyword, r, 1));
+                out.push_str("%}");
+            }
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_tags_become_if_blocks() {
+        assert_eq!(
+            replace_generation_tags("a{%- generation %}b{% endgeneration -%}c{% if x %}"),
+            "a{%- if true %}b{% endif -%}c{% if x %}"
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! Text <-> token ids for one model: a wrapper around the `tokenizers` crate, the
+//! model's chat template (rendered the way transformers' `apply_chat_template` does),
+//! and an incremental detokenizer for streaming.
+//!
+//! This module must not know about tensors, HTTP or scheduling: it takes strings,
+//! messages and ids, and gives back strings and ids.
+
+mod chat_template;
+mod detokenizer;
+mod python_format;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use detokenizer::IncrementalDetokenizer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+
+#[derive(thiserror::Error, Debug)]
+pub enum TokenizerError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot load tokenizer.json: {0}")]
+    Load(#[source] tokenizers::Error),
+    #[error("invalid tokenizer_config.json: {0}")]
+    Config(String),
+    #[error("encoding failed: {0}")]
+    Encode(#[source] tokenizers::Error),
+    #[error("decoding failed: {0}")]
+    Decode(#[source] tokenizers::Error),
+    #[error("the tokenizer has no chat template")]
+    NoChatTemplate,
+    #[error("chat template: {0}")]
+    Template(#[from] minijinja::Error),
+}
+
+/// One model's tokenizer. `Send + Sync`; share it in an `Arc`.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    eos_token_id: Option<u32>,
+    add_bos_token: Option<bool>,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` (required), `tokenizer_config.json` (optional) and
+    /// `chat_template.jinja` (optional; newer transformers save the template there
+    /// and prefer it over the config's).
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let tokenizer_json = read(&dir.join("tokenizer.json"))?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = config_path
+            .is_file()
+            .then(|| read(&config_path))
+            .transpose()?;
+        let template_path = dir.join("chat_template.jinja");
+        let template = template_path
+            .is_file()
+            .then(|| read(&template_path))
+            .transpose()?
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        Self::build(&tokenizer_json, config.as_deref(), template)
+    }
+
+    /// For a model embedded in the binary: the two files' contents.
+    pub fn from_parts(
+        tokenizer_json: &[u8],
+        tokenizer_config_json: Option<&[u8]>,
+    ) -> Result<Self, TokenizerError> {
+        Self::build(tokenizer_json, tokenizer_config_json, None)
+    }
+
+    fn build(
+        tokenizer_json: &[u8],
+        config_json: Option<&[u8]>,
+        template_override: Option<String>,
+    ) -> Result<Self, TokenizerError> {
+        let mut inner =
+            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(TokenizerError::Load)?;
+        // Some tokenizer.json files carry training-time truncation/padding, which
+        // would silently cut or pad a server's prompts.
+        inner.with_truncation(None).map_err(TokenizerError::Load)?;
+        inner.with_padding(None);
+
+        let config: Json = match config_json {
+            Some(bytes) => {
+                serde_json::from_slice(bytes).map_err(|e| TokenizerError::Config(e.to_string()))?
+            }
+            None => Json::Null,
+        };
+        let bos_token = special_token(&config, "bos_token");
+        let eos_token = special_token(&config, "eos_token");
+        let add_bos_token = config.get("add_bos_token").and_then(Json::as_bool);
+        let source = match template_override {
+            Some(source) => Some(source),
+            None => template_source(&config)?,
+        };
+        let chat_template = source
+            .map(|s| ChatTemplate::new(&s, bos_token.clone(), eos_token.clone()))
+            .transpose()?;
+        let eos_token_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        Ok(Self {
+            inner,
+            bos_token,
+            eos_token,
+            eos_token_id,
+            add_bos_token,
+            chat_template,
+        })
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        // encode_fast skips offset tracking, which a server never uses.
+        let encoding = self
+            .inner
+            .encode_fast(text, add_special_tokens)
+            .map_err(TokenizerError::Encode)?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(TokenizerError::Decode)
+    }
+
+    /// Number of distinct tokens, added tokens included (transformers' `len(tokenizer)`).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+
+    /// `add_bos_token` from tokenizer_config.json. Informational: whether BOS is
+    /// added is decided by tokenizer.json's post-processor, which `encode` applies.
+    pub fn add_bos_token(&self) -> Option<bool> {
+        self.add_bos_token
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        self.chat_template
+            .as_ref()
+            .ok_or(TokenizerError::NoChatTemplate)?
+            .render(messages, add_generation_prompt)
+    }
+
+    /// A streaming detokenizer for one generated sequence.
+    pub fn detokenizer(self: &Arc<Self>, skip_special_tokens: bool) -> IncrementalDetokenizer {
+        IncrementalDetokenizer::new(Arc::clone(self), skip_special_tokens)
+    }
+}
+
+impl fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TokenizerError> {
+    std::fs::read(path).map_err(|source| TokenizerError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// transformers writes special tokens either as a plain string or as an
+/// AddedToken object `{"content": ..., ...}`.
+fn special_token(config: &Json, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// `chat_template` is a string, or (older multi-template configs) a list of
+/// `{"name", "template"}` of which transformers uses "default".
+fn template_source(config: &Json) -> Result<Option<String>, TokenizerError> {
+    match config.get("chat_template") {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(Json::Array(list)) => Ok(list
+            .iter()
+            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .map(str::to_owned)),
+        Some(_) => Err(TokenizerError::Config(
+            "chat_template is neither a string nor a list of named templates".into(),
+        )),
+    }
+}

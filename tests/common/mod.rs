@@ -1,0 +1,59 @@
+//! Helpers shared by integration tests: where the shared test models live and how their
+//! golden files read.
+#![allow(dead_code)]
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+pub const MODELS: [&str; 4] = [
+    "tiny-random-qwen2",
+    "tiny-random-llama",
+    "bench-llama-25m",
+    "tiny-llama-v512",
+];
+
+/// `../shared/models`, or `None` (after a loud message) where CI's checkout lacks it.
+pub fn models_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "\n!!! SKIPPING: {} not found; model parity tests need ../shared/models beside the checkout !!!\n",
+            dir.display()
+        );
+        None
+    }
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct Golden {
+    pub model: String,
+    pub cases: Vec<GoldenCase>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct GoldenCase {
+    pub name: String,
+    pub prompt: String,
+    pub chat_rendered: bool,
+    pub messages: Option<Vec<serde_json::Value>>,
+    pub add_special_tokens: bool,
+    pub prompt_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    pub generated_text: String,
+    pub steps: Vec<GoldenStep>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+pub struct GoldenStep {
+    pub step: usize,
+    pub top10: Vec<(u32, f64)>,
+    pub argmax: u32,
+}
+
+pub fn golden(model: &str) -> Option<Golden> {
+    let path = models_dir()?.join(model).join("golden.json");
+    let text = std::fs::read_to_string(&path).expect("golden.json readable");
+    Some(serde_json::from_str(&text).expect("golden.json parses"))
+}
