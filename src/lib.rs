@@ -3,5 +3,8 @@
 //! Dependencies point one way: `server` → `engine` → `model`; `tokenizer` is used by the
 //! server (and the one-shot generator); results travel back as events over channels.
 
+pub mod config;
+pub mod engine;
 pub mod model;
+pub mod server;
 pub mod tokenizer;

@@ -3,7 +3,10 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+use distillery::config::LogFormat;
+
 mod generate;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -18,19 +21,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the OpenAI-compatible HTTP daemon.
+    Serve(Box<serve::ServeArgs>),
     /// Generate one completion and stream its text to stdout.
     Generate(generate::GenerateArgs),
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn main() -> Result<()> {
+    // candle asks for the thread count on every matmul and, without this variable, works it
+    // out by reading /proc and /sys each time; set it once, before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     match Cli::parse().command {
-        Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => {
+            let settings = args.settings()?;
+            init_logging(settings.log_format);
+            serve::run(settings)
+        }
+        Command::Generate(args) => {
+            init_logging(LogFormat::Pretty);
+            generate::run(args)
+        }
     }
 }

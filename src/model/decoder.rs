@@ -17,6 +17,7 @@ use super::weights::Weights;
 use super::{ModelError, RopeTables};
 
 /// `x @ w.T (+ b)` for a 2-D activation.
+#[derive(Clone)]
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -51,6 +52,7 @@ impl Module for Linear {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     input_norm: Tensor,
     q: Linear,
@@ -63,6 +65,8 @@ struct Layer {
     down: Linear,
 }
 
+/// Cheap to clone: tensors are shared, not copied.
+#[derive(Clone)]
 pub struct Decoder {
     config: ModelConfig,
     embed: Tensor,

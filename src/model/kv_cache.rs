@@ -1,5 +1,6 @@
-//! The paged KV cache: one `[num_blocks * block_size, 2, kv_heads, head_dim]` tensor per layer,
-//! allocated once at start-up from a memory budget.
+//! The paged KV cache: one `[num_blocks, 2, kv_heads, block_size * head_dim]` tensor per layer
+//! (the layout inside a block is `paged_attention`'s business), allocated once at start-up from
+//! a memory budget.
 //!
 //! It owns memory, not bookkeeping: which block belongs to which sequence is the engine's
 //! block manager's business.
@@ -42,10 +43,10 @@ impl KvCache {
         device: &Device,
     ) -> candle_core::Result<Self> {
         let shape = (
-            num_blocks * block_size,
+            num_blocks,
             2,
             config.num_key_value_heads,
-            config.head_dim,
+            block_size * config.head_dim,
         );
         let layers = (0..config.num_hidden_layers)
             .map(|_| Tensor::zeros(shape, dtype, device))

@@ -6,8 +6,10 @@
 //! [`KvCache`] and gets logits back.
 
 pub mod batch;
+pub mod builtin;
 pub mod config;
 pub mod decoder;
+pub mod dummy;
 mod error;
 pub mod kv_cache;
 pub mod paged_attention;
@@ -106,6 +108,25 @@ pub fn load_decoder(
         hidden = config.hidden_size,
         ?dtype,
         "model loaded"
+    );
+    Decoder::new(config, &weights, device)
+}
+
+/// `--load-format dummy`: the decoder of a model folder's `config.json` with random weights
+/// instead of its safetensors, for benchmarking an architecture whose weights are not at hand.
+pub fn load_decoder_dummy(
+    dir: &Path,
+    dtype: DTypeChoice,
+    device: &Device,
+) -> Result<Decoder, ModelError> {
+    let config = ModelConfig::from_dir(dir)?;
+    let dtype = dtype.resolve(&config, device);
+    let weights = dummy::random_weights(&config, dtype, device, dummy::DUMMY_SEED)?;
+    tracing::warn!(
+        model = %dir.display(),
+        architecture = ?config.architecture,
+        ?dtype,
+        "loaded with random weights (--load-format dummy): timings are real, output is not"
     );
     Decoder::new(config, &weights, device)
 }

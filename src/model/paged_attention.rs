@@ -1,12 +1,15 @@
 //! Attention over the paged KV cache, and the write of new K/V into it.
 //!
-//! The cache of one layer is a single tensor `[num_slots, 2, kv_heads, head_dim]` (K then V for
-//! each slot, so one gather brings both into cache lines together); slot = block * block_size +
-//! offset. The operators here read sequences' history only through their block tables, so the
-//! blocks of different sequences may be interleaved anywhere in the pool.
+//! The cache of one layer is a single tensor `[num_blocks, 2, kv_heads, block_size * head_dim]`.
+//! Within a block, one kv head's keys are stored dimension-major (`[head_dim][block_size]`) so
+//! the scores of a whole block are a few vector multiply-adds with no horizontal sums, and its
+//! values slot-major (`[block_size][head_dim]`) so accumulating them is one vector axpy per
+//! slot. A token's slot is `block * block_size + offset`. The operators read sequences'
+//! history only through their block tables, so the blocks of different sequences may be
+//! interleaved anywhere in the pool.
 //!
 //! The CPU kernels run one work item per (token, kv head): the group of query heads sharing
-//! that kv head is scored against each cached key once, with a numerically stable softmax and
+//! that kv head is scored against each cached key once, in one pass with an online softmax and
 //! per-thread scratch reused across items (nothing is allocated per item). A CUDA device would
 //! implement the same two candle ops; until it does they return an error naming the op.
 
@@ -142,17 +145,32 @@ impl WriteKv<'_> {
         let cache = &mut cache[start..end];
         let k = contiguous(k, k_l, "k")?;
         let v = contiguous(v, v_l, "v")?;
-        let row = self.meta.shape.num_kv_heads * self.meta.shape.head_dim;
+        let AttentionShape {
+            num_kv_heads,
+            head_dim,
+            block_size,
+            ..
+        } = self.meta.shape;
+        let row = num_kv_heads * head_dim;
         if k.len() != self.meta.slots.len() * row || v.len() != k.len() {
             candle_core::bail!("k/v do not match the batch's token count");
         }
+        let head_len = block_size * head_dim;
         for (t, &slot) in self.meta.slots.iter().enumerate() {
-            let base = slot as usize * 2 * row;
-            if base + 2 * row > cache.len() {
+            let (block, offset) = (slot as usize / block_size, slot as usize % block_size);
+            let block_base = block * 2 * num_kv_heads * head_len;
+            if block_base + 2 * num_kv_heads * head_len > cache.len() {
                 candle_core::bail!("slot {slot} is outside the kv cache");
             }
-            cache[base..base + row].copy_from_slice(&k[t * row..(t + 1) * row]);
-            cache[base + row..base + 2 * row].copy_from_slice(&v[t * row..(t + 1) * row]);
+            for g in 0..num_kv_heads {
+                let src = t * row + g * head_dim;
+                let k_base = block_base + g * head_len;
+                for d in 0..head_dim {
+                    cache[k_base + d * block_size + offset] = k[src + d];
+                }
+                let v_base = block_base + (num_kv_heads + g) * head_len + offset * head_dim;
+                cache[v_base..v_base + head_dim].copy_from_slice(&v[src..src + head_dim]);
+            }
         }
         Ok(())
     }
@@ -203,26 +221,6 @@ struct Scratch {
     acc: Vec<f32>,
 }
 
-#[inline(always)]
-fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
-    // Eight independent accumulators over exact chunks let the compiler vectorise a float
-    // reduction without bounds checks.
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    for (ca, cb) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] += ca[l] * cb[l].to_f32();
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 /// What one (token, kv head) work item reads.
 struct ItemInputs<'a, T> {
     meta: &'a AttentionMeta,
@@ -230,8 +228,104 @@ struct ItemInputs<'a, T> {
     cache: &'a [T],
 }
 
+/// `e^x` to about 1e-7 relative error, inlined so the hot loop does not call into libm.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    // Written as selects (not `clamp`, whose NaN rules block vectorisation).
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // Cody-Waite: ln 2 split so that n * LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // n is within [-126, 127] after the clamp, so the exponent bits are a normal float's.
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `scores[j] = q · key_j` for the first `scores.len()` keys of a block stored
+/// dimension-major. Eight keys at a time in registers, with separate accumulators for even and
+/// odd dimensions so consecutive multiply-adds do not wait on each other.
+#[inline(always)]
+fn block_scores_into<T: KvElem>(q: &[f32], keys: &[T], block_size: usize, scores: &mut [f32]) {
+    let count = scores.len();
+    let mut j0 = 0;
+    while j0 + 8 <= count {
+        let (mut even, mut odd) = ([0f32; 8], [0f32; 8]);
+        let mut d = 0;
+        while d + 1 < q.len() {
+            let (q0, q1) = (q[d], q[d + 1]);
+            let k0 = &keys[d * block_size + j0..d * block_size + j0 + 8];
+            let k1 = &keys[(d + 1) * block_size + j0..(d + 1) * block_size + j0 + 8];
+            for l in 0..8 {
+                even[l] += q0 * k0[l].to_f32();
+                odd[l] += q1 * k1[l].to_f32();
+            }
+            d += 2;
+        }
+        if d < q.len() {
+            let k0 = &keys[d * block_size + j0..d * block_size + j0 + 8];
+            for l in 0..8 {
+                even[l] += q[d] * k0[l].to_f32();
+            }
+        }
+        for l in 0..8 {
+            scores[j0 + l] = even[l] + odd[l];
+        }
+        j0 += 8;
+    }
+    for (j, s) in scores.iter_mut().enumerate().skip(j0) {
+        *s = q
+            .iter()
+            .enumerate()
+            .map(|(d, &qd)| qd * keys[d * block_size + j].to_f32())
+            .sum();
+    }
+}
+
+/// `acc += Σ_j p_j · value_j` for values stored slot-major, eight dimensions at a time held
+/// in registers across all slots, with separate accumulators for even and odd slots.
+#[inline(always)]
+fn accumulate_values<T: KvElem>(p: &[f32], values: &[T], head_dim: usize, acc: &mut [f32]) {
+    let full = head_dim / 8 * 8;
+    for c in (0..full).step_by(8) {
+        let (mut even, mut odd) = ([0f32; 8], [0f32; 8]);
+        let mut j = 0;
+        while j + 1 < p.len() {
+            let v0 = &values[j * head_dim + c..j * head_dim + c + 8];
+            let v1 = &values[(j + 1) * head_dim + c..(j + 1) * head_dim + c + 8];
+            for l in 0..8 {
+                even[l] += p[j] * v0[l].to_f32();
+                odd[l] += p[j + 1] * v1[l].to_f32();
+            }
+            j += 2;
+        }
+        if j < p.len() {
+            let v0 = &values[j * head_dim + c..j * head_dim + c + 8];
+            for l in 0..8 {
+                even[l] += p[j] * v0[l].to_f32();
+            }
+        }
+        for l in 0..8 {
+            acc[c + l] += even[l] + odd[l];
+        }
+    }
+    for (d, a) in acc.iter_mut().enumerate().skip(full) {
+        *a += p
+            .iter()
+            .enumerate()
+            .map(|(j, &pj)| pj * values[j * head_dim + d].to_f32())
+            .sum::<f32>();
+    }
+}
+
 /// Attention for the query heads of kv head `idx % kv_heads` at token `idx / kv_heads`,
-/// written to `out` (`group * head_dim` values).
+/// written to `out` (`group * head_dim` values). One pass over the history, a block at a time,
+/// with an online softmax: scores of a block, its max, exponentials, then its values.
 #[inline(always)]
 fn attend_item<T: KvElem>(
     inp: &ItemInputs<'_, T>,
@@ -247,53 +341,56 @@ fn attend_item<T: KvElem>(
         block_size,
     } = m.shape;
     let group = num_heads / num_kv_heads;
-    let row = num_kv_heads * head_dim;
     let item_len = group * head_dim;
+    let head_len = block_size * head_dim;
     let (t, g) = (idx / num_kv_heads, idx % num_kv_heads);
     let (seq, pos) = m.token_seq[t];
     let n_ctx = pos as usize + 1;
-    let table = &m.block_tables[seq as usize * m.max_blocks..];
+    let table = &m.block_tables[seq as usize * m.max_blocks..][..n_ctx.div_ceil(block_size)];
     scratch.q.clear();
     scratch.q.extend(
         inp.q[(t * num_heads + g * group) * head_dim..][..item_len]
             .iter()
             .map(|x| x.to_f32() * m.scale),
     );
+    // Per head: running max and running sum of exponentials; then one block of scores.
     scratch.scores.clear();
-    scratch.scores.resize(group * n_ctx, 0.0);
-    for j in 0..n_ctx {
-        let slot = table[j / block_size] as usize * block_size + j % block_size;
-        let key = &inp.cache[slot * 2 * row + g * head_dim..][..head_dim];
+    scratch.scores.resize(2 * group + block_size, 0.0);
+    let (stats, block_scores) = scratch.scores.split_at_mut(2 * group);
+    let (maxes, sums) = stats.split_at_mut(group);
+    maxes.fill(f32::NEG_INFINITY);
+    scratch.acc.clear();
+    scratch.acc.resize(item_len, 0.0);
+    for (b, &block) in table.iter().enumerate() {
+        let count = block_size.min(n_ctx - b * block_size);
+        let block_base = block as usize * 2 * num_kv_heads * head_len;
+        let keys = &inp.cache[block_base + g * head_len..][..head_len];
+        let values = &inp.cache[block_base + (num_kv_heads + g) * head_len..][..head_len];
         for h in 0..group {
-            scratch.scores[h * n_ctx + j] = dot(&scratch.q[h * head_dim..(h + 1) * head_dim], key);
+            let q = &scratch.q[h * head_dim..(h + 1) * head_dim];
+            let scores = &mut block_scores[..count];
+            block_scores_into(q, keys, block_size, scores);
+            let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let acc = &mut scratch.acc[h * head_dim..(h + 1) * head_dim];
+            if block_max > maxes[h] {
+                // A new maximum: rescale what was accumulated under the old one.
+                let rescale = fast_exp(maxes[h] - block_max);
+                sums[h] *= rescale;
+                acc.iter_mut().for_each(|a| *a *= rescale);
+                maxes[h] = block_max;
+            }
+            let mx = maxes[h];
+            scores.iter_mut().for_each(|s| *s = fast_exp(*s - mx));
+            sums[h] += scores.iter().sum::<f32>();
+            accumulate_values(scores, values, head_dim, acc);
         }
     }
     for h in 0..group {
-        let s = &mut scratch.scores[h * n_ctx..(h + 1) * n_ctx];
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0;
-        for x in s.iter_mut() {
-            *x = (*x - max).exp();
-            total += *x;
+        let inv = 1.0 / sums[h];
+        let acc = &scratch.acc[h * head_dim..(h + 1) * head_dim];
+        for (o, a) in out[h * head_dim..(h + 1) * head_dim].iter_mut().zip(acc) {
+            *o = T::from_f32(a * inv);
         }
-        let inv = 1.0 / total;
-        s.iter_mut().for_each(|x| *x *= inv);
-    }
-    scratch.acc.clear();
-    scratch.acc.resize(item_len, 0.0);
-    for j in 0..n_ctx {
-        let slot = table[j / block_size] as usize * block_size + j % block_size;
-        let value = &inp.cache[slot * 2 * row + row + g * head_dim..][..head_dim];
-        for h in 0..group {
-            let w = scratch.scores[h * n_ctx + j];
-            let acc = &mut scratch.acc[h * head_dim..(h + 1) * head_dim];
-            for (a, v) in acc.iter_mut().zip(value) {
-                *a += w * v.to_f32();
-            }
-        }
-    }
-    for (o, a) in out.iter_mut().zip(&scratch.acc) {
-        *o = T::from_f32(*a);
     }
 }
 
@@ -350,7 +447,7 @@ impl PagedAttention<'_> {
         let avx2 = cpu_has_avx2_fma();
         let mut out = vec![T::from_f32(0.0); q.len()];
         // Below this many multiply-adds the thread hand-off costs more than it saves.
-        const PARALLEL_WORK: usize = 1 << 15;
+        const PARALLEL_WORK: usize = 1 << 18;
         if m.work * s.num_heads * s.head_dim < PARALLEL_WORK {
             let mut scratch = Scratch::default();
             for (idx, chunk) in out.chunks_mut(item_len).enumerate() {
@@ -380,6 +477,7 @@ impl PagedAttention<'_> {
             candle_core::bail!("q does not match the batch's token count");
         }
         let slots = cache.len() / (2 * s.num_kv_heads * s.head_dim);
+        // The cache holds whole blocks, so `slots` is a multiple of the block size.
         let in_bounds = self
             .meta
             .block_tables

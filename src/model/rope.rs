@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 
+#[derive(Clone)]
 pub struct RopeTables {
     pub cos: Tensor,
     pub sin: Tensor,

@@ -8,9 +8,11 @@
 mod chat_template;
 mod detokenizer;
 mod python_format;
+pub mod stop_strings;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
 pub use detokenizer::IncrementalDetokenizer;
+pub use stop_strings::{StopOutcome, StopStrings};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

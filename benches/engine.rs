@@ -1,0 +1,89 @@
+//! Engine throughput without HTTP: 2000 customer-service requests (one shared 40-token system
+//! prompt, a 15-token question, 16 output tokens; 32 on bench-llama-25m) pushed through the
+//! engine thread at once. Prints requests/s and output tokens/s per model.
+//! `cargo bench --bench engine [-- MODEL...]`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use distillery::config::EngineConfig;
+use distillery::engine::{self, EngineEvent, EngineRequest, SamplingParams, StopConditions};
+use distillery::model::{self, DTypeChoice};
+
+const REQUESTS: usize = 2000;
+
+fn prompt(i: usize, vocab: u32) -> Vec<u32> {
+    let system = (0..40u32).map(|t| 5 + (t * 37) % (vocab - 10));
+    let question = (0..15u32).map(|t| 5 + ((i as u32 * 7919 + t * 104_729) % (vocab - 10)));
+    system.chain(question).collect()
+}
+
+fn run(name: &str, max_tokens: usize) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/models")
+        .join(name);
+    if !dir.is_dir() {
+        eprintln!("!!! SKIPPING {name}: {} not found !!!", dir.display());
+        return;
+    }
+    let decoder = model::load_decoder(&dir, DTypeChoice::F32, &Device::Cpu).expect("model loads");
+    let vocab = decoder.config().vocab_size as u32;
+    let handle = engine::spawn(decoder, &EngineConfig::default()).expect("engine starts");
+    let requests: Vec<EngineRequest> = (0..REQUESTS)
+        .map(|i| EngineRequest {
+            prompt_ids: Arc::from(prompt(i, vocab)),
+            params: SamplingParams::default(),
+            stop: StopConditions {
+                max_tokens,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            n: 1,
+            arrival: Instant::now(),
+        })
+        .collect();
+    let start = Instant::now();
+    let mut streams: Vec<_> = requests
+        .into_iter()
+        .map(|r| handle.submit(r).expect("admitted"))
+        .collect();
+    let mut tokens = 0usize;
+    for s in &mut streams {
+        while let Some(ev) = s.blocking_recv() {
+            if let EngineEvent::Token { .. } = ev {
+                tokens += 1;
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let st = handle.stats();
+    println!(
+        "{name:18} {REQUESTS} req x {max_tokens} tok: {:8.0} req/s {:9.0} output tok/s  \
+         ({:.2} s, {} steps, prompt tokens computed {} of {}, prefix hits {})",
+        REQUESTS as f64 / secs,
+        tokens as f64 / secs,
+        secs,
+        st.steps,
+        st.computed_prompt_tokens,
+        st.prompt_tokens,
+        st.prefix_cache_hits,
+    );
+}
+
+fn main() {
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    for (name, max_tokens) in [
+        ("tiny-llama-v512", 16),
+        ("tiny-random-llama", 16),
+        ("bench-llama-25m", 32),
+    ] {
+        if wanted.is_empty() || wanted.iter().any(|w| w == name) {
+            run(name, max_tokens);
+        }
+    }
+}

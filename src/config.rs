@@ -1,0 +1,215 @@
+//! Every engine knob in one place, with defaults chosen for the reference workload: many
+//! short chat requests sharing one system prompt.
+//!
+//! Knows settings; knows nothing of HTTP or tensors. (The server's settings join this module
+//! when the daemon lands; precedence will be file < `DISTILLERY_*` env < flags.)
+
+use serde::Deserialize;
+
+/// How large the KV cache is.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCacheSize {
+    /// A byte budget for all layers' K and V.
+    Bytes(usize),
+    /// An exact number of blocks (tests and benchmarks).
+    Blocks(usize),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most sequences in one step's batch.
+    pub max_num_seqs: usize,
+    /// Most tokens (decode tokens plus prefill chunks) in one step.
+    pub max_num_batched_tokens: usize,
+    pub kv_cache: KvCacheSize,
+    pub enable_prefix_caching: bool,
+    /// Context limit; `None` takes the model's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            // Short requests at high rate: a wide batch keeps per-step overhead amortised.
+            max_num_seqs: 256,
+            // Enough for a burst of ~150-token prompts to prefill together without starving
+            // decodes for long; chunked prefill takes care of longer prompts.
+            max_num_batched_tokens: 2048,
+            kv_cache: KvCacheSize::Bytes(1 << 30),
+            enable_prefix_caching: true,
+            max_model_len: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks relations between knobs; the error names the knob.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.block_size == 0 || !self.block_size.is_power_of_two() || self.block_size > 256 {
+            return Err(format!(
+                "block_size must be a power of two between 1 and 256, got {}",
+                self.block_size
+            ));
+        }
+        if self.max_num_seqs == 0 {
+            return Err("max_num_seqs must be at least 1".into());
+        }
+        if self.max_num_batched_tokens < self.max_num_seqs.min(64) {
+            return Err(format!(
+                "max_num_batched_tokens ({}) is too small for max_num_seqs ({})",
+                self.max_num_batched_tokens, self.max_num_seqs
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// `--load-format`: read the checkpoint, or make random weights for the config (benchmarks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadFormat {
+    Auto,
+    Dummy,
+}
+
+/// Everything `distillery serve` can be told, as read from `config/default.toml` (or
+/// `--config FILE`); `DISTILLERY_*` variables and flags override it field by field.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeSettings {
+    pub model: String,
+    pub served_model_name: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Vec<String>,
+    pub dtype: crate::model::DTypeChoice,
+    pub load_format: LoadFormat,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_waiting_requests: usize,
+    pub max_queued_prompt_tokens: usize,
+    /// KV cache budget in bytes (accepts suffixes in flags: `512MiB`, `2GB`).
+    pub kv_cache_memory: usize,
+    pub block_size: usize,
+    pub enable_prefix_caching: bool,
+    pub max_model_len: Option<usize>,
+    pub tokenizer_workers: usize,
+    pub max_body_bytes: usize,
+    pub body_read_timeout_secs: f64,
+    pub shutdown_grace_secs: f64,
+    pub cors_allow_origins: Vec<String>,
+    pub log_format: LogFormat,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        let engine = EngineConfig::default();
+        Self {
+            model: "builtin:tiny".into(),
+            served_model_name: None,
+            host: "0.0.0.0".into(),
+            port: 8000,
+            api_keys: Vec::new(),
+            dtype: crate::model::DTypeChoice::Auto,
+            load_format: LoadFormat::Auto,
+            max_num_seqs: engine.max_num_seqs,
+            max_num_batched_tokens: engine.max_num_batched_tokens,
+            // At 5000 req/s a queue of 1024 is ~200 ms of work: beyond it, shed load.
+            max_waiting_requests: 1024,
+            max_queued_prompt_tokens: 1 << 20,
+            kv_cache_memory: 1 << 30,
+            block_size: engine.block_size,
+            enable_prefix_caching: engine.enable_prefix_caching,
+            max_model_len: None,
+            tokenizer_workers: 1,
+            max_body_bytes: 4 << 20,
+            body_read_timeout_secs: 30.0,
+            shutdown_grace_secs: 30.0,
+            cors_allow_origins: Vec::new(),
+            log_format: LogFormat::Pretty,
+        }
+    }
+}
+
+impl ServeSettings {
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            block_size: self.block_size,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            kv_cache: KvCacheSize::Bytes(self.kv_cache_memory),
+            enable_prefix_caching: self.enable_prefix_caching,
+            max_model_len: self.max_model_len,
+        }
+    }
+}
+
+/// Parses a byte size such as `1073741824`, `512MiB`, `2GB`, `64k`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 1073741824, 512MiB, 2GB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    Ok((value * mult) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_toml_matches_the_built_in_defaults() {
+        let text = include_str!("../config/default.toml");
+        let parsed = ServeSettings::from_toml(text).unwrap();
+        let d = ServeSettings::default();
+        assert_eq!(parsed.model, d.model);
+        assert_eq!(parsed.port, d.port);
+        assert_eq!(parsed.max_num_seqs, d.max_num_seqs);
+        assert_eq!(parsed.kv_cache_memory, d.kv_cache_memory);
+        assert_eq!(parsed.max_waiting_requests, d.max_waiting_requests);
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_in_a_config_file_are_errors() {
+        assert!(ServeSettings::from_toml("prot = 8000").is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! One engine step: drop cancelled sequences, schedule, run ONE forward over the flattened
+//! batch, sample, check stop conditions, send events.
+//!
+//! Owns the model, the KV cache and every sequence; runs on the engine thread only. Knows
+//! nothing of HTTP or text: results leave as [`EngineEvent`]s on each request's channel.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::kv_manager::KvManager;
+use super::request::{EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
+use super::sampler::{argmax, mask_tokens, SamplerScratch};
+use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
+use super::sequence::{RequestShared, Sequence};
+use super::stats::{EngineStats, StatsSnapshot};
+use super::{EngineLimits, RequestStream, SubmitError};
+use crate::model::{Decoder, ForwardBatch, KvCache, ModelError};
+
+pub struct EngineCore {
+    decoder: Decoder,
+    cache: KvCache,
+    kv: KvManager,
+    scheduler: Scheduler,
+    limits: SchedulerLimits,
+    engine_limits: EngineLimits,
+    stats: Arc<EngineStats>,
+    eos_token_ids: Vec<u32>,
+    next_seq_id: u64,
+    // Buffers reused every step.
+    batch: ForwardBatch,
+    scheduled: Vec<Scheduled>,
+    scratch: SamplerScratch,
+    row: Vec<f32>,
+    masked: Vec<u32>,
+}
+
+impl EngineCore {
+    pub fn new(
+        decoder: Decoder,
+        cache: KvCache,
+        limits: SchedulerLimits,
+        engine_limits: EngineLimits,
+        prefix_caching: bool,
+    ) -> Self {
+        let stats = Arc::new(EngineStats::default());
+        let kv = KvManager::new(cache.num_blocks(), cache.block_size(), prefix_caching);
+        stats.total_blocks.store(cache.num_blocks() as u64, Relaxed);
+        stats.free_blocks.store(cache.num_blocks() as u64, Relaxed);
+        Self {
+            eos_token_ids: decoder.config().eos_token_ids.clone(),
+            decoder,
+            cache,
+            kv,
+            scheduler: Scheduler::default(),
+            limits,
+            engine_limits,
+            stats,
+            next_seq_id: 0,
+            batch: ForwardBatch::default(),
+            scheduled: Vec::new(),
+            scratch: SamplerScratch::default(),
+            row: Vec::new(),
+            masked: Vec::new(),
+        }
+    }
+
+    pub fn limits(&self) -> EngineLimits {
+        self.engine_limits
+    }
+
+    pub fn shared_stats(&self) -> Arc<EngineStats> {
+        self.stats.clone()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Validates and queues a request, for callers that drive the engine themselves.
+    pub fn submit(&mut self, req: EngineRequest) -> Result<RequestStream, SubmitError> {
+        self.engine_limits.check(&req)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stops: Arc<[AtomicBool]> = (0..req.n).map(|_| AtomicBool::new(false)).collect();
+        self.add_request(req, tx, stops.clone());
+        Ok(RequestStream::new(rx, stops))
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.scheduler.running.is_empty() || !self.scheduler.waiting.is_empty()
+    }
+
+    /// Queues a request (already validated by the handle) as `n` sequences.
+    pub fn add_request(
+        &mut self,
+        req: EngineRequest,
+        events: UnboundedSender<EngineEvent>,
+        stop_requested: Arc<[AtomicBool]>,
+    ) {
+        let shared = Arc::new(RequestShared {
+            params: req.params,
+            stop: req.stop,
+            events,
+            stop_requested,
+        });
+        let parent = self.next_seq_id;
+        for choice in 0..req.n {
+            let id = self.next_seq_id;
+            self.next_seq_id += 1;
+            let fork = (choice > 0).then_some(parent);
+            self.scheduler.waiting.push_back(Sequence::new(
+                id,
+                choice,
+                shared.clone(),
+                &req.prompt_ids,
+                req.arrival,
+                fork,
+            ));
+        }
+        self.stats
+            .prompt_tokens
+            .fetch_add((req.prompt_ids.len() * req.n) as u64, Relaxed);
+        self.publish();
+    }
+
+    /// Runs one step. A model failure fails every request in the batch (they get an `Error`
+    /// event); the engine itself keeps going.
+    pub fn step(&mut self) {
+        self.drop_cancelled();
+        let now = Instant::now();
+        self.scheduler
+            .schedule(&self.limits, &mut self.kv, now, &mut self.scheduled);
+        if self.scheduled.is_empty() {
+            self.publish();
+            return;
+        }
+        if let Err(e) = self.run_batch() {
+            tracing::error!(error = %e, "engine step failed");
+            let message = e.to_string();
+            for s in &mut self.scheduler.running {
+                s.request.send(EngineEvent::Error {
+                    message: message.clone(),
+                });
+                s.finished = true;
+            }
+        }
+        let kv = &mut self.kv;
+        self.scheduler.running.retain_mut(|s| {
+            if s.finished {
+                kv.free(&mut s.blocks);
+            }
+            !s.finished
+        });
+        self.stats.steps.fetch_add(1, Relaxed);
+        self.publish();
+    }
+
+    fn run_batch(&mut self) -> Result<(), ModelError> {
+        let bs = self.kv.block_size();
+        self.batch.clear();
+        for sch in &self.scheduled {
+            let s = &self.scheduler.running[sch.index];
+            let range = s.num_computed..s.num_computed + sch.num_tokens;
+            self.batch
+                .push_sequence(&s.tokens[range], s.num_computed, &s.blocks.table, bs);
+        }
+        let logits = self.decoder.forward(&self.batch, &self.cache)?;
+        let logits = match logits.device() {
+            Device::Cpu => logits,
+            _ => logits.to_device(&Device::Cpu)?,
+        };
+        let vocab = logits.dim(1)?;
+        with_host_rows(&logits, |all| {
+            let now = Instant::now();
+            for (row, sch) in self.scheduled.iter().enumerate() {
+                let s = &mut self.scheduler.running[sch.index];
+                let computed_prompt = s
+                    .prompt_len
+                    .saturating_sub(s.num_computed)
+                    .min(sch.num_tokens);
+                self.stats
+                    .computed_prompt_tokens
+                    .fetch_add(computed_prompt as u64, Relaxed);
+                s.num_computed += sch.num_tokens;
+                self.kv
+                    .register_full_blocks(&mut s.blocks, &s.tokens, s.num_computed);
+                if s.num_computed < s.tokens.len() {
+                    continue; // mid-prefill: no token yet
+                }
+                let logits = &all[row * vocab..(row + 1) * vocab];
+                let finish = sample_and_emit(
+                    s,
+                    logits,
+                    &self.eos_token_ids,
+                    &mut self.row,
+                    &mut self.masked,
+                    &mut self.scratch,
+                    now,
+                );
+                self.stats.generation_tokens.fetch_add(1, Relaxed);
+                if let Some(reason) = finish {
+                    count_finish(&self.stats, reason);
+                }
+            }
+        })
+    }
+
+    fn drop_cancelled(&mut self) {
+        let kv = &mut self.kv;
+        let stats = &self.stats;
+        let mut drop_seq = |s: &mut Sequence| {
+            let reason = if s.request.is_cancelled() {
+                FinishReason::Abort
+            } else if s.request.is_stop_requested(s.choice) {
+                FinishReason::Stop
+            } else {
+                return true;
+            };
+            kv.free(&mut s.blocks);
+            count_finish(stats, reason);
+            false
+        };
+        self.scheduler.running.retain_mut(&mut drop_seq);
+        self.scheduler.waiting.retain_mut(drop_seq);
+    }
+
+    fn publish(&self) {
+        let st = &self.stats;
+        st.num_running
+            .store(self.scheduler.running.len() as u64, Relaxed);
+        st.num_waiting
+            .store(self.scheduler.waiting.len() as u64, Relaxed);
+        st.free_blocks
+            .store(self.kv.num_free_blocks() as u64, Relaxed);
+        st.cached_free_blocks
+            .store(self.kv.num_cached_free_blocks() as u64, Relaxed);
+        st.prefix_cache_queries
+            .store(self.kv.counters.queries, Relaxed);
+        st.prefix_cache_hits.store(self.kv.counters.hits, Relaxed);
+        st.num_preemptions
+            .store(self.scheduler.num_preemptions, Relaxed);
+    }
+}
+
+/// Calls `f` with the logits as one host slice, borrowing CPU storage instead of copying it.
+fn with_host_rows<R>(logits: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError> {
+    let (storage, layout) = logits.storage_and_layout();
+    if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(f(&data[start..end]));
+    }
+    drop(storage);
+    let copy = logits.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&copy))
+}
+
+fn count_finish(stats: &EngineStats, reason: FinishReason) {
+    match reason {
+        FinishReason::Stop => stats.finished_stop.fetch_add(1, Relaxed),
+        FinishReason::Length => stats.finished_length.fetch_add(1, Relaxed),
+        FinishReason::Abort => stats.finished_abort.fetch_add(1, Relaxed),
+    };
+}
+
+/// Picks the next token of `s` and tells its client, finishing the choice when a stop
+/// condition holds (and returning why).
+fn sample_and_emit(
+    s: &mut Sequence,
+    logits: &[f32],
+    eos_token_ids: &[u32],
+    row: &mut Vec<f32>,
+    masked: &mut Vec<u32>,
+    scratch: &mut SamplerScratch,
+    now: Instant,
+) -> Option<FinishReason> {
+    let req = s.request.clone();
+    let stop = &req.stop;
+    masked.clear();
+    if s.output_len() < stop.min_tokens {
+        if !stop.ignore_eos {
+            masked.extend_from_slice(eos_token_ids);
+        }
+        masked.extend_from_slice(&stop.stop_token_ids);
+    }
+    let (token, logprobs) = if masked.is_empty() && req.params.is_plain_greedy() {
+        (argmax(logits), None)
+    } else {
+        row.clear();
+        row.extend_from_slice(logits);
+        mask_tokens(row, masked);
+        let sampled = s.sampler.sample(&req.params, row, scratch);
+        let logprobs = sampled.logprob.map(|logprob| TokenLogprobs {
+            logprob,
+            top: sampled.top_logprobs,
+        });
+        (sampled.token, logprobs)
+    };
+    s.sampler.record(token);
+    s.tokens.push(token);
+    s.timings.first_token.get_or_insert(now);
+    s.timings.last_token = Some(now);
+    let is_stop_token = (!stop.ignore_eos && eos_token_ids.contains(&token))
+        || stop.stop_token_ids.contains(&token);
+    if !is_stop_token {
+        req.send(EngineEvent::Token {
+            choice: s.choice,
+            token,
+            logprobs,
+        });
+    }
+    let reason = if is_stop_token {
+        FinishReason::Stop
+    } else if s.output_len() >= stop.max_tokens {
+        FinishReason::Length
+    } else {
+        return None;
+    };
+    s.finished = true;
+    req.send(EngineEvent::Finished {
+        choice: s.choice,
+        reason,
+        stop_token: is_stop_token.then_some(token),
+        prompt_tokens: s.prompt_len,
+        completion_tokens: s.output_len(),
+        cached_prompt_tokens: s.cached_prompt_tokens,
+        timings: s.timings,
+    });
+    Some(reason)
+}

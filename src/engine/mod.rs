@@ -1,0 +1,254 @@
+//! The continuous-batching engine: request lifecycle, scheduler, KV block manager with prefix
+//! caching, sampling and token-level stop conditions.
+//!
+//! It runs on its own OS thread and owns the model and the KV cache. Requests arrive over a
+//! channel; each gets its own unbounded event channel back, so a slow client never blocks a
+//! step, and dropping the receiving end cancels the request (its blocks are freed at the next
+//! step). Knows nothing of HTTP, JSON or text.
+
+pub mod block_pool;
+pub mod core;
+pub mod kv_manager;
+pub mod request;
+pub mod sampler;
+mod scheduler;
+mod sequence;
+pub mod stats;
+
+pub use request::{
+    EngineEvent, EngineRequest, FinishReason, StopConditions, SubmitError, Timings, TokenLogprobs,
+};
+pub use sampler::SamplingParams;
+pub use stats::{EngineStats, StatsSnapshot};
+
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::config::{EngineConfig, KvCacheSize};
+use crate::model::{Decoder, KvCache, ModelError};
+pub use core::EngineCore;
+use scheduler::SchedulerLimits;
+
+enum Command {
+    Add(
+        EngineRequest,
+        tokio::sync::mpsc::UnboundedSender<EngineEvent>,
+        Arc<[AtomicBool]>,
+    ),
+}
+
+/// What a request may ask for; checked at submission so a request that can never run is
+/// refused at once instead of waiting in the queue.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineLimits {
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    /// Tokens the whole KV cache holds.
+    pub cache_tokens: usize,
+    pub block_size: usize,
+}
+
+/// A cheap, cloneable way in. The engine thread ends once every handle is dropped and the
+/// work in flight is done.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    limits: EngineLimits,
+    stats: Arc<EngineStats>,
+}
+
+/// The events of one request. Dropping it cancels the request.
+pub struct RequestStream {
+    events: UnboundedReceiver<EngineEvent>,
+    stop_requested: Arc<[AtomicBool]>,
+}
+
+impl RequestStream {
+    fn new(events: UnboundedReceiver<EngineEvent>, stop_requested: Arc<[AtomicBool]>) -> Self {
+        Self {
+            events,
+            stop_requested,
+        }
+    }
+
+    /// Ends one choice early with reason `stop` (a stop string matched in its text); the
+    /// engine frees it at the next step and sends nothing more for it.
+    pub fn finish_choice(&self, choice: usize) {
+        self.choice_stopper().finish_choice(choice)
+    }
+
+    /// A handle that can end choices while the stream itself is owned elsewhere.
+    pub fn choice_stopper(&self) -> ChoiceStopper {
+        ChoiceStopper(self.stop_requested.clone())
+    }
+
+    pub async fn recv(&mut self) -> Option<EngineEvent> {
+        self.events.recv().await
+    }
+
+    /// The next event if one is ready (for callers that drive the engine step by step).
+    pub fn try_recv(&mut self) -> Option<EngineEvent> {
+        self.events.try_recv().ok()
+    }
+
+    /// For callers outside an async runtime (benchmarks, the one-shot generator).
+    pub fn blocking_recv(&mut self) -> Option<EngineEvent> {
+        self.events.blocking_recv()
+    }
+}
+
+/// Ends choices of one request early (see [`RequestStream::finish_choice`]).
+#[derive(Clone)]
+pub struct ChoiceStopper(Arc<[AtomicBool]>);
+
+impl ChoiceStopper {
+    pub fn finish_choice(&self, choice: usize) {
+        if let Some(flag) = self.0.get(choice) {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl EngineHandle {
+    pub fn limits(&self) -> EngineLimits {
+        self.limits
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Validates `req` against the model and cache and queues it.
+    pub fn submit(&self, req: EngineRequest) -> Result<RequestStream, SubmitError> {
+        self.limits.check(&req)?;
+        let (tx, rx) = unbounded_channel();
+        let stops: Arc<[AtomicBool]> = (0..req.n).map(|_| AtomicBool::new(false)).collect();
+        self.commands
+            .send(Command::Add(req, tx, stops.clone()))
+            .map_err(|_| SubmitError::EngineStopped)?;
+        Ok(RequestStream::new(rx, stops))
+    }
+}
+
+impl EngineLimits {
+    pub fn check(&self, req: &EngineRequest) -> Result<(), SubmitError> {
+        let prompt = req.prompt_ids.len();
+        if prompt == 0 {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        if req.n == 0 {
+            return Err(SubmitError::ZeroChoices);
+        }
+        if prompt + req.stop.max_tokens > self.max_model_len {
+            return Err(SubmitError::ContextLength {
+                max_model_len: self.max_model_len,
+                prompt_tokens: prompt,
+                max_tokens: req.stop.max_tokens,
+            });
+        }
+        if let Some(&t) = req
+            .prompt_ids
+            .iter()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
+            return Err(SubmitError::TokenOutOfVocab(t));
+        }
+        req.params
+            .validate(self.vocab_size)
+            .map_err(|e| SubmitError::Sampling(e.to_string()))?;
+        // Every choice must be able to finish on its own, in whole blocks.
+        let per_choice = (prompt + req.stop.max_tokens).div_ceil(self.block_size) * self.block_size;
+        if per_choice > self.cache_tokens {
+            return Err(SubmitError::TooLargeForCache {
+                needed: per_choice,
+                capacity: self.cache_tokens,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Allocates the KV cache from `config` and builds an engine to be driven step by step
+/// (tests do this for determinism; the daemon uses [`spawn`]).
+pub fn build(decoder: Decoder, config: &EngineConfig) -> Result<EngineCore, ModelError> {
+    config.validate().map_err(ModelError::Resolve)?;
+    let model_config = decoder.config().clone();
+    let block_size = config.block_size;
+    let num_blocks = match config.kv_cache {
+        KvCacheSize::Blocks(n) => n,
+        KvCacheSize::Bytes(bytes) => {
+            KvCache::blocks_for_budget(&model_config, block_size, decoder.dtype(), bytes)
+        }
+    };
+    if num_blocks == 0 {
+        return Err(ModelError::Resolve(
+            "the KV cache budget holds no block at all; raise --kv-cache-memory".into(),
+        ));
+    }
+    let cache = KvCache::new(
+        &model_config,
+        num_blocks,
+        block_size,
+        decoder.dtype(),
+        decoder.device(),
+    )?;
+    let max_model_len = config
+        .max_model_len
+        .unwrap_or(model_config.max_position_embeddings)
+        .min(model_config.max_position_embeddings);
+    tracing::info!(
+        num_blocks,
+        block_size,
+        tokens = num_blocks * block_size,
+        bytes = num_blocks * KvCache::bytes_per_block(&model_config, block_size, decoder.dtype()),
+        prefix_caching = config.enable_prefix_caching,
+        "KV cache allocated"
+    );
+    let limits = EngineLimits {
+        max_model_len,
+        vocab_size: model_config.vocab_size,
+        cache_tokens: num_blocks * block_size,
+        block_size,
+    };
+    Ok(EngineCore::new(
+        decoder,
+        cache,
+        SchedulerLimits {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+        },
+        limits,
+        config.enable_prefix_caching,
+    ))
+}
+
+/// Builds the engine and starts its thread.
+pub fn spawn(decoder: Decoder, config: &EngineConfig) -> Result<EngineHandle, ModelError> {
+    let mut core = build(decoder, config)?;
+    let limits = core.limits();
+    let stats = core.shared_stats();
+    let (tx, rx) = mpsc::channel::<Command>();
+    std::thread::Builder::new()
+        .name("distillery-engine".into())
+        .spawn(move || loop {
+            // Idle: sleep until a request comes; busy: take whatever has arrived and step.
+            if !core.has_work() {
+                match rx.recv() {
+                    Ok(Command::Add(req, events, stops)) => core.add_request(req, events, stops),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(Command::Add(req, events, stops)) = rx.try_recv() {
+                core.add_request(req, events, stops);
+            }
+            core.step();
+        })
+        .map_err(|e| ModelError::Resolve(format!("cannot start the engine thread: {e}")))?;
+    Ok(EngineHandle {
+        commands: tx,
+        limits,
+        stats,
+    })
+}

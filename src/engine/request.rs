@@ -1,0 +1,118 @@
+//! What goes into the engine and what comes back out of it, per request.
+//!
+//! Knows token ids and sampling parameters; knows nothing of HTTP, JSON or text.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::sampler::SamplingParams;
+
+/// Token-level conditions that end a choice. Stop *strings* are text and are decided where
+/// the text is made (the server's output path), which then finishes the request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StopConditions {
+    pub max_tokens: usize,
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    pub stop_token_ids: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineRequest {
+    pub prompt_ids: Arc<[u32]>,
+    pub params: SamplingParams,
+    pub stop: StopConditions,
+    /// Choices to generate from the one prompt; they share the prompt's KV blocks.
+    pub n: usize,
+    /// When the request reached the server (TTFT and queue time count from here).
+    pub arrival: Instant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS or stop token (or, decided outside the engine, a stop string).
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// Cancelled: the client went away.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Abort => "abort",
+        }
+    }
+}
+
+/// When things happened to one choice, on one monotonic clock.
+#[derive(Clone, Copy, Debug)]
+pub struct Timings {
+    pub arrival: Instant,
+    pub first_scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Clone, Debug)]
+pub enum EngineEvent {
+    /// A generated token of choice `choice`, to be shown to the client.
+    Token {
+        choice: usize,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+    },
+    /// Choice `choice` is done; exactly one per choice.
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        /// The id of the EOS/stop token that ended it, which is counted but not shown.
+        stop_token: Option<u32>,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        cached_prompt_tokens: usize,
+        timings: Timings,
+    },
+    /// The engine failed while running this request; no more events follow.
+    Error { message: String },
+}
+
+/// Why a request was refused before it reached the queue.
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+pub enum SubmitError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error(
+        "This model's maximum context length is {max_model_len} tokens. However, you requested \
+         {} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). Please \
+         reduce the length of the messages or completion.",
+        prompt_tokens + max_tokens
+    )]
+    ContextLength {
+        max_model_len: usize,
+        prompt_tokens: usize,
+        max_tokens: usize,
+    },
+    #[error(
+        "the request needs {needed} tokens of KV cache but the whole cache holds {capacity}; \
+         lower max_tokens or n"
+    )]
+    TooLargeForCache { needed: usize, capacity: usize },
+    #[error("token id {0} is outside the model's vocabulary")]
+    TokenOutOfVocab(u32),
+    #[error("n must be at least 1")]
+    ZeroChoices,
+    #[error("invalid sampling parameters: {0}")]
+    Sampling(String),
+    #[error("the engine has stopped")]
+    EngineStopped,
+}

@@ -1,0 +1,66 @@
+//! Live engine figures, written by the engine thread with relaxed atomics and read by anyone
+//! (tests, the metrics endpoint) without taking a lock the engine could wait on.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Default, Debug)]
+pub struct EngineStats {
+    pub num_running: AtomicU64,
+    pub num_waiting: AtomicU64,
+    pub total_blocks: AtomicU64,
+    pub free_blocks: AtomicU64,
+    pub cached_free_blocks: AtomicU64,
+    /// Prompt tokens the model actually computed (prefix hits excluded).
+    pub computed_prompt_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    pub prefix_cache_queries: AtomicU64,
+    pub prefix_cache_hits: AtomicU64,
+    pub num_preemptions: AtomicU64,
+    pub steps: AtomicU64,
+    pub finished_stop: AtomicU64,
+    pub finished_length: AtomicU64,
+    pub finished_abort: AtomicU64,
+}
+
+/// A plain copy of [`EngineStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub num_running: u64,
+    pub num_waiting: u64,
+    pub total_blocks: u64,
+    pub free_blocks: u64,
+    pub cached_free_blocks: u64,
+    pub computed_prompt_tokens: u64,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    pub num_preemptions: u64,
+    pub steps: u64,
+    pub finished_stop: u64,
+    pub finished_length: u64,
+    pub finished_abort: u64,
+}
+
+impl EngineStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            num_running: self.num_running.load(Relaxed),
+            num_waiting: self.num_waiting.load(Relaxed),
+            total_blocks: self.total_blocks.load(Relaxed),
+            free_blocks: self.free_blocks.load(Relaxed),
+            cached_free_blocks: self.cached_free_blocks.load(Relaxed),
+            computed_prompt_tokens: self.computed_prompt_tokens.load(Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Relaxed),
+            generation_tokens: self.generation_tokens.load(Relaxed),
+            prefix_cache_queries: self.prefix_cache_queries.load(Relaxed),
+            prefix_cache_hits: self.prefix_cache_hits.load(Relaxed),
+            num_preemptions: self.num_preemptions.load(Relaxed),
+            steps: self.steps.load(Relaxed),
+            finished_stop: self.finished_stop.load(Relaxed),
+            finished_length: self.finished_length.load(Relaxed),
+            finished_abort: self.finished_abort.load(Relaxed),
+        }
+    }
+}

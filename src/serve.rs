@@ -1,0 +1,193 @@
+//! `distillery serve`: resolve settings (file < `DISTILLERY_*` env < flags), load the model,
+//! start the engine thread and the HTTP server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use distillery::config::{parse_bytes, LoadFormat, LogFormat, ServeSettings};
+use distillery::model::{self, builtin, source, DTypeChoice};
+use distillery::server::{self, ServerOptions};
+use distillery::tokenizer::Tokenizer;
+use distillery::{engine, model::Decoder};
+
+/// Every flag can also be set as `DISTILLERY_<NAME>` or in the config file.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML settings file (see config/default.toml for every key).
+    #[arg(long, env = "DISTILLERY_CONFIG")]
+    config: Option<PathBuf>,
+    /// A local folder, a Hugging Face hub id (org/name), or builtin:tiny [default: builtin:tiny]
+    #[arg(long, env = "DISTILLERY_MODEL")]
+    model: Option<String>,
+    /// The model name clients send [default: the folder name or hub id]
+    #[arg(long, env = "DISTILLERY_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// [default: 0.0.0.0]
+    #[arg(long, env = "DISTILLERY_HOST")]
+    host: Option<String>,
+    /// [default: 8000; 0 picks a free port]
+    #[arg(long, env = "DISTILLERY_PORT")]
+    port: Option<u16>,
+    /// An accepted bearer key; repeat for several (env: comma-separated).
+    #[arg(long = "api-key", env = "DISTILLERY_API_KEYS", value_delimiter = ',')]
+    api_keys: Vec<String>,
+    #[arg(long, env = "DISTILLERY_DTYPE", value_enum)]
+    dtype: Option<DTypeChoice>,
+    #[arg(long, env = "DISTILLERY_LOAD_FORMAT", value_enum)]
+    load_format: Option<LoadFormat>,
+    /// Sequences in one engine step [default: 256]
+    #[arg(long, env = "DISTILLERY_MAX_NUM_SEQS")]
+    max_num_seqs: Option<usize>,
+    /// Tokens in one engine step [default: 2048]
+    #[arg(long, env = "DISTILLERY_MAX_NUM_BATCHED_TOKENS")]
+    max_num_batched_tokens: Option<usize>,
+    /// Requests waiting for their first token before new ones get 503 [default: 1024]
+    #[arg(long, env = "DISTILLERY_MAX_WAITING_REQUESTS")]
+    max_waiting_requests: Option<usize>,
+    /// Prompt tokens waiting before new requests get 503 [default: 1048576]
+    #[arg(long, env = "DISTILLERY_MAX_QUEUED_PROMPT_TOKENS")]
+    max_queued_prompt_tokens: Option<usize>,
+    /// KV cache budget, e.g. 1GiB or 536870912 [default: 1GiB]
+    #[arg(long, env = "DISTILLERY_KV_CACHE_MEMORY", value_parser = parse_bytes)]
+    kv_cache_memory: Option<usize>,
+    /// Tokens per KV block [default: 16]
+    #[arg(long, env = "DISTILLERY_BLOCK_SIZE")]
+    block_size: Option<usize>,
+    /// Reuse computed KV blocks of shared prompt prefixes (the default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    enable_prefix_caching: bool,
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    no_enable_prefix_caching: bool,
+    /// Context limit [default: the model's max_position_embeddings]
+    #[arg(long, env = "DISTILLERY_MAX_MODEL_LEN")]
+    max_model_len: Option<usize>,
+    /// Threads for template rendering and tokenization [default: 1]
+    #[arg(long, env = "DISTILLERY_TOKENIZER_WORKERS")]
+    tokenizer_workers: Option<usize>,
+    /// Largest request body; bigger gets 413 [default: 4194304]
+    #[arg(long, env = "DISTILLERY_MAX_BODY_BYTES", value_parser = parse_bytes)]
+    max_body_bytes: Option<usize>,
+    /// Seconds in-flight requests may run after SIGTERM [default: 30]
+    #[arg(long, env = "DISTILLERY_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<f64>,
+    /// A CORS origin to allow (`*` for any); repeatable.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "DISTILLERY_CORS_ALLOW_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_allow_origins: Vec<String>,
+    #[arg(long, env = "DISTILLERY_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl ServeArgs {
+    /// The file (if any), then every flag or variable that was given.
+    pub fn settings(&self) -> Result<ServeSettings> {
+        let mut s = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                ServeSettings::from_toml(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
+            None => ServeSettings::default(),
+        };
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { s.$f = v; } )* };
+        }
+        take!(
+            model,
+            host,
+            port,
+            dtype,
+            load_format,
+            max_num_seqs,
+            max_num_batched_tokens
+        );
+        take!(
+            max_waiting_requests,
+            max_queued_prompt_tokens,
+            kv_cache_memory,
+            block_size
+        );
+        take!(tokenizer_workers, max_body_bytes, log_format);
+        if self.served_model_name.is_some() {
+            s.served_model_name = self.served_model_name.clone();
+        }
+        if self.max_model_len.is_some() {
+            s.max_model_len = self.max_model_len;
+        }
+        if let Some(g) = self.shutdown_grace {
+            s.shutdown_grace_secs = g;
+        }
+        if !self.api_keys.is_empty() {
+            s.api_keys = self.api_keys.clone();
+        }
+        if !self.cors_allow_origins.is_empty() {
+            s.cors_allow_origins = self.cors_allow_origins.clone();
+        }
+        if self.enable_prefix_caching {
+            s.enable_prefix_caching = true;
+        }
+        if self.no_enable_prefix_caching {
+            s.enable_prefix_caching = false;
+        }
+        if let Ok(v) = std::env::var("DISTILLERY_ENABLE_PREFIX_CACHING") {
+            if !self.enable_prefix_caching && !self.no_enable_prefix_caching {
+                s.enable_prefix_caching = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+            }
+        }
+        Ok(s)
+    }
+}
+
+fn load(s: &ServeSettings) -> Result<(Decoder, Tokenizer, String)> {
+    let device = candle_core::Device::Cpu;
+    if let Some(name) = s.model.strip_prefix(builtin::BUILTIN_PREFIX) {
+        let (decoder, tokenizer) = builtin::load(name, s.dtype, &device)?;
+        return Ok((decoder, tokenizer, s.model.clone()));
+    }
+    let dir = source::resolve(&s.model, &source::HubOptions::from_env())?;
+    let decoder = match s.load_format {
+        LoadFormat::Auto => model::load_decoder(&dir, s.dtype, &device)?,
+        LoadFormat::Dummy => model::load_decoder_dummy(&dir, s.dtype, &device)?,
+    };
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    // A hub id names itself; a folder is named by its last component.
+    let name = if std::path::Path::new(&s.model).is_dir() {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| s.model.clone())
+    } else {
+        s.model.clone()
+    };
+    Ok((decoder, tokenizer, name))
+}
+
+pub fn run(s: ServeSettings) -> Result<()> {
+    let (decoder, tokenizer, default_name) = load(&s)?;
+    let engine = engine::spawn(decoder, &s.engine_config())?;
+    let opts = ServerOptions {
+        host: s.host.clone(),
+        port: s.port,
+        served_model_name: s.served_model_name.clone().unwrap_or(default_name),
+        api_keys: s.api_keys.clone(),
+        max_waiting_requests: s.max_waiting_requests,
+        max_queued_prompt_tokens: s.max_queued_prompt_tokens,
+        tokenizer_workers: s.tokenizer_workers,
+        max_body_bytes: s.max_body_bytes,
+        body_read_timeout: Duration::from_secs_f64(s.body_read_timeout_secs.max(0.001)),
+        shutdown_grace: Duration::from_secs_f64(s.shutdown_grace_secs.max(0.0)),
+        cors_allow_origins: s.cors_allow_origins.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("distillery-http")
+        .build()?;
+    runtime.block_on(server::serve(opts, engine, Arc::new(tokenizer)))
+}

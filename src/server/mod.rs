@@ -1,0 +1,252 @@
+//! The OpenAI-compatible HTTP/SSE daemon: routes, wire types, SSE framing, error bodies, auth,
+//! admission (503) and graceful drain.
+//!
+//! Knows requests, text and JSON; knows nothing of tensors or blocks — it talks to the engine
+//! only through [`crate::engine::EngineHandle`] and reads its events.
+
+mod admission;
+mod error;
+mod json;
+mod output;
+mod preprocess;
+mod protocol;
+mod request_log;
+mod routes;
+mod sse;
+mod state;
+mod validate;
+
+pub use error::ApiError;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::Router;
+use subtle::ConstantTimeEq;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::engine::EngineHandle;
+use crate::tokenizer::Tokenizer;
+use admission::Admission;
+use preprocess::PreprocessPool;
+use state::AppState;
+
+/// Everything the HTTP layer needs to know, resolved from the configuration.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub host: String,
+    pub port: u16,
+    pub served_model_name: String,
+    pub api_keys: Vec<String>,
+    pub max_waiting_requests: usize,
+    pub max_queued_prompt_tokens: usize,
+    pub tokenizer_workers: usize,
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// Origins allowed by CORS; empty disables CORS, `*` allows any.
+    pub cors_allow_origins: Vec<String>,
+}
+
+/// Serves until SIGTERM/SIGINT, then drains: `/ready` turns 503 at once, no new connection is
+/// accepted, in-flight requests get up to `shutdown_grace` to finish.
+pub async fn serve(
+    opts: ServerOptions,
+    engine: EngineHandle,
+    tokenizer: Arc<Tokenizer>,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = format!("{}:{}", opts.host, opts.port)
+        .parse()
+        .or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(opts.host.as_str(), opts.port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| anyhow::anyhow!("cannot resolve --host {}", opts.host))?;
+    let listener = bind(addr)?;
+    let local = listener.local_addr()?;
+    let state = Arc::new(AppState::new(
+        engine,
+        tokenizer,
+        opts.served_model_name.clone(),
+        Admission::new(opts.max_waiting_requests, opts.max_queued_prompt_tokens),
+        PreprocessPool::new(opts.tokenizer_workers, opts.max_waiting_requests.max(64))?,
+        opts.api_keys.clone(),
+    ));
+    let app = router(state.clone(), &opts);
+    tracing::info!(address = %local, model = %opts.served_model_name, "listening");
+    // Tests and supervisors read this line to learn the port when --port 0 was asked.
+    println!("distillery listening on http://{local}");
+
+    let drain_state = state.clone();
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        wait_for_signal().await;
+        drain_state.draining.store(true, Ordering::Relaxed);
+        tracing::info!("shutdown signal: draining, no new connections");
+        let _ = drained_tx.send(());
+    };
+    let server = axum::serve(
+        listener.tap_io(|tcp| {
+            // Without it a keep-alive response can stall ~40 ms on delayed ACKs.
+            let _ = tcp.set_nodelay(true);
+        }),
+        app,
+    )
+    .with_graceful_shutdown(shutdown);
+    let server = tokio::spawn(async move { server.await });
+    let _ = drained_rx.await;
+    match tokio::time::timeout(opts.shutdown_grace, server).await {
+        Ok(Ok(Ok(()))) => tracing::info!("drained; exiting"),
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Err(e)) => return Err(anyhow::anyhow!("server task failed: {e}")),
+        Err(_) => tracing::warn!(
+            grace_s = opts.shutdown_grace.as_secs_f64(),
+            "grace period over with requests still in flight; exiting"
+        ),
+    }
+    Ok(())
+}
+
+/// A listener with a backlog sized for thousands of connections arriving at once.
+fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(socket.into())?)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
+    let v1 = Router::new()
+        .route("/completions", post(routes::completions::completions))
+        .route("/chat/completions", post(routes::chat::chat_completions))
+        .route("/models", get(routes::info::models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let tokenize = Router::new()
+        .route("/tokenize", post(routes::tokenize::tokenize))
+        .route("/detokenize", post(routes::tokenize::detokenize))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let mut app = Router::new()
+        .nest("/v1", v1)
+        .merge(tokenize)
+        .route("/health", get(routes::info::health))
+        .route("/ready", get(routes::info::ready))
+        .route("/version", get(routes::info::version))
+        .route("/openapi.json", get(routes::info::openapi))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(opts.max_body_bytes))
+        .layer(RequestBodyTimeoutLayer::new(opts.body_read_timeout))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state);
+    if !opts.cors_allow_origins.is_empty() {
+        let origins = if opts.cors_allow_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(
+                opts.cors_allow_origins
+                    .iter()
+                    .filter_map(|o| HeaderValue::from_str(o).ok()),
+            )
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods(tower_http::cors::Any)
+                .allow_headers(tower_http::cors::Any),
+        );
+    }
+    app
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::not_found(req.uri().path()).into_response()
+}
+
+/// `Authorization: Bearer KEY`, compared in constant time against every configured key.
+async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if st.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok = st.api_keys.iter().fold(false, |acc, k| {
+        acc | bool::from(k.as_bytes().ct_eq(given.as_bytes()))
+    });
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::unauthorized().into_response()
+    }
+}
+
+/// Echoes `x-request-id` (or makes one) so logs on both sides can be joined.
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let span = tracing::info_span!("http", request_id = %id);
+    let mut res = {
+        let _guard = span.enter();
+        tracing::debug!(method = %req.method(), path = %req.uri().path(), "request");
+        drop(_guard);
+        next.run(req).await
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    if res.status() == StatusCode::METHOD_NOT_ALLOWED {
+        let mut e = ApiError::invalid("method not allowed", None);
+        e.status = StatusCode::METHOD_NOT_ALLOWED;
+        return e.into_response();
+    }
+    res
+}

@@ -1,0 +1,36 @@
+//! One structured log line per request: id, outcome, tokens in/out, queue time, TTFT, total.
+
+use std::time::Instant;
+
+use super::error::ApiError;
+use super::output::Outputs;
+
+pub fn finished(id: &str, outputs: &Outputs, arrival: Instant, model: &str) {
+    let ms = |t: Option<Instant>| t.map(|t| t.duration_since(arrival).as_secs_f64() * 1e3);
+    let queue_ms = outputs
+        .times
+        .engine
+        .and_then(|t| t.first_scheduled)
+        .map(|s| s.duration_since(arrival).as_secs_f64() * 1e3);
+    tracing::info!(
+        request_id = id,
+        model,
+        status = 200,
+        prompt_tokens = outputs.usage.prompt_tokens,
+        completion_tokens = outputs.usage.completion_tokens,
+        queue_ms,
+        ttft_ms = ms(outputs.times.first_token),
+        total_ms = arrival.elapsed().as_secs_f64() * 1e3,
+        "request finished"
+    );
+}
+
+pub fn rejected(id: &str, e: &ApiError) {
+    tracing::info!(
+        request_id = id,
+        status = e.status.as_u16(),
+        code = e.code,
+        error = %e.message,
+        "request rejected"
+    );
+}

@@ -1,0 +1,353 @@
+//! `POST /v1/chat/completions`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream;
+
+use crate::server::error::ApiError;
+use crate::server::output::{OutputEvent, OutputOptions, Outputs, TokenLogprob};
+use crate::server::protocol::{
+    ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut,
+    ChatRequest, ChatResponse, ChatTokenLogprob, ChatTopLogprob, Content, Usage,
+};
+use crate::server::state::{unix_now, AppState};
+use crate::server::{json, request_log, sse, validate};
+use crate::tokenizer::ChatMessage;
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+pub async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let arrival = Instant::now();
+    let id = st.next_id("chatcmpl");
+    match handle(st, body, arrival, id.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            request_log::rejected(&id, &e);
+            e.into_response()
+        }
+    }
+}
+
+/// OpenAI messages → template messages: text parts are joined, `developer` is a system turn.
+pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages must not be empty",
+            Some("messages"),
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid(
+                    format!("unsupported role {:?}; expected one of {ROLES:?}", m.role),
+                    Some(&format!("messages[{i}].role")),
+                ));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(s)) => s.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        if p.kind != "text" {
+                            return Err(ApiError::invalid(
+                                format!(
+                                    "content part type {:?} is not supported (text only)",
+                                    p.kind
+                                ),
+                                Some(&format!("messages[{i}].content")),
+                            ));
+                        }
+                        s.push_str(p.text.as_deref().unwrap_or(""));
+                    }
+                    s
+                }
+            };
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                &m.role
+            };
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+async fn handle(
+    st: Arc<AppState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    arrival: Instant,
+    id: String,
+) -> Result<Response, ApiError> {
+    let body = json::body(body)?;
+    let req: ChatRequest = json::parse(&body)?;
+    st.check_model(req.model.as_deref())?;
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    let top = if want_logprobs {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else if req.top_logprobs.is_some_and(|t| t > 0) {
+        return Err(ApiError::invalid(
+            "top_logprobs requires logprobs to be true",
+            Some("top_logprobs"),
+        ));
+    } else {
+        None
+    };
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    let prepared = validate::prepare(&req.sampling, max_tokens, top, st.vocab_size)?;
+    let messages = to_template_messages(&req.messages)?;
+    let echo_text = match (req.echo.unwrap_or(false), messages.last()) {
+        (true, Some(last)) if last.role == "assistant" => last.content.clone(),
+        _ => String::new(),
+    };
+    let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+    let tokenizer = st.tokenizer.clone();
+    let ids = st
+        .preprocess
+        .run(move || {
+            let text = tokenizer.apply_chat_template(&messages, add_generation_prompt)?;
+            // Templates emit BOS themselves, as transformers' apply_chat_template assumes.
+            tokenizer.encode(&text, false)
+        })
+        .await?
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let prompt_len = ids.len();
+    let permit = st.admission.try_admit(prompt_len * prepared.n)?;
+    let r = prepared.engine_request(
+        Arc::from(ids),
+        max_tokens.is_some(),
+        st.max_model_len,
+        arrival,
+    );
+    let stream = st.engine.submit(r)?;
+    let outputs = Outputs::new(
+        vec![stream],
+        &[prompt_len],
+        st.tokenizer.clone(),
+        OutputOptions {
+            stops: prepared.stop_strings.clone(),
+            skip_special_tokens: prepared.skip_special_tokens,
+            logprobs: want_logprobs,
+            n: prepared.n,
+        },
+        permit,
+    );
+    if prepared.stream {
+        Ok(stream_response(
+            st,
+            id,
+            outputs,
+            echo_text,
+            prepared.include_usage,
+            arrival,
+        ))
+    } else {
+        collect(st, id, outputs, echo_text, want_logprobs, arrival).await
+    }
+}
+
+fn chat_logprobs(entries: &[TokenLogprob]) -> Vec<ChatTokenLogprob> {
+    entries
+        .iter()
+        .map(|e| ChatTokenLogprob {
+            token: e.token.clone(),
+            logprob: e.logprob,
+            bytes: e.token.as_bytes().to_vec(),
+            top_logprobs: e
+                .top
+                .iter()
+                .map(|(t, l)| ChatTopLogprob {
+                    token: t.clone(),
+                    logprob: *l,
+                    bytes: t.as_bytes().to_vec(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+async fn collect(
+    st: Arc<AppState>,
+    id: String,
+    mut outputs: Outputs,
+    echo: String,
+    want_logprobs: bool,
+    arrival: Instant,
+) -> Result<Response, ApiError> {
+    let k = outputs.num_choices();
+    let mut texts = vec![echo; k];
+    let mut logprobs: Vec<Vec<ChatTokenLogprob>> = vec![Vec::new(); k];
+    let mut reasons: Vec<Option<&'static str>> = vec![None; k];
+    while let Some(ev) = outputs.next().await {
+        match ev? {
+            OutputEvent::Text {
+                index,
+                text,
+                logprobs: lp,
+            } => {
+                texts[index].push_str(&text);
+                logprobs[index].extend(chat_logprobs(&lp));
+            }
+            OutputEvent::Finished { index, reason } => reasons[index] = Some(reason),
+        }
+    }
+    let choices = texts
+        .into_iter()
+        .zip(logprobs)
+        .enumerate()
+        .map(|(index, (content, lp))| ChatChoice {
+            index,
+            message: ChatMessageOut {
+                role: "assistant",
+                content,
+            },
+            logprobs: want_logprobs.then_some(ChatLogprobs { content: lp }),
+            finish_reason: reasons[index],
+        })
+        .collect();
+    request_log::finished(&id, &outputs, arrival, &st.model_name);
+    Ok(Json(ChatResponse {
+        id,
+        object: "chat.completion",
+        created: unix_now(),
+        model: st.model_name.clone(),
+        choices,
+        usage: outputs.usage,
+    })
+    .into_response())
+}
+
+struct StreamState {
+    st: Arc<AppState>,
+    id: String,
+    created: u64,
+    outputs: Outputs,
+    echo: String,
+    /// Choices whose first chunk (with the role) has been sent.
+    started: usize,
+    include_usage: bool,
+    finished: bool,
+    arrival: Instant,
+}
+
+impl StreamState {
+    fn chunk(&self, choice: Option<ChatChunkChoice>, usage: Option<Option<Usage>>) -> Bytes {
+        let c = ChatChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.st.model_name.clone(),
+            choices: choice.into_iter().collect(),
+            usage,
+        };
+        sse::event(&serde_json::to_string(&c).unwrap_or_default())
+    }
+
+    fn usage_slot(&self) -> Option<Option<Usage>> {
+        self.include_usage.then_some(None)
+    }
+
+    async fn next_bytes(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
+        // Each choice opens with the assistant role (and any echoed text), as OpenAI does.
+        if self.started < self.outputs.num_choices() {
+            let index = self.started;
+            self.started += 1;
+            let delta = ChatDelta {
+                role: Some("assistant"),
+                content: Some(self.echo.clone()),
+            };
+            let choice = ChatChunkChoice {
+                index,
+                delta,
+                logprobs: None,
+                finish_reason: None,
+            };
+            return Some(self.chunk(Some(choice), self.usage_slot()));
+        }
+        match self.outputs.next().await {
+            Some(Ok(OutputEvent::Text {
+                index,
+                text,
+                logprobs,
+            })) => {
+                let lp = (!logprobs.is_empty()).then(|| ChatLogprobs {
+                    content: chat_logprobs(&logprobs),
+                });
+                let choice = ChatChunkChoice {
+                    index,
+                    delta: ChatDelta {
+                        role: None,
+                        content: Some(text),
+                    },
+                    logprobs: lp,
+                    finish_reason: None,
+                };
+                Some(self.chunk(Some(choice), self.usage_slot()))
+            }
+            Some(Ok(OutputEvent::Finished { index, reason })) => {
+                let choice = ChatChunkChoice {
+                    index,
+                    delta: ChatDelta::default(),
+                    logprobs: None,
+                    finish_reason: Some(reason),
+                };
+                Some(self.chunk(Some(choice), self.usage_slot()))
+            }
+            Some(Err(e)) => {
+                self.finished = true;
+                request_log::rejected(&self.id, &e);
+                let mut out = sse::event(&e.to_json()).to_vec();
+                out.extend_from_slice(&sse::done());
+                Some(Bytes::from(out))
+            }
+            None => {
+                self.finished = true;
+                request_log::finished(&self.id, &self.outputs, self.arrival, &self.st.model_name);
+                let mut out = Vec::new();
+                if self.include_usage {
+                    out.extend_from_slice(&self.chunk(None, Some(Some(self.outputs.usage))));
+                }
+                out.extend_from_slice(&sse::done());
+                Some(Bytes::from(out))
+            }
+        }
+    }
+}
+
+fn stream_response(
+    st: Arc<AppState>,
+    id: String,
+    outputs: Outputs,
+    echo: String,
+    include_usage: bool,
+    arrival: Instant,
+) -> Response {
+    let state = StreamState {
+        st,
+        id,
+        created: unix_now(),
+        outputs,
+        echo,
+        started: 0,
+        include_usage,
+        finished: false,
+        arrival,
+    };
+    sse::response(stream::unfold(state, |mut s| async move {
+        s.next_bytes().await.map(|b| (b, s))
+    }))
+}

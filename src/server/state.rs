@@ -1,0 +1,83 @@
+//! What every handler shares: the engine handle, the tokenizer, the queue bounds, the
+//! tokenization pool and the drain flag. Built once at start-up; no globals.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::admission::Admission;
+use super::error::ApiError;
+use super::preprocess::PreprocessPool;
+use crate::engine::EngineHandle;
+use crate::tokenizer::Tokenizer;
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub model_name: String,
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub admission: Arc<Admission>,
+    pub preprocess: PreprocessPool,
+    pub api_keys: Vec<String>,
+    pub draining: AtomicBool,
+    pub started: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        model_name: String,
+        admission: Arc<Admission>,
+        preprocess: PreprocessPool,
+        api_keys: Vec<String>,
+    ) -> Self {
+        let limits = engine.limits();
+        Self {
+            max_model_len: limits.max_model_len,
+            vocab_size: limits.vocab_size,
+            engine,
+            tokenizer,
+            model_name,
+            admission,
+            preprocess,
+            api_keys,
+            draining: AtomicBool::new(false),
+            started: unix_now(),
+            next_id: AtomicU64::new(rand::random::<u32>() as u64),
+        }
+    }
+
+    /// A fresh id such as `cmpl-5f3a...`.
+    pub fn next_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{n:016x}")
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Refuses new work while draining, and requests for a model we do not serve.
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        if self.is_draining() {
+            return Err(ApiError::overloaded(
+                "The server is shutting down; retry on another replica.",
+            ));
+        }
+        match model {
+            Some(m) if m != self.model_name => Err(ApiError::model_not_found(m)),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,347 @@
+//! The engine end to end on real models, driven step by step: correctness under random
+//! arrivals, cancellations and a tiny cache; preemption; prefix caching; seeded sampling.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use common::{golden, models_dir};
+use distillery::config::{EngineConfig, KvCacheSize};
+use distillery::engine::{
+    self, EngineCore, EngineEvent, EngineRequest, FinishReason, RequestStream, SamplingParams,
+    StopConditions,
+};
+use distillery::model::{self, DTypeChoice, Decoder};
+use proptest::prelude::*;
+
+fn decoder(name: &str) -> Option<Decoder> {
+    let dir = models_dir()?.join(name);
+    Some(model::load_decoder(&dir, DTypeChoice::F32, &Device::Cpu).expect("model loads"))
+}
+
+fn config(
+    blocks: usize,
+    block_size: usize,
+    seqs: usize,
+    budget: usize,
+    prefix: bool,
+) -> EngineConfig {
+    EngineConfig {
+        block_size,
+        max_num_seqs: seqs,
+        max_num_batched_tokens: budget,
+        kv_cache: KvCacheSize::Blocks(blocks),
+        enable_prefix_caching: prefix,
+        max_model_len: None,
+    }
+}
+
+fn greedy(prompt: &[u32], max_tokens: usize) -> EngineRequest {
+    EngineRequest {
+        prompt_ids: Arc::from(prompt),
+        params: SamplingParams::default(),
+        stop: StopConditions {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        },
+        n: 1,
+        arrival: Instant::now(),
+    }
+}
+
+/// What one request's stream said.
+#[derive(Default, Debug, Clone)]
+struct Log {
+    tokens: Vec<Vec<u32>>,
+    finishes: Vec<FinishReason>,
+    errors: usize,
+}
+
+fn drain(stream: &mut RequestStream, log: &mut Log) {
+    while let Some(ev) = stream.try_recv() {
+        match ev {
+            EngineEvent::Token { choice, token, .. } => {
+                if log.tokens.len() <= choice {
+                    log.tokens.resize(choice + 1, Vec::new());
+                }
+                log.tokens[choice].push(token);
+            }
+            EngineEvent::Finished { reason, .. } => log.finishes.push(reason),
+            EngineEvent::Error { .. } => log.errors += 1,
+        }
+    }
+}
+
+/// Runs requests to completion in `core`, all submitted up front.
+fn run_all(core: &mut EngineCore, reqs: Vec<EngineRequest>) -> Vec<Log> {
+    let mut streams: Vec<RequestStream> = reqs
+        .into_iter()
+        .map(|r| core.submit(r).expect("admitted"))
+        .collect();
+    let mut logs = vec![Log::default(); streams.len()];
+    let mut steps = 0;
+    while core.has_work() {
+        core.step();
+        steps += 1;
+        assert!(steps < 100_000, "engine made no progress");
+        for (s, l) in streams.iter_mut().zip(&mut logs) {
+            drain(s, l);
+        }
+    }
+    for (s, l) in streams.iter_mut().zip(&mut logs) {
+        drain(s, l);
+    }
+    logs
+}
+
+fn alone(decoder: &Decoder, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut core = engine::build(decoder.clone(), &config(512, 16, 1, 4096, false)).unwrap();
+    let logs = run_all(&mut core, vec![greedy(prompt, max_tokens)]);
+    logs[0].tokens.first().cloned().unwrap_or_default()
+}
+
+fn assert_all_free(core: &EngineCore) {
+    let st = core.stats();
+    assert_eq!(st.num_running, 0);
+    assert_eq!(st.num_waiting, 0);
+    assert_eq!(st.free_blocks, st.total_blocks, "blocks leaked: {st:?}");
+}
+
+#[derive(Debug, Clone)]
+struct Arrival {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    at_step: usize,
+    cancel_at: Option<usize>,
+}
+
+fn arrival() -> impl Strategy<Value = Arrival> {
+    (
+        proptest::collection::vec(5u32..512, 1..40),
+        1usize..12,
+        0usize..8,
+        proptest::option::weighted(0.25, 0usize..12),
+    )
+        .prop_map(|(prompt, max_tokens, at_step, cancel_at)| Arrival {
+            prompt,
+            max_tokens,
+            at_step,
+            cancel_at,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Random arrivals, lengths and cancellations through a deliberately tiny cache: every
+    /// block comes back, every surviving request finishes exactly once, and greedy outputs equal
+    /// those of the request run alone.
+    #[test]
+    fn random_traffic_through_a_tiny_cache(
+        arrivals in proptest::collection::vec(arrival(), 1..10),
+        block_size in prop::sample::select(vec![1usize, 4, 16]),
+        spare_blocks in 0usize..6,
+        max_seqs in 1usize..6,
+        budget in 16usize..64,
+        prefix in any::<bool>(),
+    ) {
+        let Some(dec) = decoder("tiny-llama-v512") else { return Ok(()) };
+        let biggest = arrivals
+            .iter()
+            .map(|a| (a.prompt.len() + a.max_tokens).div_ceil(block_size))
+            .max()
+            .unwrap_or(1);
+        let mut core = engine::build(
+            dec.clone(),
+            &config(biggest + spare_blocks, block_size, max_seqs, budget, prefix),
+        )
+        .unwrap();
+        let mut streams: Vec<Option<RequestStream>> = arrivals.iter().map(|_| None).collect();
+        let mut logs = vec![Log::default(); arrivals.len()];
+        let mut step = 0;
+        loop {
+            for (i, a) in arrivals.iter().enumerate() {
+                if a.at_step == step {
+                    streams[i] = Some(core.submit(greedy(&a.prompt, a.max_tokens)).unwrap());
+                }
+                if a.cancel_at == Some(step) {
+                    streams[i] = None;
+                }
+            }
+            let pending_arrivals = arrivals.iter().any(|a| a.at_step > step);
+            if !core.has_work() && !pending_arrivals {
+                break;
+            }
+            core.step();
+            for (s, l) in streams.iter_mut().zip(&mut logs) {
+                if let Some(s) = s {
+                    drain(s, l);
+                }
+            }
+            step += 1;
+            prop_assert!(step < 50_000, "no progress");
+        }
+        assert_all_free(&core);
+        for (i, a) in arrivals.iter().enumerate() {
+            if streams[i].is_none() {
+                // Cancelled: it may have finished before the drop, but never twice.
+                prop_assert!(logs[i].finishes.len() <= 1);
+                continue;
+            }
+            prop_assert_eq!(logs[i].finishes.len(), 1, "request {} finishes: {:?}", i, logs[i]);
+            prop_assert_eq!(logs[i].errors, 0);
+            let got = logs[i].tokens.first().cloned().unwrap_or_default();
+            prop_assert_eq!(got, alone(&dec, &a.prompt, a.max_tokens), "request {}", i);
+        }
+    }
+}
+
+/// A cache holding about half the concurrent work: sequences get preempted and recomputed,
+/// and every output still equals the transformers golden.
+#[test]
+fn preemption_keeps_outputs_equal_to_goldens() {
+    let (Some(dec), Some(golden)) = (decoder("tiny-llama-v512"), golden("tiny-llama-v512")) else {
+        return;
+    };
+    let needed: usize = golden.cases.iter().map(|c| c.prompt_ids.len() + 32).sum();
+    let biggest = golden
+        .cases
+        .iter()
+        .map(|c| c.prompt_ids.len() + 32)
+        .max()
+        .unwrap();
+    let blocks = biggest.div_ceil(16) + 2;
+    assert!(
+        blocks * 16 < needed / 2 + 64,
+        "the cache must hold only a fraction of the work"
+    );
+    let mut core = engine::build(dec, &config(blocks, 16, 16, 512, true)).unwrap();
+    let reqs = golden
+        .cases
+        .iter()
+        .map(|c| greedy(&c.prompt_ids, 32))
+        .collect();
+    let logs = run_all(&mut core, reqs);
+    assert!(
+        core.stats().num_preemptions > 0,
+        "the test must actually preempt"
+    );
+    for (case, log) in golden.cases.iter().zip(&logs) {
+        assert_eq!(log.finishes, vec![FinishReason::Length], "{}", case.name);
+        assert_eq!(log.tokens[0], case.generated_ids, "{}", case.name);
+    }
+    assert_all_free(&core);
+}
+
+/// 100 requests sharing a 64-token system prompt: its four blocks are computed once, and
+/// outputs equal those with prefix caching off.
+#[test]
+fn shared_system_prompt_is_computed_once() {
+    let Some(dec) = decoder("tiny-llama-v512") else {
+        return;
+    };
+    let system: Vec<u32> = (0..64).map(|i| 5 + (i * 37) % 500).collect();
+    let prompts: Vec<Vec<u32>> = (0..100u32)
+        .map(|r| {
+            let mut p = system.clone();
+            p.extend((0..10).map(|i| 5 + (r * 13 + i * 7) % 500));
+            p
+        })
+        .collect();
+    let run = |prefix: bool| {
+        let mut core = engine::build(dec.clone(), &config(2048, 16, 256, 4096, prefix)).unwrap();
+        let logs = run_all(&mut core, prompts.iter().map(|p| greedy(p, 8)).collect());
+        (logs, core.stats())
+    };
+    let (cached, st) = run(true);
+    let (plain, st_plain) = run(false);
+    assert_eq!(st.computed_prompt_tokens, 64 + 100 * 10, "{st:?}");
+    assert_eq!(st_plain.computed_prompt_tokens, 100 * 74);
+    assert_eq!(st.prefix_cache_hits, 99 * 64);
+    for (a, b) in cached.iter().zip(&plain) {
+        assert_eq!(a.tokens, b.tokens);
+    }
+}
+
+/// A seeded sampled request yields the same tokens alone and inside a busy batch.
+#[test]
+fn seeded_sampling_is_independent_of_the_batch() {
+    let Some(dec) = decoder("tiny-random-llama") else {
+        return;
+    };
+    let seeded = |seed: u64| EngineRequest {
+        params: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 50,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        },
+        ..greedy(&[1, 450, 4996, 17354, 1701, 432], 24)
+    };
+    let mut core = engine::build(dec.clone(), &config(256, 16, 64, 2048, true)).unwrap();
+    let solo = run_all(&mut core, vec![seeded(7)]);
+    let mut reqs: Vec<EngineRequest> = (0..20)
+        .map(|i| EngineRequest {
+            params: SamplingParams {
+                temperature: 0.8,
+                seed: Some(100 + i),
+                ..SamplingParams::default()
+            },
+            ..greedy(&[1, 100 + i as u32, 200, 300], 30)
+        })
+        .collect();
+    reqs.insert(7, seeded(7));
+    let busy = run_all(&mut core, reqs);
+    assert_eq!(solo[0].tokens, busy[7].tokens);
+    let other = run_all(&mut core, vec![seeded(8)]);
+    assert_ne!(
+        solo[0].tokens, other[0].tokens,
+        "a different seed should differ"
+    );
+}
+
+/// n = 2 choices share the prompt's blocks and both finish.
+#[test]
+fn n_choices_share_the_prompt() {
+    let Some(dec) = decoder("tiny-llama-v512") else {
+        return;
+    };
+    let mut core = engine::build(dec, &config(64, 4, 8, 256, false)).unwrap();
+    let mut req = greedy(&(5..45).collect::<Vec<u32>>(), 6);
+    req.n = 3;
+    let logs = run_all(&mut core, vec![req]);
+    assert_eq!(logs[0].finishes.len(), 3);
+    assert_eq!(logs[0].tokens.len(), 3);
+    assert_eq!(logs[0].tokens[0], logs[0].tokens[1], "greedy choices agree");
+    // 40 prompt tokens: the first choice computes them all, the others only the last block.
+    assert_eq!(core.stats().computed_prompt_tokens, 40 + 2 * 4);
+    assert_all_free(&core);
+}
+
+/// Stop conditions: EOS ends with `stop` unless ignored; min_tokens holds EOS back.
+#[test]
+fn eos_and_min_tokens() {
+    let Some(dec) = decoder("tiny-llama-v512") else {
+        return;
+    };
+    let mut core = engine::build(dec.clone(), &config(64, 16, 8, 256, true)).unwrap();
+    let prompt = [0u32, 40, 41, 42];
+    let free_run = alone(&dec, &prompt, 6);
+    // Make the 3rd greedy token a stop token: the choice ends there, without showing it.
+    let mut req = greedy(&prompt, 6);
+    req.stop.stop_token_ids = vec![free_run[2]];
+    req.stop.ignore_eos = false;
+    let logs = run_all(&mut core, vec![req.clone()]);
+    let first = free_run.iter().position(|t| *t == free_run[2]).unwrap();
+    assert_eq!(logs[0].tokens[0], free_run[..first].to_vec());
+    assert_eq!(logs[0].finishes, vec![FinishReason::Stop]);
+    // With min_tokens beyond that point the stop token is masked and never chosen early.
+    req.stop.min_tokens = 6;
+    let logs = run_all(&mut core, vec![req]);
+    assert_eq!(logs[0].finishes, vec![FinishReason::Length]);
+    assert!(!logs[0].tokens[0].contains(&free_run[2]));
+}
