@@ -73,6 +73,11 @@ fn run(name: &str, max_tokens: usize) {
 }
 
 fn main() {
+    // As the daemon does: spare candle from re-reading /proc and /sys on every matmul.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     let wanted: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

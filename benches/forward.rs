@@ -30,6 +30,11 @@ fn tokens(n: usize, seed: u32) -> Vec<u32> {
 }
 
 fn bench(c: &mut Criterion) {
+    // As the daemon does: spare candle from re-reading /proc and /sys on every matmul.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     let Some(decoder) = load() else { return };
     let mut group = c.benchmark_group("forward");
     group.sample_size(10);
