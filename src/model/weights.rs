@@ -137,3 +137,22 @@ impl Weights {
         Ok(tensor.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shape_mismatch_names_the_file_and_the_tensor() {
+        let t = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+        let w = Weights::from_tensors(
+            HashMap::from([("model.norm.weight".to_string(), t)]),
+            PathBuf::from("/models/x/model.safetensors"),
+            DType::F32,
+        );
+        let err = w.get("model.norm.weight", &[3]).unwrap_err().to_string();
+        assert!(err.contains("model.norm.weight") && err.contains("model.safetensors"), "{err}");
+        let err = w.get("lm_head.weight", &[3, 4]).unwrap_err().to_string();
+        assert!(err.contains("lm_head.weight"), "{err}");
+    }
+}
