@@ -27,6 +27,8 @@ pub struct BlockPool {
     head: u32,
     tail: u32,
     num_free: usize,
+    /// Free blocks that still hold indexed content (kept as a count: scanning is O(blocks)).
+    num_cached_free: usize,
     cached: HashMap<BlockHash, BlockId>,
 }
 
@@ -46,6 +48,7 @@ impl BlockPool {
             head: if n == 0 { NONE } else { 0 },
             tail: if n == 0 { NONE } else { n - 1 },
             num_free: num_blocks,
+            num_cached_free: 0,
             cached: HashMap::new(),
         }
     }
@@ -61,10 +64,7 @@ impl BlockPool {
 
     /// Free blocks that still hold reusable cached content.
     pub fn num_cached_free(&self) -> usize {
-        self.cached
-            .values()
-            .filter(|&&b| self.blocks[b as usize].ref_count == 0)
-            .count()
+        self.num_cached_free
     }
 
     fn unlink(&mut self, id: BlockId) {
@@ -111,9 +111,9 @@ impl BlockPool {
         let b = &mut self.blocks[id as usize];
         b.ref_count = 1;
         if let Some(hash) = b.hash.take() {
-            if self.cached.get(&hash) == Some(&id) {
-                self.cached.remove(&hash);
-            }
+            // A block carries a hash only while it is the index entry for it.
+            self.cached.remove(&hash);
+            self.num_cached_free -= 1;
         }
         Some(id)
     }
@@ -123,6 +123,7 @@ impl BlockPool {
         let id = *self.cached.get(&hash)?;
         if self.blocks[id as usize].ref_count == 0 {
             self.unlink(id);
+            self.num_cached_free -= 1;
         }
         self.blocks[id as usize].ref_count += 1;
         Some(id)
@@ -158,6 +159,7 @@ impl BlockPool {
                 // Uncached blocks are worthless once free: reuse them before cached ones.
                 self.push_front(id);
             } else {
+                self.num_cached_free += 1;
                 self.push_back(id);
             }
         }
@@ -174,14 +176,6 @@ impl BlockPool {
         }
         self.head = id;
         self.num_free += 1;
-    }
-
-    /// Forgets every cached hash (used when prefix caching is switched off at run time).
-    pub fn clear_cache(&mut self) {
-        for b in &mut self.blocks {
-            b.hash = None;
-        }
-        self.cached.clear();
     }
 }
 
