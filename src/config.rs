@@ -85,6 +85,16 @@ pub enum LoadFormat {
     Dummy,
 }
 
+/// `--metrics-compat`: which other servers' metric names `/metrics` also exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsCompat {
+    /// Only the native `distillery:*` family.
+    None,
+    /// Also vLLM v1's `vllm:*` names, so its dashboards and autoscalers work unchanged.
+    Vllm,
+}
+
 /// Everything `distillery serve` can be told, as read from `config/default.toml` (or
 /// `--config FILE`); `DISTILLERY_*` variables and flags override it field by field.
 #[derive(Clone, Debug, Deserialize)]
@@ -112,6 +122,7 @@ pub struct ServeSettings {
     pub shutdown_grace_secs: f64,
     pub cors_allow_origins: Vec<String>,
     pub log_format: LogFormat,
+    pub metrics_compat: MetricsCompat,
 }
 
 impl Default for ServeSettings {
@@ -140,6 +151,8 @@ impl Default for ServeSettings {
             shutdown_grace_secs: 30.0,
             cors_allow_origins: Vec::new(),
             log_format: LogFormat::Pretty,
+            // Operators arrive with vLLM dashboards; the copies cost a few lines per scrape.
+            metrics_compat: MetricsCompat::Vllm,
         }
     }
 }
@@ -198,6 +211,7 @@ mod tests {
         assert_eq!(parsed.max_num_seqs, d.max_num_seqs);
         assert_eq!(parsed.kv_cache_memory, d.kv_cache_memory);
         assert_eq!(parsed.max_waiting_requests, d.max_waiting_requests);
+        assert_eq!(parsed.metrics_compat, d.metrics_compat);
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //!
 //! Dependencies point one way: `server` → `engine` → `model`; `tokenizer` is used by the
 //! server (and the one-shot generator); results travel back as events over channels.
+//! `metrics` depends on none of them: the server (and, through a step observer the server
+//! wires up, the engine thread) hand it plain numbers.
 
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod tokenizer;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use distillery::config::{parse_bytes, LoadFormat, LogFormat, ServeSettings};
+use distillery::config::{parse_bytes, LoadFormat, LogFormat, MetricsCompat, ServeSettings};
+use distillery::metrics::{Metrics, MetricsOptions};
 use distillery::model::{self, builtin, source, DTypeChoice};
 use distillery::server::{self, ServerOptions};
 use distillery::tokenizer::Tokenizer;
@@ -83,6 +84,9 @@ pub struct ServeArgs {
     cors_allow_origins: Vec<String>,
     #[arg(long, env = "DISTILLERY_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Also export /metrics under another server's names (vllm), or not (none) [default: vllm]
+    #[arg(long, env = "DISTILLERY_METRICS_COMPAT", value_enum)]
+    metrics_compat: Option<MetricsCompat>,
 }
 
 impl ServeArgs {
@@ -115,7 +119,12 @@ impl ServeArgs {
             kv_cache_memory,
             block_size
         );
-        take!(tokenizer_workers, max_body_bytes, log_format);
+        take!(
+            tokenizer_workers,
+            max_body_bytes,
+            log_format,
+            metrics_compat
+        );
         if self.served_model_name.is_some() {
             s.served_model_name = self.served_model_name.clone();
         }
@@ -171,11 +180,28 @@ fn load(s: &ServeSettings) -> Result<(Decoder, Tokenizer, String)> {
 
 pub fn run(s: ServeSettings) -> Result<()> {
     let (decoder, tokenizer, default_name) = load(&s)?;
-    let engine = engine::spawn(decoder, &s.engine_config())?;
+    let model_name = s.served_model_name.clone().unwrap_or(default_name);
+    let mut core = engine::build(decoder, &s.engine_config())?;
+    // Built here, before the engine thread starts, so that the thread records its steps into
+    // the same registry the server renders; both get it passed in, nothing is global.
+    let limits = core.limits();
+    let metrics = Arc::new(
+        Metrics::new(&MetricsOptions {
+            model_name: model_name.clone(),
+            vllm_compat: s.metrics_compat == MetricsCompat::Vllm,
+            max_model_len: limits.max_model_len,
+            block_size: limits.block_size,
+            num_gpu_blocks: limits.cache_tokens / limits.block_size.max(1),
+            enable_prefix_caching: s.enable_prefix_caching,
+        })
+        .context("building the metric set")?,
+    );
+    core.set_step_observer(Some(server::step_observer(&metrics)));
+    let engine = engine::start(core)?;
     let opts = ServerOptions {
         host: s.host.clone(),
         port: s.port,
-        served_model_name: s.served_model_name.clone().unwrap_or(default_name),
+        served_model_name: model_name,
         api_keys: s.api_keys.clone(),
         max_waiting_requests: s.max_waiting_requests,
         max_queued_prompt_tokens: s.max_queued_prompt_tokens,
@@ -189,5 +215,5 @@ pub fn run(s: ServeSettings) -> Result<()> {
         .enable_all()
         .thread_name("distillery-http")
         .build()?;
-    runtime.block_on(server::serve(opts, engine, Arc::new(tokenizer)))
+    runtime.block_on(server::serve(opts, engine, Arc::new(tokenizer), metrics))
 }

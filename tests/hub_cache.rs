@@ -41,25 +41,44 @@ fn a_hub_id_in_the_offline_cache_resolves_and_loads() {
 
     // The real binary, configured only through the environment as a user would.
     let out = Command::new(env!("CARGO_BIN_EXE_distillery"))
-        .args(["generate", "--model", "test-org/tiny-llama", "--prompt", "Hello"])
+        .args([
+            "generate",
+            "--model",
+            "test-org/tiny-llama",
+            "--prompt",
+            "Hello",
+        ])
         .args(["--max-tokens", "4", "--ignore-eos"])
         .env("HF_HOME", &tmp)
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.stdout.is_empty());
 
     // An id that is not cached fails with a message naming it and the way out.
     let out = Command::new(env!("CARGO_BIN_EXE_distillery"))
-        .args(["generate", "--model", "test-org/absent", "--prompt", "Hello"])
+        .args([
+            "generate",
+            "--model",
+            "test-org/absent",
+            "--prompt",
+            "Hello",
+        ])
         .env("HF_HOME", &tmp)
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("test-org/absent") && err.contains("local folder"), "{err}");
+    assert!(
+        err.contains("test-org/absent") && err.contains("local folder"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -69,7 +88,11 @@ fn a_missing_folder_file_is_a_clear_error() {
     let tmp = std::env::temp_dir().join(format!("distillery-broken-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::copy(models.join("tiny-llama-v512/config.json"), tmp.join("config.json")).unwrap();
+    std::fs::copy(
+        models.join("tiny-llama-v512/config.json"),
+        tmp.join("config.json"),
+    )
+    .unwrap();
     let err = distillery::model::load_decoder(
         &tmp,
         distillery::model::DTypeChoice::F32,

@@ -17,7 +17,7 @@ use super::request::{EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
 use super::sampler::{argmax, mask_tokens, SamplerScratch};
 use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
 use super::sequence::{RequestShared, Sequence};
-use super::stats::{EngineStats, StatsSnapshot};
+use super::stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};
 use super::{EngineLimits, RequestStream, SubmitError};
 use crate::model::{Decoder, ForwardBatch, KvCache, ModelError};
 
@@ -29,6 +29,7 @@ pub struct EngineCore {
     limits: SchedulerLimits,
     engine_limits: EngineLimits,
     stats: Arc<EngineStats>,
+    observer: Option<Arc<dyn StepObserver>>,
     eos_token_ids: Vec<u32>,
     next_seq_id: u64,
     // Buffers reused every step.
@@ -60,6 +61,7 @@ impl EngineCore {
             limits,
             engine_limits,
             stats,
+            observer: None,
             next_seq_id: 0,
             batch: ForwardBatch::default(),
             scheduled: Vec::new(),
@@ -79,6 +81,11 @@ impl EngineCore {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// Who hears about every step that runs a batch (the daemon's metrics).
+    pub fn set_step_observer(&mut self, observer: Option<Arc<dyn StepObserver>>) {
+        self.observer = observer;
     }
 
     /// Validates and queues a request, for callers that drive the engine themselves.
@@ -130,6 +137,7 @@ impl EngineCore {
     /// Runs one step. A model failure fails every request in the batch (they get an `Error`
     /// event); the engine itself keeps going.
     pub fn step(&mut self) {
+        let start = Instant::now();
         self.drop_cancelled();
         let now = Instant::now();
         self.scheduler
@@ -138,7 +146,9 @@ impl EngineCore {
             self.publish();
             return;
         }
-        if let Err(e) = self.run_batch() {
+        let scheduled = Instant::now();
+        let mut forward_done = None;
+        if let Err(e) = self.run_batch(&mut forward_done) {
             tracing::error!(error = %e, "engine step failed");
             let message = e.to_string();
             for s in &mut self.scheduler.running {
@@ -157,9 +167,21 @@ impl EngineCore {
         });
         self.stats.steps.fetch_add(1, Relaxed);
         self.publish();
+        if let Some(observer) = &self.observer {
+            let end = Instant::now();
+            let forward_done = forward_done.unwrap_or(end);
+            observer.on_step(&StepReport {
+                num_seqs: self.scheduled.len(),
+                num_tokens: self.scheduled.iter().map(|s| s.num_tokens).sum(),
+                schedule: scheduled.duration_since(start),
+                forward: forward_done.duration_since(scheduled),
+                sample: end.duration_since(forward_done),
+            });
+        }
     }
 
-    fn run_batch(&mut self) -> Result<(), ModelError> {
+    /// Sets `forward_done` once the logits are on the host, to split the step's time.
+    fn run_batch(&mut self, forward_done: &mut Option<Instant>) -> Result<(), ModelError> {
         let bs = self.kv.block_size();
         self.batch.clear();
         for sch in &self.scheduled {
@@ -176,6 +198,7 @@ impl EngineCore {
         let vocab = logits.dim(1)?;
         with_host_rows(&logits, |all| {
             let now = Instant::now();
+            *forward_done = Some(now);
             for (row, sch) in self.scheduled.iter().enumerate() {
                 let s = &mut self.scheduler.running[sch.index];
                 let computed_prompt = s
@@ -213,10 +236,12 @@ impl EngineCore {
         let kv = &mut self.kv;
         let stats = &self.stats;
         let mut drop_seq = |s: &mut Sequence| {
-            let reason = if s.request.is_cancelled() {
-                FinishReason::Abort
-            } else if s.request.is_stop_requested(s.choice) {
+            // A stop string ends a choice and, when it was the last one, the client's response
+            // with it, closing the channel: it is still a stop, not an abort.
+            let reason = if s.request.is_stop_requested(s.choice) {
                 FinishReason::Stop
+            } else if s.request.is_cancelled() {
+                FinishReason::Abort
             } else {
                 return true;
             };
@@ -302,6 +327,7 @@ fn sample_and_emit(
     };
     s.sampler.record(token);
     s.tokens.push(token);
+    let first = s.timings.first_token.is_none();
     s.timings.first_token.get_or_insert(now);
     s.timings.last_token = Some(now);
     let is_stop_token = (!stop.ignore_eos && eos_token_ids.contains(&token))
@@ -311,6 +337,11 @@ fn sample_and_emit(
             choice: s.choice,
             token,
             logprobs,
+            first_scheduled: if first {
+                s.timings.first_scheduled
+            } else {
+                None
+            },
         });
     }
     let reason = if is_stop_token {

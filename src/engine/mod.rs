@@ -19,7 +19,7 @@ pub use request::{
     EngineEvent, EngineRequest, FinishReason, StopConditions, SubmitError, Timings, TokenLogprobs,
 };
 pub use sampler::SamplingParams;
-pub use stats::{EngineStats, StatsSnapshot};
+pub use stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};
 
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
@@ -226,7 +226,12 @@ pub fn build(decoder: Decoder, config: &EngineConfig) -> Result<EngineCore, Mode
 
 /// Builds the engine and starts its thread.
 pub fn spawn(decoder: Decoder, config: &EngineConfig) -> Result<EngineHandle, ModelError> {
-    let mut core = build(decoder, config)?;
+    start(build(decoder, config)?)
+}
+
+/// Starts the thread of an engine already built (and, for the daemon, given its step
+/// observer: [`EngineCore::set_step_observer`]).
+pub fn start(mut core: EngineCore) -> Result<EngineHandle, ModelError> {
     let limits = core.limits();
     let stats = core.shared_stats();
     let (tx, rx) = mpsc::channel::<Command>();

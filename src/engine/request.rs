@@ -70,6 +70,10 @@ pub enum EngineEvent {
         choice: usize,
         token: u32,
         logprobs: Option<TokenLogprobs>,
+        /// On a choice's first token only: when it was first scheduled, so the caller can
+        /// time queue and prefill even for a choice it ends itself (a stop string), which
+        /// gets no `Finished` event.
+        first_scheduled: Option<Instant>,
     },
     /// Choice `choice` is done; exactly one per choice.
     Finished {

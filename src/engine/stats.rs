@@ -2,6 +2,29 @@
 //! (tests, the metrics endpoint) without taking a lock the engine could wait on.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// What one engine step that ran a batch did, handed to a [`StepObserver`] by reference (no
+/// allocation per step).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepReport {
+    /// Sequences in the batch.
+    pub num_seqs: usize,
+    /// Tokens computed (prefill chunks plus one per decoding sequence).
+    pub num_tokens: usize,
+    /// Dropping cancelled sequences and scheduling.
+    pub schedule: Duration,
+    /// The model's forward pass (and the logits' copy to the host).
+    pub forward: Duration,
+    /// Sampling, stop checks, events, freeing finished sequences.
+    pub sample: Duration,
+}
+
+/// Watches steps from the engine thread (the metrics histograms implement it). It runs inside
+/// the step, so it must be quick and must never block: record into atomics, nothing more.
+pub trait StepObserver: Send + Sync {
+    fn on_step(&self, step: &StepReport);
+}
 
 #[derive(Default, Debug)]
 pub struct EngineStats {

@@ -151,7 +151,10 @@ mod tests {
             DType::F32,
         );
         let err = w.get("model.norm.weight", &[3]).unwrap_err().to_string();
-        assert!(err.contains("model.norm.weight") && err.contains("model.safetensors"), "{err}");
+        assert!(
+            err.contains("model.norm.weight") && err.contains("model.safetensors"),
+            "{err}"
+        );
         let err = w.get("lm_head.weight", &[3, 4]).unwrap_err().to_string();
         assert!(err.contains("lm_head.weight"), "{err}");
     }

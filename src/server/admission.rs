@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::error::ApiError;
 
@@ -20,6 +21,14 @@ pub struct Admission {
 pub struct QueuePermit {
     admission: Arc<Admission>,
     prompt_tokens: usize,
+    admitted: Instant,
+}
+
+impl QueuePermit {
+    /// When the request entered the queue (its queue time counts from here).
+    pub fn admitted(&self) -> Instant {
+        self.admitted
+    }
 }
 
 impl Drop for QueuePermit {
@@ -41,6 +50,12 @@ impl Admission {
         })
     }
 
+    /// Prompt tokens of admitted requests still waiting for their first token (for the
+    /// metrics; a refused request may be counted for an instant while it is turned away).
+    pub fn queued_prompt_tokens(&self) -> usize {
+        self.prompt_tokens.load(Ordering::Relaxed)
+    }
+
     pub fn try_admit(self: &Arc<Self>, prompt_tokens: usize) -> Result<QueuePermit, ApiError> {
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         let t = self
@@ -49,6 +64,7 @@ impl Admission {
         let permit = QueuePermit {
             admission: self.clone(),
             prompt_tokens,
+            admitted: Instant::now(),
         };
         // The first request is always let in, however long, so a lone large prompt can run.
         if n >= self.max_requests || (n > 0 && t + prompt_tokens > self.max_prompt_tokens) {

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::engine::SubmitError;
+use crate::metrics::RejectReason;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -104,6 +105,18 @@ impl ApiError {
         }
     }
 
+    /// How the metrics count this error when it answers a request: a refusal by reason, or
+    /// `None` for a failure of ours (500), which is not the client's doing.
+    pub fn reject_reason(&self) -> Option<RejectReason> {
+        match self.status.as_u16() {
+            503 => Some(RejectReason::Overloaded),
+            401 => Some(RejectReason::Unauthorized),
+            _ if self.code == Some("context_length_exceeded") => Some(RejectReason::TooLong),
+            400..=499 => Some(RejectReason::Invalid),
+            _ => None,
+        }
+    }
+
     /// The JSON body alone (also the payload of an error event inside a stream).
     pub fn to_json(&self) -> String {
         serde_json::to_string(&Envelope {
@@ -120,9 +133,17 @@ impl ApiError {
 
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
+        Self::from_submit(e, "messages")
+    }
+}
+
+impl ApiError {
+    /// A refused submission; `prompt_field` is `prompt` or `messages`, whichever the endpoint
+    /// takes, so `param` points at what the client sent.
+    pub fn from_submit(e: SubmitError, prompt_field: &str) -> Self {
         match &e {
             SubmitError::ContextLength { .. } | SubmitError::TooLargeForCache { .. } => {
-                ApiError::invalid(e.to_string(), Some("messages"))
+                ApiError::invalid(e.to_string(), Some(prompt_field))
                     .with_code("context_length_exceeded")
             }
             SubmitError::EmptyPrompt => ApiError::invalid(e.to_string(), Some("prompt")),
@@ -144,6 +165,11 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        // Read by the counting middleware: every refusal, whichever layer made it (auth, body
+        // limit, fallback, handler), passes through one place on its way out.
+        if let Some(reason) = self.reject_reason() {
+            res.extensions_mut().insert(reason);
         }
         res
     }

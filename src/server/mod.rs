@@ -7,6 +7,7 @@
 mod admission;
 mod error;
 mod json;
+mod metrics;
 mod output;
 mod preprocess;
 mod protocol;
@@ -17,6 +18,7 @@ mod state;
 mod validate;
 
 pub use error::ApiError;
+pub use metrics::step_observer;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -35,6 +37,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
 use crate::tokenizer::Tokenizer;
 use admission::Admission;
 use preprocess::PreprocessPool;
@@ -58,11 +61,13 @@ pub struct ServerOptions {
 }
 
 /// Serves until SIGTERM/SIGINT, then drains: `/ready` turns 503 at once, no new connection is
-/// accepted, in-flight requests get up to `shutdown_grace` to finish.
+/// accepted, in-flight requests get up to `shutdown_grace` to finish. `metrics` is the set the
+/// engine's step observer already records into (see [`step_observer`]).
 pub async fn serve(
     opts: ServerOptions,
     engine: EngineHandle,
     tokenizer: Arc<Tokenizer>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", opts.host, opts.port)
         .parse()
@@ -82,6 +87,7 @@ pub async fn serve(
         Admission::new(opts.max_waiting_requests, opts.max_queued_prompt_tokens),
         PreprocessPool::new(opts.tokenizer_workers, opts.max_waiting_requests.max(64))?,
         opts.api_keys.clone(),
+        metrics,
     ));
     let app = router(state.clone(), &opts);
     tracing::info!(address = %local, model = %opts.served_model_name, "listening");
@@ -174,10 +180,16 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
         .route("/ready", get(routes::info::ready))
         .route("/version", get(routes::info::version))
         .route("/openapi.json", get(routes::info::openapi))
+        .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(opts.max_body_bytes))
         .layer(RequestBodyTimeoutLayer::new(opts.body_read_timeout))
         .layer(middleware::from_fn(request_id))
+        // Outermost, so it sees each response as it leaves, whichever layer produced it.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count_rejections,
+        ))
         .with_state(state);
     if !opts.cors_allow_origins.is_empty() {
         let origins = if opts.cors_allow_origins.iter().any(|o| o == "*") {
@@ -212,7 +224,11 @@ async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Ne
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme name is case-insensitive (RFC 7235).
+            let (scheme, key) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(key.trim())
+        })
         .unwrap_or("");
     let ok = st.api_keys.iter().fold(false, |acc, k| {
         acc | bool::from(k.as_bytes().ct_eq(given.as_bytes()))

@@ -2,6 +2,11 @@
 //! (UTF-8 safe), stop strings applied (the stop text is never sent, text that may begin one is
 //! held back), logprobs with token text, and usage. Shared by both endpoints and by streaming
 //! and non-streaming responses.
+//!
+//! It is also where a request's metrics are taken, because it is where tokens reach the
+//! client: TTFT and every inter-token gap as tokens arrive (a few `Instant`s per choice, no
+//! allocation per token), the request's intervals when a choice ends, and a client disconnect
+//! when it is dropped with choices still running.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use super::admission::QueuePermit;
 use super::error::ApiError;
 use super::protocol::{PromptTokensDetails, Usage};
 use crate::engine::{ChoiceStopper, EngineEvent, FinishReason, RequestStream, Timings};
+use crate::metrics::{FinishedRequest, Metrics, RequestMetrics};
 use crate::tokenizer::{IncrementalDetokenizer, StopStrings, Tokenizer};
 
 /// One generated token's logprob information, with token text.
@@ -45,6 +51,16 @@ pub struct OutputOptions {
     pub logprobs: bool,
     /// Choices per prompt (`n`).
     pub n: usize,
+    pub metrics: Arc<Metrics>,
+    /// When the request reached the server.
+    pub arrival: Instant,
+}
+
+/// One prompt of the request as the engine got it.
+#[derive(Clone, Copy, Debug)]
+pub struct PromptShape {
+    pub tokens: usize,
+    pub max_tokens: usize,
 }
 
 struct ChoiceState {
@@ -53,6 +69,51 @@ struct ChoiceState {
     logprobs: Vec<TokenLogprob>,
     finished: bool,
     prompt: usize,
+    shape: PromptShape,
+    /// Tokens generated so far, a final EOS/stop token included.
+    tokens: usize,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    first_scheduled: Option<Instant>,
+}
+
+impl ChoiceState {
+    /// A token of this choice reached the server (about to be sent): TTFT for the first,
+    /// the gap since the previous one otherwise.
+    fn token_arrived(&mut self, now: Instant, arrival: Instant, m: &RequestMetrics) {
+        match self.last_token {
+            None => m.first_token(now.saturating_duration_since(arrival)),
+            Some(prev) => m.inter_token(now.saturating_duration_since(prev)),
+        }
+        self.first_token.get_or_insert(now);
+        self.last_token = Some(now);
+        self.tokens += 1;
+    }
+
+    /// vLLM's intervals for this choice, ended at `now`. A choice always has a token by the
+    /// time it ends normally; the fallbacks only keep the figures sane if it had none.
+    fn intervals(
+        &self,
+        now: Instant,
+        arrival: Instant,
+        admitted: Instant,
+        n: usize,
+    ) -> FinishedRequest {
+        let first = self.first_token.unwrap_or(now);
+        let last = self.last_token.unwrap_or(now);
+        let scheduled = self.first_scheduled.unwrap_or(first);
+        FinishedRequest {
+            e2e: now.saturating_duration_since(arrival),
+            queue: scheduled.saturating_duration_since(admitted),
+            prefill: first.saturating_duration_since(scheduled),
+            decode: last.saturating_duration_since(first),
+            inference: last.saturating_duration_since(scheduled),
+            prompt_tokens: self.shape.tokens,
+            generation_tokens: self.tokens,
+            max_tokens: self.shape.max_tokens,
+            n,
+        }
+    }
 }
 
 type Events = SelectAll<std::pin::Pin<Box<dyn Stream<Item = (usize, EngineEvent)> + Send>>>;
@@ -75,6 +136,11 @@ pub struct Outputs {
     pending: VecDeque<OutputEvent>,
     unfinished: usize,
     permit: Option<QueuePermit>,
+    metrics: Arc<Metrics>,
+    arrival: Instant,
+    admitted: Instant,
+    /// Ended by an error of ours, not by the client going away.
+    failed: bool,
     pub usage: Usage,
     pub times: RequestTimes,
     /// Finish reasons as the engine reported them (stop strings count as `stop`).
@@ -85,7 +151,7 @@ impl Outputs {
     /// `streams[p]` carries the `n` choices of prompt `p`; choice `p * n + c` is its index.
     pub fn new(
         streams: Vec<RequestStream>,
-        prompt_lens: &[usize],
+        prompts: &[PromptShape],
         tokenizer: Arc<Tokenizer>,
         opts: OutputOptions,
         permit: QueuePermit,
@@ -98,16 +164,22 @@ impl Outputs {
             });
             events.push(Box::pin(st));
         }
-        let choices = (0..prompt_lens.len() * opts.n)
+        let choices = (0..prompts.len() * opts.n)
             .map(|i| ChoiceState {
                 detok: tokenizer.detokenizer(opts.skip_special_tokens),
                 stops: StopStrings::new(opts.stops.clone()),
                 logprobs: Vec::new(),
                 finished: false,
                 prompt: i / opts.n,
+                shape: prompts[i / opts.n],
+                tokens: 0,
+                first_token: None,
+                last_token: None,
+                first_scheduled: None,
             })
             .collect::<Vec<_>>();
-        let prompt_tokens: usize = prompt_lens.iter().map(|l| l * opts.n).sum();
+        // OpenAI counts each prompt once, however many choices share it.
+        let prompt_tokens: usize = prompts.iter().map(|p| p.tokens).sum();
         Self {
             events,
             stoppers,
@@ -117,7 +189,11 @@ impl Outputs {
             n: opts.n,
             want_logprobs: opts.logprobs,
             pending: VecDeque::new(),
+            admitted: permit.admitted(),
             permit: Some(permit),
+            metrics: opts.metrics,
+            arrival: opts.arrival,
+            failed: false,
             usage: Usage {
                 prompt_tokens,
                 completion_tokens: 0,
@@ -143,11 +219,13 @@ impl Outputs {
                 return None;
             }
             let Some((prompt, ev)) = self.events.next().await else {
+                self.failed = true;
                 return Some(Err(ApiError::overloaded(
                     "the engine stopped before the request finished",
                 )));
             };
             if let Err(e) = self.handle(prompt, ev) {
+                self.failed = true;
                 return Some(Err(e));
             }
         }
@@ -159,6 +237,7 @@ impl Outputs {
                 choice,
                 token,
                 logprobs,
+                first_scheduled,
             } => {
                 let now = Instant::now();
                 self.times.first_token.get_or_insert(now);
@@ -173,6 +252,10 @@ impl Outputs {
                 if c.finished {
                     return Ok(());
                 }
+                if c.first_scheduled.is_none() {
+                    c.first_scheduled = first_scheduled;
+                }
+                c.token_arrived(now, self.arrival, self.metrics.requests());
                 self.usage.completion_tokens += 1;
                 self.usage.total_tokens += 1;
                 if want_logprobs {
@@ -202,6 +285,12 @@ impl Outputs {
                     c.finished = true;
                     self.unfinished -= 1;
                     self.finish_reasons.push(FinishReason::Stop);
+                    self.metrics.requests().finished(&c.intervals(
+                        now,
+                        self.arrival,
+                        self.admitted,
+                        self.n,
+                    ));
                     if let Some(s) = self.stoppers.get(c.prompt) {
                         s.finish_choice(choice);
                     }
@@ -219,6 +308,7 @@ impl Outputs {
                 timings,
                 ..
             } => {
+                let now = Instant::now();
                 let index = prompt * self.n + choice;
                 if let Some(d) = self.usage.prompt_tokens_details.as_mut() {
                     d.cached_tokens += cached_prompt_tokens;
@@ -230,13 +320,24 @@ impl Outputs {
                 if c.finished {
                     return Ok(());
                 }
+                if c.first_scheduled.is_none() {
+                    c.first_scheduled = timings.first_scheduled;
+                }
                 if stop_token.is_some() {
                     self.usage.completion_tokens += 1; // counted, not shown
                     self.usage.total_tokens += 1;
+                    // A token generated like any other (vLLM counts it in TTFT and ITL too).
+                    c.token_arrived(now, self.arrival, self.metrics.requests());
                 }
                 c.finished = true;
                 self.unfinished -= 1;
                 self.finish_reasons.push(reason);
+                self.metrics.requests().finished(&c.intervals(
+                    now,
+                    self.arrival,
+                    self.admitted,
+                    self.n,
+                ));
                 let tail = c
                     .detok
                     .finish()
@@ -262,5 +363,15 @@ impl Outputs {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Outputs {
+    /// Dropped with choices still running and no error of ours: the client went away (the
+    /// engine sees the closed channels at its next step and counts the choices as aborted).
+    fn drop(&mut self) {
+        if self.unfinished > 0 && !self.failed {
+            self.metrics.requests().client_disconnected();
+        }
     }
 }

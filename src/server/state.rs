@@ -1,5 +1,5 @@
 //! What every handler shares: the engine handle, the tokenizer, the queue bounds, the
-//! tokenization pool and the drain flag. Built once at start-up; no globals.
+//! tokenization pool, the metric set and the drain flag. Built once at start-up; no globals.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use super::admission::Admission;
 use super::error::ApiError;
 use super::preprocess::PreprocessPool;
 use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
 use crate::tokenizer::Tokenizer;
 
 pub struct AppState {
@@ -20,6 +21,7 @@ pub struct AppState {
     pub admission: Arc<Admission>,
     pub preprocess: PreprocessPool,
     pub api_keys: Vec<String>,
+    pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
     pub started: u64,
     next_id: AtomicU64,
@@ -34,6 +36,7 @@ impl AppState {
         admission: Arc<Admission>,
         preprocess: PreprocessPool,
         api_keys: Vec<String>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let limits = engine.limits();
         Self {
@@ -45,6 +48,7 @@ impl AppState {
             admission,
             preprocess,
             api_keys,
+            metrics,
             draining: AtomicBool::new(false),
             started: unix_now(),
             next_id: AtomicU64::new(rand::random::<u32>() as u64),

@@ -10,7 +10,7 @@ use axum::Json;
 use futures_util::stream;
 
 use crate::server::error::ApiError;
-use crate::server::output::{OutputEvent, OutputOptions, Outputs, TokenLogprob};
+use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TokenLogprob};
 use crate::server::protocol::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut,
     ChatRequest, ChatResponse, ChatTokenLogprob, ChatTopLogprob, Content, Usage,
@@ -130,16 +130,22 @@ async fn handle(
         st.max_model_len,
         arrival,
     );
+    let shape = PromptShape {
+        tokens: prompt_len,
+        max_tokens: r.stop.max_tokens,
+    };
     let stream = st.engine.submit(r)?;
     let outputs = Outputs::new(
         vec![stream],
-        &[prompt_len],
+        &[shape],
         st.tokenizer.clone(),
         OutputOptions {
             stops: prepared.stop_strings.clone(),
             skip_special_tokens: prepared.skip_special_tokens,
             logprobs: want_logprobs,
             n: prepared.n,
+            metrics: st.metrics.clone(),
+            arrival,
         },
         permit,
     );

@@ -10,7 +10,7 @@ use axum::Json;
 use futures_util::stream;
 
 use crate::server::error::ApiError;
-use crate::server::output::{OutputEvent, OutputOptions, Outputs, TokenLogprob};
+use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TokenLogprob};
 use crate::server::protocol::{
     CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse,
     Prompt,
@@ -93,27 +93,36 @@ async fn handle(
         })
         .await?
         .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-    let lens: Vec<usize> = encoded.iter().map(|(ids, _)| ids.len()).collect();
-    let permit = st
-        .admission
-        .try_admit(lens.iter().sum::<usize>() * prepared.n)?;
+    let prompt_tokens: usize = encoded.iter().map(|(ids, _)| ids.len()).sum();
+    let permit = st.admission.try_admit(prompt_tokens * prepared.n)?;
     let mut streams = Vec::with_capacity(encoded.len());
     let mut echoes = Vec::with_capacity(encoded.len());
+    let mut shapes = Vec::with_capacity(encoded.len());
     for (ids, text) in encoded {
         let r = prepared.engine_request(Arc::from(ids), true, st.max_model_len, arrival);
-        streams.push(st.engine.submit(r)?);
+        shapes.push(PromptShape {
+            tokens: r.prompt_ids.len(),
+            max_tokens: r.stop.max_tokens,
+        });
+        streams.push(
+            st.engine
+                .submit(r)
+                .map_err(|e| ApiError::from_submit(e, "prompt"))?,
+        );
         echoes.push(text);
     }
     let n = prepared.n;
     let outputs = Outputs::new(
         streams,
-        &lens,
+        &shapes,
         st.tokenizer.clone(),
         OutputOptions {
             stops: prepared.stop_strings.clone(),
             skip_special_tokens: prepared.skip_special_tokens,
             logprobs: req.logprobs.is_some(),
             n,
+            metrics: st.metrics.clone(),
+            arrival,
         },
         permit,
     );
