@@ -247,6 +247,40 @@ fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Largest value, eight lanes at a time (a plain fold is a serial dependency chain).
+#[inline(always)]
+fn max8(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+        }
+    }
+    let mut m = tail
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for l in lanes {
+        m = if l > m { l } else { m };
+    }
+    m
+}
+
+/// Sum, eight lanes at a time.
+#[inline(always)]
+fn sum8(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] += c[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `scores[j] = q · key_j` for the first `scores.len()` keys of a block stored
 /// dimension-major. Eight keys at a time in registers, with separate accumulators for even and
 /// odd dimensions so consecutive multiply-adds do not wait on each other.
@@ -366,11 +400,18 @@ fn attend_item<T: KvElem>(
         let block_base = block as usize * 2 * num_kv_heads * head_len;
         let keys = &inp.cache[block_base + g * head_len..][..head_len];
         let values = &inp.cache[block_base + (num_kv_heads + g) * head_len..][..head_len];
+        // With blocks a multiple of 8 long, score whole 8-key groups even past `count` (the
+        // slots exist, holding stale data) and ignore the extra scores: no scalar tail.
+        let padded = if block_size % 8 == 0 {
+            count.div_ceil(8) * 8
+        } else {
+            count
+        };
         for h in 0..group {
             let q = &scratch.q[h * head_dim..(h + 1) * head_dim];
-            let scores = &mut block_scores[..count];
+            let scores = &mut block_scores[..padded];
             block_scores_into(q, keys, block_size, scores);
-            let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let block_max = max8(&scores[..count]);
             let acc = &mut scratch.acc[h * head_dim..(h + 1) * head_dim];
             if block_max > maxes[h] {
                 // A new maximum: rescale what was accumulated under the old one.
@@ -381,8 +422,8 @@ fn attend_item<T: KvElem>(
             }
             let mx = maxes[h];
             scores.iter_mut().for_each(|s| *s = fast_exp(*s - mx));
-            sums[h] += scores.iter().sum::<f32>();
-            accumulate_values(scores, values, head_dim, acc);
+            sums[h] += sum8(&scores[..count]);
+            accumulate_values(&scores[..count], values, head_dim, acc);
         }
     }
     for h in 0..group {
