@@ -18,6 +18,20 @@ pub fn done() -> Bytes {
     Bytes::from_static(b"data: [DONE]\n\n")
 }
 
+/// An error after streaming began: the error envelope as one event, then the end marker.
+pub fn error_then_done(json: &str) -> Bytes {
+    let mut out = event(json).to_vec();
+    out.extend_from_slice(&done());
+    Bytes::from(out)
+}
+
+/// The end of a stream: the usage chunk (when asked for), then the end marker.
+pub fn finish(usage_chunk: Option<Bytes>) -> Bytes {
+    let mut out = usage_chunk.map(|b| b.to_vec()).unwrap_or_default();
+    out.extend_from_slice(&done());
+    Bytes::from(out)
+}
+
 pub fn response(body: impl Stream<Item = Bytes> + Send + 'static) -> Response {
     use futures_util::StreamExt;
     let mut res = Response::new(Body::from_stream(

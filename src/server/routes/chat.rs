@@ -316,19 +316,15 @@ impl StreamState {
             Some(Err(e)) => {
                 self.finished = true;
                 request_log::rejected(&self.id, &e);
-                let mut out = sse::event(&e.to_json()).to_vec();
-                out.extend_from_slice(&sse::done());
-                Some(Bytes::from(out))
+                Some(sse::error_then_done(&e.to_json()))
             }
             None => {
                 self.finished = true;
                 request_log::finished(&self.id, &self.outputs, self.arrival, &self.st.model_name);
-                let mut out = Vec::new();
-                if self.include_usage {
-                    out.extend_from_slice(&self.chunk(None, Some(Some(self.outputs.usage))));
-                }
-                out.extend_from_slice(&sse::done());
-                Some(Bytes::from(out))
+                let usage = self
+                    .include_usage
+                    .then(|| self.chunk(None, Some(Some(self.outputs.usage))));
+                Some(sse::finish(usage))
             }
         }
     }

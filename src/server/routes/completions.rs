@@ -289,19 +289,15 @@ impl<F: Fn(usize) -> String> StreamState<F> {
             Some(Err(e)) => {
                 self.finished = true;
                 request_log::rejected(&self.id, &e);
-                let mut out = sse::event(&e.to_json()).to_vec();
-                out.extend_from_slice(&sse::done());
-                Some(Bytes::from(out))
+                Some(sse::error_then_done(&e.to_json()))
             }
             None => {
                 self.finished = true;
                 request_log::finished(&self.id, &self.outputs, self.arrival, &self.st.model_name);
-                let mut out = Vec::new();
-                if self.include_usage {
-                    out.extend_from_slice(&self.chunk(vec![], Some(Some(self.outputs.usage))));
-                }
-                out.extend_from_slice(&sse::done());
-                Some(Bytes::from(out))
+                let usage = self
+                    .include_usage
+                    .then(|| self.chunk(vec![], Some(Some(self.outputs.usage))));
+                Some(sse::finish(usage))
             }
         }
     }
