@@ -245,7 +245,7 @@ impl Outputs {
                 self.permit = None; // running now: no longer counts as queued
                 let index = prompt * self.n + choice;
                 let want_logprobs = self.want_logprobs;
-                let tokenizer = self.tokenizer.clone();
+                let tokenizer = &self.tokenizer;
                 let Some(c) = self.choices.get_mut(index) else {
                     return Ok(());
                 };
