@@ -106,6 +106,11 @@ pub struct ServeSettings {
     pub port: u16,
     pub api_keys: Vec<String>,
     pub dtype: crate::model::DTypeChoice,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: crate::model::DeviceChoice,
+    /// On a CUDA device, the fraction of its memory this process may use (weights, activations
+    /// and the KV pool, which gets the rest); 0 sizes the pool from `kv_cache_memory` instead.
+    pub gpu_memory_utilization: f64,
     pub load_format: LoadFormat,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
@@ -135,6 +140,9 @@ impl Default for ServeSettings {
             port: 8000,
             api_keys: Vec::new(),
             dtype: crate::model::DTypeChoice::Auto,
+            device: crate::model::DeviceChoice::Cpu,
+            // vLLM's default: leaves room for the CUDA context and allocator slack.
+            gpu_memory_utilization: 0.9,
             load_format: LoadFormat::Auto,
             max_num_seqs: engine.max_num_seqs,
             max_num_batched_tokens: engine.max_num_batched_tokens,
@@ -212,6 +220,18 @@ mod tests {
         assert_eq!(parsed.kv_cache_memory, d.kv_cache_memory);
         assert_eq!(parsed.max_waiting_requests, d.max_waiting_requests);
         assert_eq!(parsed.metrics_compat, d.metrics_compat);
+        assert_eq!(parsed.device, d.device);
+        assert_eq!(parsed.gpu_memory_utilization, d.gpu_memory_utilization);
+    }
+
+    #[test]
+    fn devices_parse_from_the_config_file() {
+        use crate::model::DeviceChoice;
+        let s = ServeSettings::from_toml("device = \"cuda:1\"").unwrap();
+        assert_eq!(s.device, DeviceChoice::Cuda(1));
+        let s = ServeSettings::from_toml("device = \"cuda\"").unwrap();
+        assert_eq!(s.device, DeviceChoice::Cuda(0));
+        assert!(ServeSettings::from_toml("device = \"tpu\"").is_err());
     }
 
     #[test]

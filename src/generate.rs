@@ -2,14 +2,13 @@
 //! Logs and progress go to stderr so the output can be piped.
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use distillery::model::{self, source, DTypeChoice, ForwardBatch, KvCache};
+use distillery::model::{self, source, DTypeChoice, DeviceChoice, ForwardBatch, KvCache};
 use distillery::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Args)]
@@ -34,13 +33,16 @@ pub struct GenerateArgs {
     seed: Option<u64>,
     #[arg(long, value_enum, default_value_t = DTypeChoice::Auto)]
     dtype: DTypeChoice,
+    /// cpu, cuda or cuda:N (needs a build with --features cuda).
+    #[arg(long, default_value_t = DeviceChoice::Cpu)]
+    device: DeviceChoice,
 }
 
 const BLOCK_SIZE: usize = 16;
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let dir: PathBuf = source::resolve(&args.model, &source::HubOptions::from_env())?;
-    let decoder = model::load_decoder(&dir, args.dtype, &Device::Cpu)?;
+    let decoder = model::load_decoder(&dir, args.dtype, &args.device.open()?)?;
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir)?);
     let prompt_ids = if args.chat {
         let messages = [ChatMessage {

@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use distillery::config::KvCacheSize;
 use distillery::config::{parse_bytes, LoadFormat, LogFormat, MetricsCompat, ServeSettings};
 use distillery::metrics::{Metrics, MetricsOptions};
-use distillery::model::{self, builtin, source, DTypeChoice};
+use distillery::model::{self, builtin, source, DTypeChoice, DeviceChoice, KvCache};
 use distillery::server::{self, ServerOptions};
 use distillery::tokenizer::Tokenizer;
 use distillery::{engine, model::Decoder};
@@ -36,8 +37,16 @@ pub struct ServeArgs {
     /// An accepted bearer key; repeat for several (env: comma-separated).
     #[arg(long = "api-key", env = "DISTILLERY_API_KEYS", value_delimiter = ',')]
     api_keys: Vec<String>,
+    /// auto: the config's torch_dtype on a GPU, f32 on the CPU [default: auto]
     #[arg(long, env = "DISTILLERY_DTYPE", value_enum)]
     dtype: Option<DTypeChoice>,
+    /// cpu, cuda or cuda:N (needs a build with --features cuda) [default: cpu]
+    #[arg(long, env = "DISTILLERY_DEVICE")]
+    device: Option<DeviceChoice>,
+    /// On CUDA: fraction of the GPU's memory to use; the KV pool gets what the weights and
+    /// activations leave (0: size it from --kv-cache-memory) [default: 0.9]
+    #[arg(long, env = "DISTILLERY_GPU_MEMORY_UTILIZATION")]
+    gpu_memory_utilization: Option<f64>,
     #[arg(long, env = "DISTILLERY_LOAD_FORMAT", value_enum)]
     load_format: Option<LoadFormat>,
     /// Sequences in one engine step [default: 256]
@@ -109,6 +118,8 @@ impl ServeArgs {
             host,
             port,
             dtype,
+            device,
+            gpu_memory_utilization,
             load_format,
             max_num_seqs,
             max_num_batched_tokens
@@ -156,7 +167,7 @@ impl ServeArgs {
 }
 
 fn load(s: &ServeSettings) -> Result<(Decoder, Tokenizer, String)> {
-    let device = candle_core::Device::Cpu;
+    let device = s.device.open()?;
     if let Some(name) = s.model.strip_prefix(builtin::BUILTIN_PREFIX) {
         let (decoder, tokenizer) = builtin::load(name, s.dtype, &device)?;
         return Ok((decoder, tokenizer, s.model.clone()));
@@ -178,10 +189,42 @@ fn load(s: &ServeSettings) -> Result<(Decoder, Tokenizer, String)> {
     Ok((decoder, tokenizer, name))
 }
 
+/// The engine's settings; on a CUDA device the KV pool is sized from
+/// `gpu_memory_utilization` now that the weights are loaded (unless that is 0).
+fn engine_config(s: &ServeSettings, decoder: &Decoder) -> Result<distillery::config::EngineConfig> {
+    let mut config = s.engine_config();
+    if s.gpu_memory_utilization == 0.0 {
+        return Ok(config);
+    }
+    let Some((free, total)) = model::device_memory(decoder.device()) else {
+        return Ok(config); // the CPU: --kv-cache-memory
+    };
+    let reserve = KvCache::activation_reserve(
+        decoder.config(),
+        s.max_num_batched_tokens,
+        s.max_num_seqs,
+        decoder.dtype(),
+    );
+    let bytes = KvCache::budget_from_utilization(free, total, s.gpu_memory_utilization, reserve)
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        device = %s.device,
+        free_gib = free as f64 / (1u64 << 30) as f64,
+        total_gib = total as f64 / (1u64 << 30) as f64,
+        utilization = s.gpu_memory_utilization,
+        reserve_gib = reserve as f64 / (1u64 << 30) as f64,
+        kv_gib = bytes as f64 / (1u64 << 30) as f64,
+        "KV pool sized from --gpu-memory-utilization"
+    );
+    config.kv_cache = KvCacheSize::Bytes(bytes);
+    Ok(config)
+}
+
 pub fn run(s: ServeSettings) -> Result<()> {
     let (decoder, tokenizer, default_name) = load(&s)?;
     let model_name = s.served_model_name.clone().unwrap_or(default_name);
-    let mut core = engine::build(decoder, &s.engine_config())?;
+    let engine_config = engine_config(&s, &decoder)?;
+    let mut core = engine::build(decoder, &engine_config)?;
     // Built here, before the engine thread starts, so that the thread records its steps into
     // the same registry the server renders; both get it passed in, nothing is global.
     let limits = core.limits();

@@ -12,6 +12,7 @@ use std::time::Instant;
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::device_sampling;
 use super::kv_manager::KvManager;
 use super::request::{EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
 use super::sampler::{argmax, mask_tokens, SamplerScratch};
@@ -191,12 +192,18 @@ impl EngineCore {
                 .push_sequence(&s.tokens[range], s.num_computed, &s.blocks.table, bs);
         }
         let logits = self.decoder.forward(&self.batch, &self.cache)?;
-        let logits = match logits.device() {
-            Device::Cpu => logits,
-            _ => logits.to_device(&Device::Cpu)?,
-        };
         let vocab = logits.dim(1)?;
-        with_host_rows(&logits, |all| {
+        // On a GPU with an all-greedy step, only the chosen ids come back (empty `all` below).
+        let device_ids = device_sampling::greedy_ids(&logits, || {
+            self.scheduled
+                .iter()
+                .all(|sch| device_sampling::takes_raw_argmax(&self.scheduler.running[sch.index]))
+        })?;
+        let logits = match (&device_ids, logits.device()) {
+            (Some(_), _) | (None, Device::Cpu) => logits,
+            (None, _) => logits.to_device(&Device::Cpu)?,
+        };
+        let mut body = |all: &[f32]| {
             let now = Instant::now();
             *forward_done = Some(now);
             for (row, sch) in self.scheduled.iter().enumerate() {
@@ -214,10 +221,14 @@ impl EngineCore {
                 if s.num_computed < s.tokens.len() {
                     continue; // mid-prefill: no token yet
                 }
-                let logits = &all[row * vocab..(row + 1) * vocab];
+                let (logits, chosen) = match &device_ids {
+                    Some(ids) => (&[][..], Some(ids[row])),
+                    None => (&all[row * vocab..(row + 1) * vocab], None),
+                };
                 let finish = sample_and_emit(
                     s,
                     logits,
+                    chosen,
                     &self.eos_token_ids,
                     &mut self.row,
                     &mut self.masked,
@@ -229,7 +240,12 @@ impl EngineCore {
                     count_finish(&self.stats, reason);
                 }
             }
-        })
+        };
+        if device_ids.is_some() {
+            body(&[]);
+            return Ok(());
+        }
+        with_host_rows(&logits, body)
     }
 
     fn drop_cancelled(&mut self) {
@@ -292,11 +308,13 @@ fn count_finish(stats: &EngineStats, reason: FinishReason) {
     };
 }
 
-/// Picks the next token of `s` and tells its client, finishing the choice when a stop
-/// condition holds (and returning why).
+/// Picks the next token of `s` (or takes `chosen`, the greedy id the device computed) and
+/// tells its client, finishing the choice when a stop condition holds (and returning why).
+#[allow(clippy::too_many_arguments)]
 fn sample_and_emit(
     s: &mut Sequence,
     logits: &[f32],
+    chosen: Option<u32>,
     eos_token_ids: &[u32],
     row: &mut Vec<f32>,
     masked: &mut Vec<u32>,
@@ -312,7 +330,9 @@ fn sample_and_emit(
         }
         masked.extend_from_slice(&stop.stop_token_ids);
     }
-    let (token, logprobs) = if masked.is_empty() && req.params.is_plain_greedy() {
+    let (token, logprobs) = if let Some(token) = chosen {
+        (token, None)
+    } else if masked.is_empty() && req.params.is_plain_greedy() {
         (argmax(logits), None)
     } else {
         row.clear();

@@ -8,6 +8,7 @@
 
 pub mod block_pool;
 pub mod core;
+mod device_sampling;
 pub mod kv_manager;
 pub mod request;
 pub mod sampler;

@@ -8,6 +8,8 @@
 pub mod batch;
 pub mod builtin;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decoder;
 pub mod dummy;
 mod error;
@@ -24,7 +26,7 @@ pub use error::ModelError;
 pub use kv_cache::KvCache;
 use rope::RopeTables;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 /// `--dtype`: what the weights, activations and KV cache are computed in.
@@ -55,16 +57,102 @@ impl DTypeChoice {
     }
 }
 
-/// `--device`: the CPU, or CUDA device N when built with the `cuda` feature.
+/// `--device`: `cpu`, or `cuda` / `cuda:N` (CUDA device N; the binary needs the `cuda`
+/// feature). Parsed from text so that flags, `DISTILLERY_DEVICE` and the config file agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device {s:?}: expected cpu, cuda or cuda:N (N a device number)"
+                )),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Whether this binary was built with the `cuda` feature.
+    pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+    /// Opens the device, with an error that says what to do when it cannot be had.
+    pub fn open(self) -> Result<Device, ModelError> {
+        device(match self {
+            Self::Cpu => None,
+            Self::Cuda(n) => Some(n),
+        })
+    }
+}
+
+/// The CPU, or CUDA device N when built with the `cuda` feature.
 pub fn device(cuda_ordinal: Option<usize>) -> Result<Device, ModelError> {
     match cuda_ordinal {
         None => Ok(Device::Cpu),
+        Some(n) if !DeviceChoice::CUDA_BUILT => Err(ModelError::Resolve(format!(
+            "--device cuda:{n}: this distillery binary was built without CUDA support; \
+             build it with `deploy/cuda-build.sh` (cargo build --release --features cuda) \
+             or use --device cpu"
+        ))),
         Some(n) => Device::new_cuda(n).map_err(|e| {
             ModelError::Resolve(format!(
-                "cannot open CUDA device {n}: {e} (was distillery built with --features cuda?)"
+                "cannot open CUDA device {n}: {e} (is an NVIDIA GPU with a CUDA 13 driver \
+                 present, and CUDA_VISIBLE_DEVICES not hiding it? --device cpu runs without one)"
             ))
         }),
     }
+}
+
+/// Free and total bytes of the memory of `device`, when it is a CUDA device.
+pub fn device_memory(device: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return dev.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = device;
+    None
+}
+
+/// The greedy id of each row of f32 `[rows, vocab]` logits computed on their device, so that
+/// only the ids cross to the host; `None` on the CPU (where the host sampler's argmax reads
+/// the rows in place) or without a kernel for the device. Same ties as the host `argmax`.
+pub fn argmax_rows_on_device(logits: &Tensor) -> candle_core::Result<Option<Vec<u32>>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && logits.dtype() == DType::F32 {
+        return cuda::argmax_rows(logits);
+    }
+    let _ = logits;
+    Ok(None)
 }
 
 /// Loads the decoder of a local model folder. Progress goes to stderr when it is a terminal.

@@ -10,8 +10,10 @@
 //!
 //! The CPU kernels run one work item per (token, kv head): the group of query heads sharing
 //! that kv head is scored against each cached key once, in one pass with an online softmax and
-//! per-thread scratch reused across items (nothing is allocated per item). A CUDA device would
-//! implement the same two candle ops; until it does they return an error naming the op.
+//! per-thread scratch reused across items (nothing is allocated per item). With the `cuda`
+//! feature the same two candle ops run on a CUDA device through the kernels of `super::cuda`
+//! (same layout, same semantics); the batch metadata is uploaded once per forward and shared
+//! by every layer.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Shape, Tensor};
@@ -80,6 +82,9 @@ pub struct AttentionMeta {
     max_blocks: usize,
     /// Total (query token × cached token) pairs, to decide whether threads pay off.
     work: usize,
+    /// The metadata on the CUDA device, uploaded by the first op that runs there.
+    #[cfg(feature = "cuda")]
+    device_meta: std::sync::OnceLock<super::cuda::DeviceMeta>,
 }
 
 impl AttentionMeta {
@@ -104,6 +109,8 @@ impl AttentionMeta {
             block_tables: batch.block_tables.clone(),
             max_blocks: batch.max_blocks,
             work,
+            #[cfg(feature = "cuda")]
+            device_meta: std::sync::OnceLock::new(),
         }
     }
 
@@ -206,6 +213,73 @@ impl InplaceOp3 for WriteKv<'_> {
                 k.dtype()
             ),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        cache_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let m = self.meta;
+        let s = m.shape;
+        // The CPU op's bounds check, on the host copy of the slots: no device round trip.
+        let block_len = 2 * s.num_kv_heads * s.block_size * s.head_dim;
+        let blocks = cache_l.shape().elem_count() / block_len.max(1);
+        if let Some(slot) = m
+            .slots
+            .iter()
+            .find(|&&slot| slot as usize / s.block_size >= blocks)
+        {
+            candle_core::bail!("slot {slot} is outside the kv cache");
+        }
+        let meta = m.device_meta(cache.device())?;
+        super::cuda::write_kv(cache, cache_l, k, k_l, v, v_l, meta, &m.kernel_shape())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl AttentionMeta {
+    fn device_meta(
+        &self,
+        dev: &candle_core::CudaDevice,
+    ) -> candle_core::Result<&super::cuda::DeviceMeta> {
+        if let Some(meta) = self.device_meta.get() {
+            return Ok(meta);
+        }
+        let meta =
+            super::cuda::DeviceMeta::upload(dev, &self.slots, &self.token_seq, &self.block_tables)?;
+        Ok(self.device_meta.get_or_init(|| meta))
+    }
+
+    fn kernel_shape(&self) -> super::cuda::KernelShape {
+        let s = self.shape;
+        super::cuda::KernelShape {
+            num_tokens: self.token_seq.len(),
+            num_heads: s.num_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            block_size: s.block_size,
+            max_blocks: self.max_blocks,
+            scale: self.scale,
+        }
+    }
+
+    /// The CPU op's check that every block a token reads lies inside a cache of `slots` slots.
+    fn tables_in_bounds(&self, slots: usize) -> bool {
+        let s = self.shape;
+        self.block_tables
+            .chunks(self.max_blocks.max(1))
+            .zip(&self.context_lens)
+            .all(|(table, &ctx)| {
+                table[..(ctx as usize).div_ceil(s.block_size)]
+                    .iter()
+                    .all(|&b| (b as usize + 1) * s.block_size <= slots)
+            })
     }
 }
 
@@ -567,5 +641,23 @@ impl CustomOp2 for PagedAttention<'_> {
             ),
         };
         Ok((storage, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        cache: &candle_core::CudaStorage,
+        cache_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let m = self.meta;
+        let s = m.shape;
+        let slots = cache_l.shape().elem_count() / (2 * s.num_kv_heads * s.head_dim).max(1);
+        if !m.tables_in_bounds(slots) {
+            candle_core::bail!("a block table points outside the kv cache");
+        }
+        let meta = m.device_meta(q.device())?;
+        super::cuda::paged_attention(q, q_l, cache, cache_l, meta, &m.kernel_shape())
     }
 }
