@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 use distillery::config::LogFormat;
 
+mod gen_model;
 mod generate;
 mod serve;
 
@@ -25,6 +26,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Generate one completion and stream its text to stdout.
     Generate(generate::GenerateArgs),
+    /// Write a model folder with a preset architecture and random bf16 weights (benchmarks).
+    GenModel(gen_model::GenModelArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -56,5 +59,6 @@ fn main() -> Result<()> {
             init_logging(LogFormat::Pretty);
             generate::run(args)
         }
+        Command::GenModel(args) => gen_model::run(args),
     }
 }
