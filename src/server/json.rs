@@ -23,15 +23,17 @@ pub fn body(read: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
-        Ok(v) => Ok(v),
+        // `end` refuses anything but whitespace after the value (`{...} x`, `{...}{...}`).
+        Ok(v) => de.end().map(|()| v).map_err(unparsable),
         Err(e) => {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
-                return Err(ApiError::invalid(
-                    format!("We could not parse the JSON body of your request: {inner}"),
-                    None,
-                ));
+            // serde_json also says "trailing characters" (a syntax error) of a struct given as
+            // too long an array; only bytes that are no JSON at all are a parse error.
+            if (inner.is_syntax() || inner.is_eof())
+                && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err()
+            {
+                return Err(unparsable(inner));
             }
             let field = if path == "." || path.is_empty() {
                 field_from_message(&inner.to_string()).or_else(|| flattened_field(body))
@@ -48,22 +50,35 @@ pub fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 }
 
 /// Fields merged in with `#[serde(flatten)]` lose their path; parsing the shared sampling
-/// fields on their own finds which one was wrong.
+/// fields on their own finds which one was wrong. Only a field's path counts: on its own the
+/// struct also takes a sequence (`[1.0, ...]`), whose positions name nothing the client sent.
 fn flattened_field(body: &Bytes) -> Option<String> {
     let mut de = serde_json::Deserializer::from_slice(body);
     match serde_path_to_error::deserialize::<_, super::protocol::SamplingFields>(&mut de) {
-        Err(e) if !e.path().to_string().is_empty() && e.path().to_string() != "." => {
-            Some(e.path().to_string())
+        Err(e) => {
+            let path = e.path().to_string();
+            let named = !path.is_empty() && path != "." && !path.starts_with('[');
+            named.then_some(path)
         }
-        _ => None,
+        Ok(_) => None,
     }
 }
 
-/// serde names a missing field only in its message ("missing field `prompt`").
+fn unparsable(e: serde_json::Error) -> ApiError {
+    ApiError::invalid(
+        format!("We could not parse the JSON body of your request: {e}"),
+        None,
+    )
+}
+
+/// serde names a missing or repeated field only in its message ("missing field `prompt`").
+/// Other messages quote the offending value the same way ("invalid type: integer `3`"),
+/// which names no field.
 fn field_from_message(message: &str) -> Option<String> {
-    let start = message.find('`')? + 1;
-    let len = message[start..].find('`')?;
-    Some(message[start..start + len].to_string())
+    let rest = message
+        .strip_prefix("missing field `")
+        .or_else(|| message.strip_prefix("duplicate field `"))?;
+    Some(rest[..rest.find('`')?].to_string())
 }
 
 #[cfg(test)]
@@ -83,6 +98,34 @@ mod tests {
         let body = Bytes::from_static(br#"{"prompt":"hi","temperature":"hot"}"#);
         let err = parse::<CompletionRequest>(&body).unwrap_err();
         assert_eq!(err.param.as_deref(), Some("temperature"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_quoted_value_is_no_field_name() {
+        // A flattened field's error has no path; its message quotes the value in backticks.
+        let body = Bytes::from_static(br#"{"prompt":"hi","n":5.5}"#);
+        let err = parse::<CompletionRequest>(&body).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("n"), "{}", err.message);
+        for body in ["3", "true", "-1.5", r#"[""]"#, "[1.0, 2]"] {
+            let err = parse::<CompletionRequest>(&Bytes::from(body)).unwrap_err();
+            assert_eq!(err.param, None, "{body}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn a_too_long_struct_array_is_a_wrong_value_not_broken_json() {
+        let body = Bytes::from_static(br#"{"messages":[["user","hi",null]]}"#);
+        let err = parse::<crate::server::protocol::ChatRequest>(&body).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages[0]"), "{}", err.message);
+    }
+
+    #[test]
+    fn refuses_bytes_after_the_body() {
+        for body in [r#"{"prompt":"hi"} x"#, r#"{"prompt":"a"}{"prompt":"b"}"#] {
+            let err = parse::<CompletionRequest>(&Bytes::from(body)).unwrap_err();
+            assert!(err.message.contains("parse"), "{body}: {}", err.message);
+        }
+        assert!(parse::<CompletionRequest>(&Bytes::from_static(b"{\"prompt\":\"hi\"}\n ")).is_ok());
     }
 
     #[test]

@@ -84,6 +84,24 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
         .collect()
 }
 
+/// `validate::prepare` names the completions endpoint's fields; a chat request sent
+/// `top_logprobs` for what it calls `logprobs`, and maybe `max_completion_tokens` for
+/// `max_tokens`, and the error must name what the client sent.
+fn chat_field_names(mut e: ApiError, sent_max_completion_tokens: bool) -> ApiError {
+    let rename = match e.param.as_deref() {
+        Some("logprobs") => Some(("logprobs", "top_logprobs")),
+        Some("max_tokens") if sent_max_completion_tokens => {
+            Some(("max_tokens", "max_completion_tokens"))
+        }
+        _ => None,
+    };
+    if let Some((from, to)) = rename {
+        e.param = Some(to.to_string());
+        e.message = e.message.replacen(from, to, 1);
+    }
+    e
+}
+
 async fn handle(
     st: Arc<AppState>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -105,7 +123,8 @@ async fn handle(
         None
     };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let prepared = validate::prepare(&req.sampling, max_tokens, top, st.vocab_size)?;
+    let prepared = validate::prepare(&req.sampling, max_tokens, top, st.vocab_size)
+        .map_err(|e| chat_field_names(e, req.max_completion_tokens.is_some()))?;
     let messages = to_template_messages(&req.messages)?;
     let echo_text = match (req.echo.unwrap_or(false), messages.last()) {
         (true, Some(last)) if last.role == "assistant" => last.content.clone(),
