@@ -6,7 +6,6 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
 use common::{golden, models_dir};
 use distillery::config::{EngineConfig, KvCacheSize};
 use distillery::engine::{
@@ -18,7 +17,9 @@ use proptest::prelude::*;
 
 fn decoder(name: &str) -> Option<Decoder> {
     let dir = models_dir()?.join(name);
-    Some(model::load_decoder(&dir, DTypeChoice::F32, &Device::Cpu).expect("model loads"))
+    // DISTILLERY_TEST_DEVICE=cuda runs the engine (and its device-side greedy path) on a GPU.
+    let device = common::test_device();
+    Some(model::load_decoder(&dir, DTypeChoice::F32, &device).expect("model loads"))
 }
 
 fn config(

@@ -4,12 +4,13 @@
 
 mod common;
 
-use candle_core::Device;
-use common::{golden, models_dir, GoldenCase, MODELS};
+use common::{golden, models_dir, test_device, test_dtype, GoldenCase, HALF_PRECISION_IDS, MODELS};
 use distillery::model::{self, argmax_rows, DTypeChoice, Decoder, ForwardBatch, KvCache};
 
 const STEPS: usize = 32;
 const LOGIT_TOL: f64 = 1e-3;
+/// A golden top-2 gap below this is a tie in half precision (see `check_half_precision`).
+const HALF_PRECISION_TIE: f64 = 0.1;
 
 /// How a scenario lays sequences out: how prompts are chunked and how blocks are handed out.
 #[derive(Clone, Copy, Debug)]
@@ -26,7 +27,12 @@ struct Output {
 
 fn load(model: &str) -> Option<Decoder> {
     let dir = models_dir()?.join(model);
-    Some(model::load_decoder(&dir, DTypeChoice::F32, &Device::Cpu).expect("model loads"))
+    Some(model::load_decoder(&dir, test_dtype(), &test_device()).expect("model loads"))
+}
+
+/// f32 unless `DISTILLERY_TEST_DTYPE` asks for half precision.
+fn full_precision() -> bool {
+    test_dtype() == DTypeChoice::F32
 }
 
 /// Runs all prompts together, one forward per step, each sequence taking new blocks from a
@@ -98,6 +104,10 @@ fn run(decoder: &Decoder, prompts: &[Vec<u32>], layout: Layout) -> Vec<Output> {
 }
 
 fn check(model: &str, case: &GoldenCase, out: &Output, scenario: &str) {
+    if !full_precision() {
+        check_half_precision(model, case, out, scenario);
+        return;
+    }
     assert_eq!(
         out.generated, case.generated_ids,
         "{model}/{}: greedy ids differ ({scenario})",
@@ -116,6 +126,76 @@ fn check(model: &str, case: &GoldenCase, out: &Output, scenario: &str) {
         }
         assert_eq!(out.generated[step.step], step.argmax);
     }
+}
+
+/// Half precision drifts from transformers' f32 goldens, so only the first
+/// [`HALF_PRECISION_IDS`] greedy ids must agree, and a first disagreement is accepted only
+/// where the golden itself has a near-tie that half precision cannot resolve: a step whose
+/// golden top-2 logits are within [`HALF_PRECISION_TIE`] (bf16 keeps 8 significant bits, a
+/// step of 0.03 at the test models' logits of about 6). After it the sequences differ, so
+/// nothing later is compared.
+fn check_half_precision(model: &str, case: &GoldenCase, out: &Output, scenario: &str) {
+    let n = HALF_PRECISION_IDS.min(case.generated_ids.len());
+    let Some(i) = (0..n).find(|&i| out.generated[i] != case.generated_ids[i]) else {
+        return;
+    };
+    let gap = match case.steps.iter().find(|s| s.step == i) {
+        Some(s) => {
+            let mut top: Vec<f64> = s.top10.iter().map(|&(_, l)| l).collect();
+            top.sort_by(|a, b| b.total_cmp(a));
+            Some(top[0] - top[1])
+        }
+        // Past the golden's logged steps: the f32 model on the CPU, fed the golden prefix.
+        None => Some(reference_gap(
+            model,
+            &case.prompt_ids,
+            &case.generated_ids[..i],
+        )),
+    };
+    assert!(
+        gap.is_some_and(|g| g < HALF_PRECISION_TIE),
+        "{model}/{}: greedy id {i} differs in {:?} ({scenario}): {:?} vs golden {:?}; \
+         golden top-2 gap there: {gap:?}",
+        case.name,
+        test_dtype(),
+        &out.generated[..n],
+        &case.generated_ids[..n],
+    );
+    eprintln!(
+        "{model}/{}: id {i} differs in {:?} at a golden near-tie (gap {:.3}) ({scenario})",
+        case.name,
+        test_dtype(),
+        gap.unwrap_or_default()
+    );
+}
+
+/// The top-2 logit gap of the f32 model on the CPU after `prompt` + `generated`.
+fn reference_gap(model: &str, prompt: &[u32], generated: &[u32]) -> f64 {
+    let dir = models_dir().expect("models").join(model);
+    let decoder = model::load_decoder(&dir, DTypeChoice::F32, &candle_core::Device::Cpu)
+        .expect("model loads");
+    let tokens: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+    let bs = 16;
+    let blocks = tokens.len().div_ceil(bs);
+    let cache = KvCache::new(
+        decoder.config(),
+        blocks,
+        bs,
+        decoder.dtype(),
+        decoder.device(),
+    )
+    .unwrap();
+    let mut batch = ForwardBatch::default();
+    batch.push_sequence(&tokens, 0, &(0..blocks as u32).collect::<Vec<_>>(), bs);
+    let mut row: Vec<f32> = decoder
+        .forward(&batch, &cache)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    row.sort_by(|a, b| b.total_cmp(a));
+    f64::from(row[0] - row[1])
 }
 
 fn parity(model: &str, layout: Layout, together: bool) {
@@ -252,7 +332,10 @@ fn interleaved_blocks_give_the_same_logits_as_alone() {
         .zip(want_a.iter().chain(&want_b))
         .flat_map(|(g, w)| g.iter().zip(w).map(|(x, y)| (x - y).abs()))
         .fold(0f32, f32::max);
-    assert!(max_diff < 1e-4, "interleaved vs alone differ by {max_diff}");
+    // Half precision rounds differently for different batch shapes; a block table that is
+    // not followed gives differences of whole units.
+    let tol = if full_precision() { 1e-4 } else { 0.25 };
+    assert!(max_diff < tol, "interleaved vs alone differ by {max_diff}");
     // And the interleaving really happened: B's second block sits between A's first two.
     assert_eq!(&table_a[..2], &[0, 2]);
     assert_eq!(table_b[0], 1);

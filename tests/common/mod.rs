@@ -26,6 +26,34 @@ pub fn models_dir() -> Option<PathBuf> {
     }
 }
 
+/// Where model tests run: `DISTILLERY_TEST_DEVICE` = `cpu` (the default), `cuda` or `cuda:N`
+/// (a `--features cuda` build on a GPU machine: deploy/gpu-check.sh).
+pub fn test_device() -> candle_core::Device {
+    let choice: distillery::model::DeviceChoice = std::env::var("DISTILLERY_TEST_DEVICE")
+        .map(|v| {
+            v.parse()
+                .expect("DISTILLERY_TEST_DEVICE: cpu, cuda or cuda:N")
+        })
+        .unwrap_or_default();
+    choice.open().expect("DISTILLERY_TEST_DEVICE opens")
+}
+
+/// The dtype model tests compute in: `DISTILLERY_TEST_DTYPE` = `f32` (the default) or `bf16`
+/// / `f16`. In half precision the parity tests check only the first
+/// [`HALF_PRECISION_IDS`] greedy ids of each golden and skip the logit tolerances.
+pub fn test_dtype() -> distillery::model::DTypeChoice {
+    use distillery::model::DTypeChoice;
+    match std::env::var("DISTILLERY_TEST_DTYPE").as_deref() {
+        Err(_) | Ok("f32") => DTypeChoice::F32,
+        Ok("bf16") => DTypeChoice::Bf16,
+        Ok("f16") => DTypeChoice::F16,
+        Ok(other) => panic!("DISTILLERY_TEST_DTYPE: f32, bf16 or f16, got {other:?}"),
+    }
+}
+
+/// How many leading greedy ids must match the goldens in half precision.
+pub const HALF_PRECISION_IDS: usize = 8;
+
 #[derive(Deserialize, Debug, Clone)]
 pub struct Golden {
     pub model: String,
