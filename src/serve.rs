@@ -222,7 +222,12 @@ fn engine_config(s: &ServeSettings, decoder: &Decoder) -> Result<distillery::con
 
 pub fn run(s: ServeSettings) -> Result<()> {
     let (decoder, tokenizer, default_name) = load(&s)?;
-    let model_name = s.served_model_name.clone().unwrap_or(default_name);
+    // An empty name (e.g. `DISTILLERY_SERVED_MODEL_NAME=` in a manifest) means "not set".
+    let model_name = s
+        .served_model_name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or(default_name);
     let engine_config = engine_config(&s, &decoder)?;
     let mut core = engine::build(decoder, &engine_config)?;
     // Built here, before the engine thread starts, so that the thread records its steps into
