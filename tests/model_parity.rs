@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{golden, models_dir, test_device, test_dtype, GoldenCase, HALF_PRECISION_IDS, MODELS};
+use common::{
+    golden, model_dir, models_dir, test_device, test_dtype, GoldenCase, HALF_PRECISION_IDS, MODELS,
+};
 use distillery::model::{self, argmax_rows, DTypeChoice, Decoder, ForwardBatch, KvCache};
 
 const STEPS: usize = 32;
@@ -26,7 +28,7 @@ struct Output {
 }
 
 fn load(model: &str) -> Option<Decoder> {
-    let dir = models_dir()?.join(model);
+    let dir = model_dir(model)?;
     Some(model::load_decoder(&dir, test_dtype(), &test_device()).expect("model loads"))
 }
 

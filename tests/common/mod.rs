@@ -12,9 +12,12 @@ pub const MODELS: [&str; 4] = [
     "tiny-llama-v512",
 ];
 
-/// `../shared/models`, or `None` (after a loud message) where CI's checkout lacks it.
+/// `$DISTILLERY_MODELS_DIR` (a GPU machine, where test binaries run far from the checkout),
+/// else `../shared/models`, or `None` (after a loud message) where CI's checkout lacks it.
 pub fn models_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models");
+    let dir = std::env::var_os("DISTILLERY_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models"));
     if dir.is_dir() {
         Some(dir)
     } else {
@@ -80,8 +83,19 @@ pub struct GoldenStep {
     pub argmax: u32,
 }
 
+/// The folder of one shared model. With `DISTILLERY_MODELS_DIR` set, a model left out of it
+/// (deploy/gpu-check.sh carries only some, to fit a transfer limit) is skipped loudly.
+pub fn model_dir(model: &str) -> Option<PathBuf> {
+    let dir = models_dir()?.join(model);
+    if !dir.is_dir() && std::env::var_os("DISTILLERY_MODELS_DIR").is_some() {
+        eprintln!("\n!!! SKIPPING {model}: not in $DISTILLERY_MODELS_DIR !!!\n");
+        return None;
+    }
+    Some(dir)
+}
+
 pub fn golden(model: &str) -> Option<Golden> {
-    let path = models_dir()?.join(model).join("golden.json");
+    let path = model_dir(model)?.join("golden.json");
     let text = std::fs::read_to_string(&path).expect("golden.json readable");
     Some(serde_json::from_str(&text).expect("golden.json parses"))
 }
