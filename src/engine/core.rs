@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::device_sampling;
 use super::kv_manager::KvManager;
 use super::request::{EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
-use super::sampler::{argmax, mask_tokens, SamplerScratch};
+use super::sampler::{argmax, SamplerScratch};
 use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
 use super::sequence::{RequestShared, Sequence};
 use super::stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};
@@ -337,8 +337,7 @@ fn sample_and_emit(
     } else {
         row.clear();
         row.extend_from_slice(logits);
-        mask_tokens(row, masked);
-        let sampled = s.sampler.sample(&req.params, row, scratch);
+        let sampled = s.sampler.sample_masked(&req.params, row, masked, scratch);
         let logprobs = sampled.logprob.map(|logprob| TokenLogprobs {
             logprob,
             top: sampled.top_logprobs,

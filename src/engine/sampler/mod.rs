@@ -4,8 +4,8 @@
 //!
 //! This module owns the per-sequence state sampling needs (its RNG and the token counts the
 //! penalties read) and nothing else. It must not know about tensors or devices, batching or
-//! scheduling, stop conditions (the engine masks tokens with [`mask_tokens`] before calling
-//! in), text, or HTTP request formats: it takes a `&mut [f32]` row and token ids.
+//! scheduling, stop conditions (the engine passes the ids a stop rule forbids to
+//! [`SequenceSampler::sample_masked`]), text, or HTTP request formats: it takes a `&mut [f32]` row and token ids.
 //!
 //! It runs once per generated token per sequence on the engine thread, so it never sorts the
 //! whole vocabulary and never allocates beyond the caller's reusable [`SamplerScratch`]
@@ -299,6 +299,19 @@ impl SequenceSampler {
         logits: &mut [f32],
         scratch: &mut SamplerScratch,
     ) -> Sampled {
+        self.sample_masked(params, logits, &[], scratch)
+    }
+
+    /// [`Self::sample`] with `masked` ids excluded from the draw (EOS and stop ids before
+    /// `min_tokens`). Logprobs still describe the model's raw distribution, as vLLM reports
+    /// them: the mask is a stop rule, not part of the model's output.
+    pub fn sample_masked(
+        &mut self,
+        params: &SamplingParams,
+        logits: &mut [f32],
+        masked: &[u32],
+        scratch: &mut SamplerScratch,
+    ) -> Sampled {
         // Exactly one draw per step whatever the row and params, so a seeded sequence's
         // stream depends only on how many steps it has taken.
         let u = unit_interval(&mut self.rng);
@@ -306,6 +319,7 @@ impl SequenceSampler {
         let raw = params
             .logprobs
             .map(|k| RawLogprobs::new(logits, k, scratch));
+        mask_tokens(logits, masked);
 
         apply_logit_bias(logits, &params.logit_bias);
         self.apply_penalties(params, logits);

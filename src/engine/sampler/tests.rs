@@ -678,3 +678,29 @@ proptest! {
         prop_assert_eq!(argmax(&row) as usize, want);
     }
 }
+
+#[test]
+fn masked_ids_are_never_drawn_but_keep_their_raw_logprobs() {
+    let p = SamplingParams {
+        logprobs: Some(2),
+        ..params()
+    };
+    let mut s = SequenceSampler::new(&p, &[]);
+    // Id 0 is the model's favourite but masked (say EOS before min_tokens).
+    let mut row = vec![4.0f32, 1.0, 2.0, 0.5];
+    let out = s.sample_masked(&p, &mut row, &[0], &mut SamplerScratch::default());
+    assert_eq!(out.token, 2);
+    let norm = [4.0f32, 1.0, 2.0, 0.5]
+        .iter()
+        .map(|l| (l - 4.0).exp())
+        .sum::<f32>()
+        .ln();
+    let raw = |l: f32| l - 4.0 - norm;
+    let chosen = out.logprob.expect("logprobs were requested");
+    assert!((chosen - raw(2.0)).abs() < 1e-5, "{chosen} vs {}", raw(2.0));
+    assert_eq!(
+        out.top_logprobs[0].0, 0,
+        "the masked id still tops the raw list"
+    );
+    assert!((out.top_logprobs[0].1 - raw(4.0)).abs() < 1e-5);
+}
