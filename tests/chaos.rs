@@ -10,10 +10,9 @@
 //! Serves `builtin:tiny`, so it needs no model files. The client speaks raw HTTP/1.1 over TCP so
 //! that it controls exactly where each connection is cut.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+mod common;
+
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -24,6 +23,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use common::daemon::{distillery_command, DaemonProcess};
+
 const MODEL: &str = "builtin:tiny";
 const STREAMS: usize = 500;
 const AT_ONCE: usize = 100;
@@ -32,94 +33,42 @@ const SEED: u64 = 20261128;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the engine may take to notice every disconnect and free everything.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
-const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A `distillery serve` on 127.0.0.1 and a free port; killed (and reaped) on drop, with its
 /// log's last lines printed when the test is failing.
 struct Daemon {
-    child: Child,
-    base: String,
+    process: DaemonProcess,
     addr: String,
-    tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Daemon {
     fn start() -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_distillery"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("DISTILLERY_") {
-                cmd.env_remove(&key);
-            }
-        }
-        let mut child = cmd
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "warn")
+        let mut cmd = distillery_command();
+        cmd.env("RUST_LOG", "warn")
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .args(["--model", MODEL, "--kv-cache-memory", "32MiB"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the distillery binary");
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let t = tail.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-                if t.len() >= 200 {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-        });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.trim().strip_prefix("distillery listening on ") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let mut d = Daemon {
-            child,
-            base: String::new(),
-            addr: String::new(),
-            tail,
-        };
-        match rx.recv_timeout(STARTUP_DEADLINE) {
-            Ok(url) => d.base = url,
-            Err(e) => panic!(
-                "the daemon printed no `distillery listening on` line within \
-                 {STARTUP_DEADLINE:?} ({e}; exit {:?})",
-                d.child.try_wait()
-            ),
-        }
-        d.addr = d
+            .args(["--model", MODEL, "--kv-cache-memory", "32MiB"]);
+        let process = DaemonProcess::spawn(cmd, "the daemon", 200, |_| {});
+        let addr = process
             .base
             .strip_prefix("http://")
-            .unwrap_or_else(|| panic!("listening on {:?}, not http://HOST:PORT", d.base))
+            .unwrap_or_else(|| panic!("listening on {:?}, not http://HOST:PORT", process.base))
             .to_string();
-        d
+        Daemon { process, addr }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        self.process.url(path)
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
             eprintln!(
                 "----- daemon log, last lines -----\n{}\n----- end of daemon log -----",
-                t.iter().cloned().collect::<Vec<_>>().join("\n")
+                self.process.tail()
             );
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -12,17 +12,19 @@
 //! `distillery-loadtest` beside the daemon binary (`cargo test --release --workspace` builds
 //! both). Serves `builtin:tiny`, so it needs no model files.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prom_text_format_parser::{Scrape, ValueType};
 use serde_json::{json, Value};
+
+use common::daemon::{distillery_command, DaemonProcess};
 
 const MODEL: &str = "builtin:tiny";
 /// The scenario's answers are at most this long.
@@ -34,7 +36,6 @@ const CONCURRENCY: usize = 16;
 /// Requests daemon 1 must have served before it gets SIGTERM: proof that the load is running
 /// through it.
 const SERVED_BEFORE_SIGTERM: f64 = 100.0;
-const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 /// The daemons' --shutdown-grace; the drain of 16-token requests takes milliseconds.
 const SHUTDOWN_GRACE_S: u64 = 20;
 
@@ -71,7 +72,6 @@ async fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
 /// What a daemon's log says, counted as it is written.
 #[derive(Default)]
 struct LogWatch {
-    tail: Mutex<VecDeque<String>>,
     /// `shutdown signal: draining` has been logged.
     draining: AtomicBool,
     /// `request finished` lines logged after the drain began: requests that were in flight.
@@ -82,106 +82,63 @@ struct LogWatch {
     grace_over: AtomicBool,
 }
 
+impl LogWatch {
+    fn see(&self, line: &str) {
+        if line.contains("shutdown signal: draining") {
+            self.draining.store(true, Ordering::SeqCst);
+        } else if line.contains("request finished") {
+            if self.draining.load(Ordering::SeqCst) {
+                self.finished_while_draining.fetch_add(1, Ordering::SeqCst);
+            }
+        } else if line.contains("request rejected") && line.contains("503") {
+            self.rejected_503.fetch_add(1, Ordering::SeqCst);
+        } else if line.contains("drained; exiting") {
+            self.drained.store(true, Ordering::SeqCst);
+        } else if line.contains("grace period over") {
+            self.grace_over.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// A running `distillery serve` on 127.0.0.1; killed (and reaped) on drop, its log's last
 /// lines printed when the test is failing.
 struct Daemon {
     name: &'static str,
-    child: Child,
+    process: DaemonProcess,
     port: u16,
-    base: String,
     log: Arc<LogWatch>,
 }
 
 impl Daemon {
     /// Starts a daemon on `port` (0: any free port) and waits for its `listening` line.
     fn start(name: &'static str, port: u16) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_distillery"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("DISTILLERY_") {
-                cmd.env_remove(&key);
-            }
-        }
-        let mut child = cmd
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
+        let mut cmd = distillery_command();
+        cmd.env("RUST_LOG", "info")
             .arg("serve")
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--model", MODEL, "--kv-cache-memory", "32MiB"])
-            .args(["--shutdown-grace", &SHUTDOWN_GRACE_S.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the distillery binary");
-
+            .args(["--shutdown-grace", &SHUTDOWN_GRACE_S.to_string()]);
         let log = Arc::new(LogWatch::default());
-        let stderr = child.stderr.take().expect("piped stderr");
         let watch = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("shutdown signal: draining") {
-                    watch.draining.store(true, Ordering::SeqCst);
-                } else if line.contains("request finished") {
-                    if watch.draining.load(Ordering::SeqCst) {
-                        watch.finished_while_draining.fetch_add(1, Ordering::SeqCst);
-                    }
-                } else if line.contains("request rejected") && line.contains("503") {
-                    watch.rejected_503.fetch_add(1, Ordering::SeqCst);
-                } else if line.contains("drained; exiting") {
-                    watch.drained.store(true, Ordering::SeqCst);
-                } else if line.contains("grace period over") {
-                    watch.grace_over.store(true, Ordering::SeqCst);
-                }
-                let mut t = watch.tail.lock().unwrap_or_else(|e| e.into_inner());
-                if t.len() >= 200 {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-        });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            // Keeps draining stdout after the address line so that the pipe never fills.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.trim().strip_prefix("distillery listening on ") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let mut daemon = Daemon {
-            name,
-            child,
-            port: 0,
-            base: String::new(),
-            log,
-        };
-        match rx.recv_timeout(STARTUP_DEADLINE) {
-            Ok(url) => daemon.base = url,
-            Err(e) => panic!(
-                "{name} printed no `distillery listening on` line within {STARTUP_DEADLINE:?} \
-                 ({e}; exit {:?})",
-                daemon.child.try_wait()
-            ),
-        }
-        daemon.port = daemon
+        let process = DaemonProcess::spawn(cmd, name, 200, move |line| watch.see(line));
+        let listening = process
             .base
             .strip_prefix("http://127.0.0.1:")
             .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("{name} listens on {:?}, not 127.0.0.1:PORT", daemon.base));
+            .unwrap_or_else(|| panic!("{name} listens on {:?}, not 127.0.0.1:PORT", process.base));
         if port != 0 {
-            assert_eq!(daemon.port, port, "{name} restarted on another port");
+            assert_eq!(listening, port, "{name} restarted on another port");
         }
-        daemon
+        Daemon {
+            name,
+            process,
+            port: listening,
+            log,
+        }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn log_tail(&self) -> String {
-        let t = self.log.tail.lock().unwrap_or_else(|e| e.into_inner());
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.process.url(path)
     }
 }
 
@@ -191,13 +148,11 @@ impl Drop for Daemon {
             eprintln!(
                 "----- {} ({}) log, last lines -----\n{}\n----- end of {} log -----",
                 self.name,
-                self.base,
-                self.log_tail(),
+                self.process.base,
+                self.process.tail(),
                 self.name
             );
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -611,7 +566,7 @@ async fn sigterm_mid_load_behind_nginx_loses_no_request() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let d2_at_sigterm = served_by(&c, &d2).await;
-    signal(i64::from(d1.child.id()), "TERM");
+    signal(i64::from(d1.process.child.id()), "TERM");
     let sigterm_at = Instant::now();
     assert!(
         matches!(load.0.try_wait(), Ok(None)),
@@ -620,14 +575,17 @@ async fn sigterm_mid_load_behind_nginx_loses_no_request() {
     );
 
     // The stopped daemon drains and exits 0.
-    let status = wait_exit(&mut d1.child, Duration::from_secs(SHUTDOWN_GRACE_S + 10))
-        .await
-        .unwrap_or_else(|| {
-            panic!(
-                "daemon 1 still running {}s after SIGTERM",
-                SHUTDOWN_GRACE_S + 10
-            )
-        });
+    let status = wait_exit(
+        &mut d1.process.child,
+        Duration::from_secs(SHUTDOWN_GRACE_S + 10),
+    )
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "daemon 1 still running {}s after SIGTERM",
+            SHUTDOWN_GRACE_S + 10
+        )
+    });
     let drain_took = sigterm_at.elapsed();
     assert_eq!(
         status.code(),

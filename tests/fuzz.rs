@@ -18,10 +18,8 @@
 
 mod common;
 
-use std::collections::{BTreeSet, VecDeque};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proptest::collection::{btree_map, vec};
@@ -33,13 +31,14 @@ use serde_json::{json, Map, Value};
 use distillery::model::{builtin, DTypeChoice};
 use distillery::tokenizer::{ChatMessage, Tokenizer};
 
+use common::daemon::{distillery_command, DaemonProcess};
+
 /// The name the fuzzed daemon serves; any other `model` must get 404.
 const SERVED: &str = "fuzz-model";
 /// A short context, so over-long requests are easy to make and valid ones cheap to run.
 const MAX_MODEL_LEN: u64 = 64;
 /// A small body limit, so the 413 path is fuzzed too.
 const MAX_BODY: usize = 16 * 1024;
-const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
@@ -683,99 +682,43 @@ fn root(param: &str) -> &str {
 // ---------------------------------------------------------------------------------------------
 
 struct Daemon {
-    child: Child,
-    base: String,
+    process: DaemonProcess,
     /// The stderr lines reporting a panic that no case has answered for yet.
     panics: Arc<Mutex<Vec<String>>>,
-    tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Daemon {
     fn start() -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_distillery"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("DISTILLERY_") {
-                cmd.env_remove(&key);
-            }
-        }
         let max_model_len = MAX_MODEL_LEN.to_string();
         let max_body = MAX_BODY.to_string();
-        cmd.env("NO_COLOR", "1")
-            .env("RUST_BACKTRACE", "1")
+        let mut cmd = distillery_command();
+        cmd.env("RUST_BACKTRACE", "1")
             .arg("serve")
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(["--model", "builtin:tiny", "--served-model-name", SERVED])
             .args(["--max-model-len", &max_model_len])
             .args(["--max-body-bytes", &max_body])
-            .args(["--kv-cache-memory", "8MiB"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn the distillery binary");
+            .args(["--kv-cache-memory", "8MiB"]);
         let panics = Arc::new(Mutex::new(Vec::new()));
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (p, t) = (panics.clone(), tail.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                // The panic hook's line, not a log line that quotes a client's text.
-                if line.starts_with("thread '") && line.contains(" panicked at ") {
-                    p.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(line.clone());
-                }
-                let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-                if t.len() >= 60 {
-                    t.pop_front();
-                }
-                t.push_back(line);
+        let p = panics.clone();
+        let process = DaemonProcess::spawn(cmd, "the daemon", 60, move |line| {
+            // The panic hook's line, not a log line that quotes a client's text.
+            if line.starts_with("thread '") && line.contains(" panicked at ") {
+                p.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(line.to_string());
             }
         });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let mut daemon = Daemon {
-            child,
-            base: String::new(),
-            panics,
-            tail,
-        };
-        let deadline = Instant::now() + STARTUP_DEADLINE;
-        while daemon.base.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(a) = line.trim().strip_prefix("distillery listening on ") {
-                        daemon.base = a.to_string();
-                    }
-                }
-                Err(e) => panic!(
-                    "the daemon did not start ({e:?}); log:\n{}",
-                    daemon.log_tail()
-                ),
-            }
-        }
-        daemon
-    }
-
-    fn log_tail(&self) -> String {
-        let t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
+        Daemon { process, panics }
     }
 
     /// Fails the case if the daemon died or logged a panic (the preprocessing pool catches
     /// panics, so a panicking template or tokenizer shows up only in the log).
     fn check_healthy(&mut self) -> Result<(), TestCaseError> {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Ok(Some(status)) = self.process.child.try_wait() {
             return Err(TestCaseError::fail(format!(
                 "the daemon exited ({status}); log:\n{}",
-                self.log_tail()
+                self.process.tail()
             )));
         }
         // Taken, so that each case answers only for the panics it caused (and shrinks right).
@@ -783,17 +726,10 @@ impl Daemon {
         if !panics.is_empty() {
             return Err(TestCaseError::fail(format!(
                 "the daemon panicked: {panics:?}; log:\n{}",
-                self.log_tail()
+                self.process.tail()
             )));
         }
         Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -856,7 +792,11 @@ impl Http {
     fn post(&self, path: &str, body: Vec<u8>) -> Result<Answer, TestCaseError> {
         let url = format!(
             "{}{path}",
-            self.daemon.lock().unwrap_or_else(|e| e.into_inner()).base
+            self.daemon
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .process
+                .base
         );
         let answer = self.rt.block_on(async {
             let r = self
@@ -889,7 +829,7 @@ impl Http {
         let a = answer.map_err(|e| {
             TestCaseError::fail(format!(
                 "POST {path}: no answer ({e}); log:\n{}",
-                daemon.log_tail()
+                daemon.process.tail()
             ))
         })?;
         self.count(a.status.to_string());

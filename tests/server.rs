@@ -9,10 +9,8 @@
 
 mod common;
 
-use std::collections::{HashSet, VecDeque};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::collections::HashSet;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::BoxStream;
@@ -21,6 +19,7 @@ use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
+use common::daemon::{distillery_command, DaemonProcess};
 use common::{golden, models_dir, Golden, GoldenCase};
 
 const MODEL: &str = "tiny-random-qwen2";
@@ -28,8 +27,6 @@ const MODEL: &str = "tiny-random-qwen2";
 const MAX_MODEL_LEN: u64 = 2048;
 /// Golden continuations are this long.
 const GOLDEN_TOKENS: u64 = 32;
-/// Model load plus bind, on a machine shared with concurrent builds.
-const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
 /// Upper bound on any single HTTP exchange, so a hung daemon fails a test instead of hanging it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -40,10 +37,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// A running `distillery serve`; killed (and reaped) on drop. When the test is failing, the
 /// last lines of its log are printed.
 struct Daemon {
-    child: Child,
-    /// `http://127.0.0.1:PORT`
-    base: String,
-    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    process: DaemonProcess,
 }
 
 impl Daemon {
@@ -51,95 +45,37 @@ impl Daemon {
     /// `distillery listening on ...` line; `None` (after a loud SKIPPING line) without models.
     fn start(extra: &[&str]) -> Option<Daemon> {
         let dir = models_dir()?.join(MODEL);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_distillery"));
-        // Settings must come from the flags below only.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("DISTILLERY_") {
-                cmd.env_remove(&key);
-            }
-        }
-        cmd.env("NO_COLOR", "1")
-            .arg("serve")
+        let mut cmd = distillery_command();
+        cmd.arg("serve")
             .args(["--host", "127.0.0.1", "--port", "0", "--model"])
             .arg(&dir)
             // The default 1 GiB cache is far more than these tests need.
             .args(["--kv-cache-memory", "32MiB"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn the distillery binary");
-
-        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let tail = stderr_tail.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-                if t.len() >= 300 {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-        });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            // Keeps draining stdout after the port is known so the pipe never fills.
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-
-        let mut daemon = Daemon {
-            child,
-            base: String::new(),
-            stderr_tail,
-        };
-        let deadline = Instant::now() + STARTUP_DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.trim().strip_prefix("distillery listening on ") {
-                        daemon.base = addr.to_string();
-                        break;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                    "the daemon printed no `distillery listening on` line within \
-                     {STARTUP_DEADLINE:?} (flags {extra:?})"
-                ),
-                Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
-                    "the daemon closed stdout before listening (flags {extra:?}, exit {:?})",
-                    daemon.child.try_wait()
-                ),
-            }
-        }
+            .args(extra);
+        let process =
+            DaemonProcess::spawn(cmd, &format!("the daemon (flags {extra:?})"), 300, |_| {});
         assert!(
-            daemon.base.starts_with("http://127.0.0.1:"),
+            process.base.starts_with("http://127.0.0.1:"),
             "listening line names {:?}, expected http://127.0.0.1:PORT",
-            daemon.base
+            process.base
         );
-        Some(daemon)
+        Some(Daemon { process })
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn log_tail(&self) -> String {
-        let t = self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
-        t.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.process.url(path)
     }
 
     /// Waits for the process to exit on its own, polling with a deadline.
     async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait on the daemon") {
+            if let Some(status) = self
+                .process
+                .child
+                .try_wait()
+                .expect("try_wait on the daemon")
+            {
                 return status;
             }
             assert!(
@@ -156,12 +92,10 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!(
                 "----- daemon {} log (last lines) -----\n{}\n----- end of daemon log -----",
-                self.base,
-                self.log_tail()
+                self.process.base,
+                self.process.tail()
             );
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1628,7 +1562,7 @@ async fn sigterm_drains_in_flight_streams_and_exits_zero() {
     let mut reader = SseReader::new("in-flight stream", r);
     let first = reader.next_data().await;
 
-    let pid = d.child.id().to_string();
+    let pid = d.process.child.id().to_string();
     let kill = Command::new("kill")
         .args(["-TERM", &pid])
         .status()

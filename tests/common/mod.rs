@@ -1,6 +1,8 @@
-//! Helpers shared by integration tests: where the shared test models live and how their
-//! golden files read.
+//! Helpers shared by integration tests: where the shared test models live, how their
+//! golden files read, and the daemon binary as a child process ([`daemon`]).
 #![allow(dead_code)]
+
+pub mod daemon;
 
 use serde::Deserialize;
 use std::path::PathBuf;
