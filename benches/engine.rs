@@ -30,7 +30,11 @@ fn run(name: &str, max_tokens: usize) {
     }
     let decoder = model::load_decoder(&dir, DTypeChoice::F32, &Device::Cpu).expect("model loads");
     let vocab = decoder.config().vocab_size as u32;
-    let handle = engine::spawn(decoder, &EngineConfig::default()).expect("engine starts");
+    let config = EngineConfig {
+        data_parallel_size: replicas(),
+        ..EngineConfig::default()
+    };
+    let handle = engine::spawn(decoder, &config).expect("engine starts");
     let requests: Vec<EngineRequest> = (0..REQUESTS)
         .map(|i| EngineRequest {
             prompt_ids: Arc::from(prompt(i, vocab)),
@@ -61,10 +65,11 @@ fn run(name: &str, max_tokens: usize) {
     let st = handle.stats();
     println!(
         "{name:18} {REQUESTS} req x {max_tokens} tok: {:8.0} req/s {:9.0} output tok/s  \
-         ({:.2} s, {} steps, prompt tokens computed {} of {}, prefix hits {})",
+         ({:.2} s, {} replicas, {} steps, prompt tokens computed {} of {}, prefix hits {})",
         REQUESTS as f64 / secs,
         tokens as f64 / secs,
         secs,
+        handle.num_replicas(),
         st.steps,
         st.computed_prompt_tokens,
         st.prompt_tokens,
@@ -72,11 +77,20 @@ fn run(name: &str, max_tokens: usize) {
     );
 }
 
+/// Engine replicas: `DISTILLERY_DATA_PARALLEL_SIZE`, as the daemon reads it (default 1).
+fn replicas() -> usize {
+    std::env::var("DISTILLERY_DATA_PARALLEL_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
 fn main() {
-    // As the daemon does: spare candle from re-reading /proc and /sys on every matmul.
+    // As the daemon does: spare candle from re-reading /proc and /sys on every matmul, and
+    // give each engine replica its share of the cores.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", (n / replicas()).max(1).to_string());
     }
     let wanted: Vec<String> = std::env::args()
         .skip(1)

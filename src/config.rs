@@ -6,6 +6,9 @@
 
 use serde::Deserialize;
 
+/// More engine replicas than this is a typo, not a machine.
+pub const MAX_DATA_PARALLEL: usize = 256;
+
 /// How large the KV cache is.
 #[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,6 +32,9 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// Context limit; `None` takes the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
+    /// Independent engine replicas (each its own thread, scheduler and share of the KV
+    /// budget) that requests are spread over; the limits above apply to each.
+    pub data_parallel_size: usize,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +49,7 @@ impl Default for EngineConfig {
             kv_cache: KvCacheSize::Bytes(1 << 30),
             enable_prefix_caching: true,
             max_model_len: None,
+            data_parallel_size: 1,
         }
     }
 }
@@ -58,6 +65,12 @@ impl EngineConfig {
         }
         if self.max_num_seqs == 0 {
             return Err("max_num_seqs must be at least 1".into());
+        }
+        if !(1..=MAX_DATA_PARALLEL).contains(&self.data_parallel_size) {
+            return Err(format!(
+                "data_parallel_size must be between 1 and {MAX_DATA_PARALLEL}, got {}",
+                self.data_parallel_size
+            ));
         }
         if self.max_num_batched_tokens < self.max_num_seqs.min(64) {
             return Err(format!(
@@ -121,6 +134,7 @@ pub struct ServeSettings {
     pub block_size: usize,
     pub enable_prefix_caching: bool,
     pub max_model_len: Option<usize>,
+    pub data_parallel_size: usize,
     pub tokenizer_workers: usize,
     pub max_body_bytes: usize,
     pub body_read_timeout_secs: f64,
@@ -153,6 +167,7 @@ impl Default for ServeSettings {
             block_size: engine.block_size,
             enable_prefix_caching: engine.enable_prefix_caching,
             max_model_len: None,
+            data_parallel_size: engine.data_parallel_size,
             tokenizer_workers: 1,
             max_body_bytes: 4 << 20,
             body_read_timeout_secs: 30.0,
@@ -178,6 +193,7 @@ impl ServeSettings {
             kv_cache: KvCacheSize::Bytes(self.kv_cache_memory),
             enable_prefix_caching: self.enable_prefix_caching,
             max_model_len: self.max_model_len,
+            data_parallel_size: self.data_parallel_size,
         }
     }
 }

@@ -42,23 +42,33 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn main() -> Result<()> {
-    // candle asks for the thread count on every matmul and, without this variable, works it
-    // out by reading /proc and /sys each time; set it once, before any thread starts.
+/// candle asks for the thread count on every matmul and, without this variable, works it out
+/// by reading /proc and /sys each time; set it once, before any thread starts. Engine replicas
+/// share the cores: each gets its part for the ops it splits across threads.
+fn set_op_threads(engine_replicas: usize) {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = (cores / engine_replicas.max(1)).max(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+}
+
+fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
             let settings = args.settings()?;
+            set_op_threads(settings.data_parallel_size);
             init_logging(settings.log_format);
             serve::run(settings)
         }
         Command::Generate(args) => {
+            set_op_threads(1);
             init_logging(LogFormat::Pretty);
             generate::run(args)
         }
-        Command::GenModel(args) => gen_model::run(args),
+        Command::GenModel(args) => {
+            set_op_threads(1);
+            gen_model::run(args)
+        }
     }
 }

@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Context limit [default: the model's max_position_embeddings]
     #[arg(long, env = "DISTILLERY_MAX_MODEL_LEN")]
     max_model_len: Option<usize>,
+    /// Engine replicas on the CPU, each with its own thread, scheduler and share of the KV
+    /// budget; one per core suits small models [default: 1]
+    #[arg(long, env = "DISTILLERY_DATA_PARALLEL_SIZE")]
+    data_parallel_size: Option<usize>,
     /// Threads for template rendering and tokenization [default: 1]
     #[arg(long, env = "DISTILLERY_TOKENIZER_WORKERS")]
     tokenizer_workers: Option<usize>,
@@ -131,6 +135,7 @@ impl ServeArgs {
             block_size
         );
         take!(
+            data_parallel_size,
             tokenizer_workers,
             max_body_bytes,
             log_format,
@@ -229,23 +234,29 @@ pub fn run(s: ServeSettings) -> Result<()> {
         .filter(|n| !n.trim().is_empty())
         .unwrap_or(default_name);
     let engine_config = engine_config(&s, &decoder)?;
-    let mut core = engine::build(decoder, &engine_config)?;
-    // Built here, before the engine thread starts, so that the thread records its steps into
-    // the same registry the server renders; both get it passed in, nothing is global.
-    let limits = core.limits();
+    let mut cores = engine::build_replicas(decoder, &engine_config)?;
+    // Built here, before the engine threads start, so that they record their steps into the
+    // same registry the server renders; both get it passed in, nothing is global.
+    let limits = cores.first().context("no engine replica")?.limits();
+    let total_blocks: usize = cores
+        .iter()
+        .map(|c| c.limits().cache_tokens / limits.block_size.max(1))
+        .sum();
     let metrics = Arc::new(
         Metrics::new(&MetricsOptions {
             model_name: model_name.clone(),
             vllm_compat: s.metrics_compat == MetricsCompat::Vllm,
             max_model_len: limits.max_model_len,
             block_size: limits.block_size,
-            num_gpu_blocks: limits.cache_tokens / limits.block_size.max(1),
+            num_gpu_blocks: total_blocks,
             enable_prefix_caching: s.enable_prefix_caching,
         })
         .context("building the metric set")?,
     );
-    core.set_step_observer(Some(server::step_observer(&metrics)));
-    let engine = engine::start(core)?;
+    for core in &mut cores {
+        core.set_step_observer(Some(server::step_observer(&metrics)));
+    }
+    let engine = engine::start_replicas(cores)?;
     let opts = ServerOptions {
         host: s.host.clone(),
         port: s.port,

@@ -36,6 +36,7 @@ fn config(
         kv_cache: KvCacheSize::Blocks(blocks),
         enable_prefix_caching: prefix,
         max_model_len: None,
+        data_parallel_size: 1,
     }
 }
 
@@ -345,4 +346,58 @@ fn eos_and_min_tokens() {
     let logs = run_all(&mut core, vec![req]);
     assert_eq!(logs[0].finishes, vec![FinishReason::Length]);
     assert!(!logs[0].tokens[0].contains(&free_run[2]));
+}
+
+/// Two engine replicas behind one handle: requests spread over both, each answer equals the
+/// one a lone engine gives, and the handle's figures add the replicas' up.
+#[test]
+fn replicas_share_the_load_and_agree_with_a_single_engine() {
+    let Some(dec) = decoder("tiny-llama-v512") else {
+        return;
+    };
+    let prompts: Vec<Vec<u32>> = (0..24u32)
+        .map(|i| (0..5 + i % 7).map(|t| 3 + (i * 31 + t * 17) % 500).collect())
+        .collect();
+    let handle = engine::spawn(
+        dec.clone(),
+        &EngineConfig {
+            data_parallel_size: 2,
+            ..config(512, 16, 8, 256, true)
+        },
+    )
+    .expect("replicas start");
+    assert_eq!(handle.num_replicas(), 2);
+    assert_eq!(
+        handle.limits().cache_tokens,
+        256 * 16,
+        "each replica holds its share of the blocks"
+    );
+    let mut streams: Vec<RequestStream> = prompts
+        .iter()
+        .map(|p| handle.submit(greedy(p, 6)).expect("admitted"))
+        .collect();
+    for (prompt, stream) in prompts.iter().zip(&mut streams) {
+        let mut tokens = Vec::new();
+        let mut finishes = 0;
+        while let Some(ev) = stream.blocking_recv() {
+            match ev {
+                EngineEvent::Token { token, .. } => tokens.push(token),
+                EngineEvent::Finished { .. } => finishes += 1,
+                EngineEvent::Error { message } => panic!("engine error: {message}"),
+            }
+        }
+        assert_eq!(finishes, 1);
+        assert_eq!(tokens, alone(&dec, prompt, 6), "prompt {prompt:?}");
+    }
+    let per_replica = handle.replica_stats();
+    let submitted: u64 = prompts.iter().map(|p| p.len() as u64).sum();
+    assert_eq!(
+        per_replica.iter().map(|s| s.prompt_tokens).sum::<u64>(),
+        submitted
+    );
+    assert!(
+        per_replica.iter().all(|s| s.prompt_tokens > 0),
+        "every replica took requests: {per_replica:?}"
+    );
+    assert_eq!(handle.stats().prompt_tokens, submitted);
 }

@@ -133,6 +133,9 @@ impl EngineCore {
             .prompt_tokens
             .fetch_add((req.prompt_ids.len() * req.n) as u64, Relaxed);
         self.publish();
+        // After the waiting count: a handle balancing replicas may count these sequences twice
+        // for a moment, never zero times.
+        self.stats.sequences_added.fetch_add(req.n as u64, Relaxed);
     }
 
     /// Runs one step. A model failure fails every request in the batch (they get an `Error`

@@ -22,7 +22,8 @@ pub use request::{
 pub use sampler::SamplingParams;
 pub use stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -51,13 +52,33 @@ pub struct EngineLimits {
     pub block_size: usize,
 }
 
-/// A cheap, cloneable way in. The engine thread ends once every handle is dropped and the
+/// A cheap, cloneable way in. The engine threads end once every handle is dropped and the
 /// work in flight is done.
 #[derive(Clone)]
 pub struct EngineHandle {
-    commands: mpsc::Sender<Command>,
+    replicas: Arc<[Replica]>,
     limits: EngineLimits,
+}
+
+/// One engine thread behind the handle.
+struct Replica {
+    commands: mpsc::Sender<Command>,
     stats: Arc<EngineStats>,
+    /// Sequences sent its way; with the engine's own count of those it has taken in, this
+    /// tells how many are still in the channel.
+    submitted: AtomicU64,
+}
+
+impl Replica {
+    /// Sequences queued for, waiting in or running on this replica.
+    fn load(&self) -> u64 {
+        let st = &self.stats;
+        let in_channel = self
+            .submitted
+            .load(Relaxed)
+            .saturating_sub(st.sequences_added.load(Relaxed));
+        in_channel + st.num_waiting.load(Relaxed) + st.num_running.load(Relaxed)
+    }
 }
 
 /// The events of one request. Dropping it cancels the request.
@@ -117,18 +138,39 @@ impl EngineHandle {
         self.limits
     }
 
+    /// The replicas' figures added up.
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
+        self.replicas
+            .iter()
+            .map(|r| r.stats.snapshot())
+            .fold(StatsSnapshot::default(), |a, b| a + b)
     }
 
-    /// Validates `req` against the model and cache and queues it.
+    /// Each replica's own figures.
+    pub fn replica_stats(&self) -> Vec<StatsSnapshot> {
+        self.replicas.iter().map(|r| r.stats.snapshot()).collect()
+    }
+
+    pub fn num_replicas(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Validates `req` against the model and cache and queues it on the least loaded replica.
     pub fn submit(&self, req: EngineRequest) -> Result<RequestStream, SubmitError> {
         self.limits.check(&req)?;
+        let replica = self
+            .replicas
+            .iter()
+            .min_by_key(|r| r.load())
+            .ok_or(SubmitError::EngineStopped)?;
         let (tx, rx) = unbounded_channel();
         let stops: Arc<[AtomicBool]> = (0..req.n).map(|_| AtomicBool::new(false)).collect();
-        self.commands
+        let n = req.n as u64;
+        replica
+            .commands
             .send(Command::Add(req, tx, stops.clone()))
             .map_err(|_| SubmitError::EngineStopped)?;
+        replica.submitted.fetch_add(n, Relaxed);
         Ok(RequestStream::new(rx, stops))
     }
 }
@@ -225,19 +267,66 @@ pub fn build(decoder: Decoder, config: &EngineConfig) -> Result<EngineCore, Mode
     ))
 }
 
-/// Builds the engine and starts its thread.
+/// Builds the `config.data_parallel_size` replicas of [`build`], each with an equal share of
+/// the KV budget and its own copy of the decoder (the weights are shared, not copied).
+pub fn build_replicas(
+    decoder: Decoder,
+    config: &EngineConfig,
+) -> Result<Vec<EngineCore>, ModelError> {
+    config.validate().map_err(ModelError::Resolve)?;
+    let n = config.data_parallel_size;
+    if n > 1 && !decoder.device().is_cpu() {
+        return Err(ModelError::Resolve(
+            "data_parallel_size > 1 is for CPU serving: one engine per device batches best".into(),
+        ));
+    }
+    let mut share = config.clone();
+    share.data_parallel_size = 1;
+    share.kv_cache = match config.kv_cache {
+        KvCacheSize::Bytes(b) => KvCacheSize::Bytes(b / n),
+        KvCacheSize::Blocks(b) => KvCacheSize::Blocks(b / n),
+    };
+    (0..n).map(|_| build(decoder.clone(), &share)).collect()
+}
+
+/// Builds the engine replicas and starts their threads.
 pub fn spawn(decoder: Decoder, config: &EngineConfig) -> Result<EngineHandle, ModelError> {
-    start(build(decoder, config)?)
+    start_replicas(build_replicas(decoder, config)?)
 }
 
 /// Starts the thread of an engine already built (and, for the daemon, given its step
 /// observer: [`EngineCore::set_step_observer`]).
-pub fn start(mut core: EngineCore) -> Result<EngineHandle, ModelError> {
-    let limits = core.limits();
+pub fn start(core: EngineCore) -> Result<EngineHandle, ModelError> {
+    start_replicas(vec![core])
+}
+
+/// Starts one thread per engine replica behind a single handle.
+pub fn start_replicas(cores: Vec<EngineCore>) -> Result<EngineHandle, ModelError> {
+    let limits = cores
+        .first()
+        .map(EngineCore::limits)
+        .ok_or_else(|| ModelError::Resolve("no engine to start".into()))?;
+    let replicas = cores
+        .into_iter()
+        .enumerate()
+        .map(|(i, core)| start_thread(i, core))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(EngineHandle {
+        replicas: replicas.into(),
+        limits,
+    })
+}
+
+fn start_thread(index: usize, mut core: EngineCore) -> Result<Replica, ModelError> {
     let stats = core.shared_stats();
     let (tx, rx) = mpsc::channel::<Command>();
+    let name = if index == 0 {
+        "distillery-engine".to_string()
+    } else {
+        format!("distillery-engine-{index}")
+    };
     std::thread::Builder::new()
-        .name("distillery-engine".into())
+        .name(name)
         .spawn(move || loop {
             // Idle: sleep until a request comes; busy: take whatever has arrived and step.
             if !core.has_work() {
@@ -252,9 +341,9 @@ pub fn start(mut core: EngineCore) -> Result<EngineHandle, ModelError> {
             core.step();
         })
         .map_err(|e| ModelError::Resolve(format!("cannot start the engine thread: {e}")))?;
-    Ok(EngineHandle {
+    Ok(Replica {
         commands: tx,
-        limits,
         stats,
+        submitted: AtomicU64::new(0),
     })
 }

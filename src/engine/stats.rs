@@ -44,6 +44,8 @@ pub struct EngineStats {
     pub finished_stop: AtomicU64,
     pub finished_length: AtomicU64,
     pub finished_abort: AtomicU64,
+    /// Sequences taken in (a request with `n` choices counts `n`).
+    pub sequences_added: AtomicU64,
 }
 
 /// A plain copy of [`EngineStats`] at one moment.
@@ -64,6 +66,31 @@ pub struct StatsSnapshot {
     pub finished_stop: u64,
     pub finished_length: u64,
     pub finished_abort: u64,
+}
+
+/// Adds up the figures of several engine replicas.
+impl std::ops::Add for StatsSnapshot {
+    type Output = Self;
+
+    fn add(self, o: Self) -> Self {
+        Self {
+            num_running: self.num_running + o.num_running,
+            num_waiting: self.num_waiting + o.num_waiting,
+            total_blocks: self.total_blocks + o.total_blocks,
+            free_blocks: self.free_blocks + o.free_blocks,
+            cached_free_blocks: self.cached_free_blocks + o.cached_free_blocks,
+            computed_prompt_tokens: self.computed_prompt_tokens + o.computed_prompt_tokens,
+            prompt_tokens: self.prompt_tokens + o.prompt_tokens,
+            generation_tokens: self.generation_tokens + o.generation_tokens,
+            prefix_cache_queries: self.prefix_cache_queries + o.prefix_cache_queries,
+            prefix_cache_hits: self.prefix_cache_hits + o.prefix_cache_hits,
+            num_preemptions: self.num_preemptions + o.num_preemptions,
+            steps: self.steps + o.steps,
+            finished_stop: self.finished_stop + o.finished_stop,
+            finished_length: self.finished_length + o.finished_length,
+            finished_abort: self.finished_abort + o.finished_abort,
+        }
+    }
 }
 
 impl EngineStats {
