@@ -9,6 +9,12 @@ mod gen_model;
 mod generate;
 mod serve;
 
+/// The daemon allocates small buffers on one thread and frees them on another all the time
+/// (request bodies, token events, response JSON); mimalloc handles that pattern far better
+/// than glibc's arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "distillery",
