@@ -13,6 +13,7 @@ use super::batch::ForwardBatch;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::paged_attention::{AttentionMeta, AttentionShape};
+use super::swiglu::swiglu;
 use super::weights::Weights;
 use super::{ModelError, RopeTables};
 
@@ -42,6 +43,28 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Several projections of the same input as one: their weights (and biases) stacked by
+    /// output row, so one matmul replaces several small ones.
+    fn stacked(parts: &[Linear]) -> Result<Self, ModelError> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let bias = if parts.iter().all(|p| p.bias.is_some()) {
+            let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else if parts.iter().any(|p| p.bias.is_some()) {
+            return Err(ModelError::Resolve(
+                "projections to stack must all have a bias or none".into(),
+            ));
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?,
+            bias,
+        })
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
@@ -55,13 +78,12 @@ impl Module for Linear {
 #[derive(Clone)]
 struct Layer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections stacked: `[q_heads + 2 * kv_heads] * head_dim` outputs.
+    qkv: Linear,
     o: Linear,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate and up projections stacked: `2 * intermediate_size` outputs.
+    gate_up: Linear,
     down: Linear,
 }
 
@@ -88,34 +110,23 @@ impl Decoder {
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 let bias = c.attention_bias;
+                let q = Linear::load(w, &format!("{p}.self_attn.q_proj"), q_out, h, bias)?;
+                let k = Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, h, bias)?;
+                let v = Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, h, bias)?;
+                let mlp = |name: &str, out: usize, inp: usize| {
+                    Linear::load(w, &format!("{p}.mlp.{name}"), out, inp, false)
+                };
+                let inter = c.intermediate_size;
                 Ok(Layer {
                     input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                    q: Linear::load(w, &format!("{p}.self_attn.q_proj"), q_out, h, bias)?,
-                    k: Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, h, bias)?,
-                    v: Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, h, bias)?,
+                    qkv: Linear::stacked(&[q, k, v])?,
                     o: Linear::load(w, &format!("{p}.self_attn.o_proj"), h, q_out, false)?,
                     post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                    gate: Linear::load(
-                        w,
-                        &format!("{p}.mlp.gate_proj"),
-                        c.intermediate_size,
-                        h,
-                        false,
-                    )?,
-                    up: Linear::load(
-                        w,
-                        &format!("{p}.mlp.up_proj"),
-                        c.intermediate_size,
-                        h,
-                        false,
-                    )?,
-                    down: Linear::load(
-                        w,
-                        &format!("{p}.mlp.down_proj"),
-                        h,
-                        c.intermediate_size,
-                        false,
-                    )?,
+                    gate_up: Linear::stacked(&[
+                        mlp("gate_proj", inter, h)?,
+                        mlp("up_proj", inter, h)?,
+                    ])?,
+                    down: mlp("down_proj", h, inter)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -191,26 +202,29 @@ impl Decoder {
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = rms_norm(&x, &layer.input_norm, eps)?;
-            let q = layer
-                .q
-                .forward(&h)?
+            let (q_len, kv_len) = (
+                c.num_attention_heads * c.head_dim,
+                c.num_key_value_heads * c.head_dim,
+            );
+            let qkv = layer.qkv.forward(&h)?;
+            let q = qkv
+                .narrow(1, 0, q_len)?
                 .reshape((1, t, c.num_attention_heads, c.head_dim))?;
-            let k = layer
-                .k
-                .forward(&h)?
-                .reshape((1, t, c.num_key_value_heads, c.head_dim))?;
-            let v = layer
-                .v
-                .forward(&h)?
-                .reshape((t, c.num_key_value_heads, c.head_dim))?;
+            let k =
+                qkv.narrow(1, q_len, kv_len)?
+                    .reshape((1, t, c.num_key_value_heads, c.head_dim))?;
+            let v = qkv.narrow(1, q_len + kv_len, kv_len)?.reshape((
+                t,
+                c.num_key_value_heads,
+                c.head_dim,
+            ))?;
             let q = rope_thd(&q, &cos, &sin)?.squeeze(0)?;
             let k = rope_thd(&k, &cos, &sin)?.squeeze(0)?;
             meta.write_kv(cache.layer(i), &k, &v)?;
             let attn = meta.attend(&q, cache.layer(i))?;
             x = (residual + layer.o.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.post_norm, eps)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            let gated = swiglu(&layer.gate_up.forward(&h)?)?;
             x = (&x + layer.down.forward(&gated)?)?;
         }
         let x = if batch.all_logits {

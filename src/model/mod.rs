@@ -17,6 +17,7 @@ pub mod kv_cache;
 pub mod paged_attention;
 mod rope;
 pub mod source;
+mod swiglu;
 pub mod weights;
 
 pub use batch::ForwardBatch;
