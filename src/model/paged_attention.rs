@@ -8,9 +8,11 @@
 //! history only through their block tables, so the blocks of different sequences may be
 //! interleaved anywhere in the pool.
 //!
-//! The CPU kernels run one work item per (token, kv head): the group of query heads sharing
-//! that kv head is scored against each cached key once, in one pass with an online softmax and
-//! per-thread scratch reused across items (nothing is allocated per item). With the `cuda`
+//! The CPU kernels run one work item per (token, kv head), in two passes over the history: the
+//! scores of every position for the query heads sharing that kv head (each key vector loaded
+//! once for the whole group), then per head one max and one exponential-and-sum over the row,
+//! then the values (each loaded once for the group). Rows and accumulators live in per-thread
+//! scratch that only grows, so nothing is allocated per item. With the `cuda`
 //! feature the same two candle ops run on a CUDA device through the kernels of `super::cuda`
 //! (same layout, same semantics); the batch metadata is uploaded once per forward and shared
 //! by every layer.
@@ -287,11 +289,15 @@ struct PagedAttention<'a> {
     meta: &'a AttentionMeta,
 }
 
-/// Scratch one worker thread reuses for every (token, kv head) it handles.
+/// Scratch one worker thread reuses for every (token, kv head) it handles. The buffers only
+/// ever grow, so a thread allocates once for the longest context it meets.
 #[derive(Default)]
 struct Scratch {
+    /// The group's query heads, pre-scaled, `[group][head_dim]`.
     q: Vec<f32>,
+    /// Scores, then probabilities, of every context position, `[heads in flight][stride]`.
     scores: Vec<f32>,
+    /// Unnormalised outputs of the heads in flight, `[heads][head_dim]`.
     acc: Vec<f32>,
 }
 
@@ -302,9 +308,38 @@ struct ItemInputs<'a, T> {
     cache: &'a [T],
 }
 
+/// How the kernel multiply-adds. Rust never contracts `a * b + c` into an FMA by itself, and
+/// `f32::mul_add` without hardware FMA is a call to libm's `fmaf`, so the choice is made per
+/// compiled entry point.
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// Fused multiply-add; only for code compiled with the `fma` target feature.
+#[cfg(target_arch = "x86_64")]
+struct Fused;
+
+#[cfg(target_arch = "x86_64")]
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// A multiply then an add, for targets that may lack FMA.
+struct Unfused;
+
+impl MulAdd for Unfused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
 /// `e^x` to about 1e-7 relative error, inlined so the hot loop does not call into libm.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+fn fast_exp<M: MulAdd>(x: f32) -> f32 {
     // Written as selects (not `clamp`, whose NaN rules block vectorisation).
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
@@ -312,11 +347,11 @@ fn fast_exp(x: f32) -> f32 {
     // Cody-Waite: ln 2 split so that n * LN2_HI is exact.
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let r = M::mul_add(-n, LN2_LO, M::mul_add(-n, LN2_HI, x));
+    let mut p = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = M::mul_add(p, r, c);
+    }
     // n is within [-126, 127] after the clamp, so the exponent bits are a normal float's.
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -341,101 +376,224 @@ fn max8(x: &[f32]) -> f32 {
     m
 }
 
-/// Sum, eight lanes at a time.
+/// Replaces each score by `e^(score - max)` and returns their sum, eight lanes at a time.
 #[inline(always)]
-fn sum8(x: &[f32]) -> f32 {
+fn exp_sum<M: MulAdd>(x: &mut [f32], max: f32) -> f32 {
     let mut lanes = [0f32; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
         for l in 0..8 {
+            c[l] = fast_exp::<M>(c[l] - max);
             lanes[l] += c[l];
         }
+    }
+    let mut tail = 0.0;
+    for s in chunks.into_remainder() {
+        *s = fast_exp::<M>(*s - max);
+        tail += *s;
     }
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `scores[j] = q · key_j` for the first `scores.len()` keys of a block stored
-/// dimension-major. Eight keys at a time in registers, with separate accumulators for even and
-/// odd dimensions so consecutive multiply-adds do not wait on each other.
 #[inline(always)]
-fn block_scores_into<T: KvElem>(q: &[f32], keys: &[T], block_size: usize, scores: &mut [f32]) {
-    let count = scores.len();
-    let mut j0 = 0;
-    while j0 + 8 <= count {
-        let (mut even, mut odd) = ([0f32; 8], [0f32; 8]);
-        let mut d = 0;
-        while d + 1 < q.len() {
-            let (q0, q1) = (q[d], q[d + 1]);
-            let k0 = &keys[d * block_size + j0..d * block_size + j0 + 8];
-            let k1 = &keys[(d + 1) * block_size + j0..(d + 1) * block_size + j0 + 8];
+fn load8<T: KvElem>(x: &[T]) -> [f32; 8] {
+    let x = &x[..8];
+    std::array::from_fn(|l| x[l].to_f32())
+}
+
+/// Scores of keys `j0..j0 + 8` of a block stored dimension-major against `H` query heads
+/// (`q` is `[H][head_dim]`). Each key vector is loaded once for all heads; even and odd
+/// dimensions accumulate separately so consecutive multiply-adds do not wait on each other.
+#[inline(always)]
+fn score8<const H: usize, M: MulAdd, T: KvElem>(
+    q: &[f32],
+    keys: &[T],
+    block_size: usize,
+    j0: usize,
+) -> [[f32; 8]; H] {
+    let head_dim = q.len() / H;
+    let (mut even, mut odd) = ([[0f32; 8]; H], [[0f32; 8]; H]);
+    // Walking the key rows two dimensions at a time keeps the index arithmetic out of the loop.
+    let rows = keys[..head_dim * block_size].chunks_exact(2 * block_size);
+    let last = rows.remainder();
+    for (pair, kk) in rows.enumerate() {
+        let d = 2 * pair;
+        let k0 = load8(&kk[j0..]);
+        let k1 = load8(&kk[block_size + j0..]);
+        for h in 0..H {
+            let (q0, q1) = (q[h * head_dim + d], q[h * head_dim + d + 1]);
             for l in 0..8 {
-                even[l] += q0 * k0[l].to_f32();
-                odd[l] += q1 * k1[l].to_f32();
-            }
-            d += 2;
-        }
-        if d < q.len() {
-            let k0 = &keys[d * block_size + j0..d * block_size + j0 + 8];
-            for l in 0..8 {
-                even[l] += q[d] * k0[l].to_f32();
+                even[h][l] = M::mul_add(q0, k0[l], even[h][l]);
+                odd[h][l] = M::mul_add(q1, k1[l], odd[h][l]);
             }
         }
-        for l in 0..8 {
-            scores[j0 + l] = even[l] + odd[l];
-        }
-        j0 += 8;
     }
-    for (j, s) in scores.iter_mut().enumerate().skip(j0) {
-        *s = q
-            .iter()
-            .enumerate()
-            .map(|(d, &qd)| qd * keys[d * block_size + j].to_f32())
-            .sum();
+    if !last.is_empty() {
+        let d = head_dim - 1;
+        let k0 = load8(&last[j0..]);
+        for h in 0..H {
+            let q0 = q[h * head_dim + d];
+            for l in 0..8 {
+                even[h][l] = M::mul_add(q0, k0[l], even[h][l]);
+            }
+        }
+    }
+    for h in 0..H {
+        for l in 0..8 {
+            even[h][l] += odd[h][l];
+        }
+    }
+    even
+}
+
+/// The context of one work item: where its blocks are and how many positions it sees.
+struct Context<'a, T> {
+    cache: &'a [T],
+    table: &'a [u32],
+    n_ctx: usize,
+    /// Offsets of this kv head's keys and values within a block.
+    keys_off: usize,
+    values_off: usize,
+    block_len: usize,
+    block_size: usize,
+    head_dim: usize,
+}
+
+impl<T: KvElem> Context<'_, T> {
+    /// Positions used in block `b` of the table.
+    #[inline(always)]
+    fn count(&self, b: usize) -> usize {
+        self.block_size.min(self.n_ctx - b * self.block_size)
+    }
+
+    #[inline(always)]
+    fn keys(&self, block: u32) -> &[T] {
+        let head_len = self.block_size * self.head_dim;
+        &self.cache[block as usize * self.block_len + self.keys_off..][..head_len]
+    }
+
+    #[inline(always)]
+    fn values(&self, block: u32) -> &[T] {
+        let head_len = self.block_size * self.head_dim;
+        &self.cache[block as usize * self.block_len + self.values_off..][..head_len]
     }
 }
 
-/// `acc += Σ_j p_j · value_j` for values stored slot-major, eight dimensions at a time held
-/// in registers across all slots, with separate accumulators for even and odd slots.
+/// Attention of `H` query heads (`q`, `[H][head_dim]`, pre-scaled) over the whole context, in
+/// two passes: all scores first (each key loaded once for the `H` heads), then per head one
+/// max and one exponential-and-sum over the row, then the values (each loaded once for the
+/// `H` heads). On short rows this avoids the per-block reductions and rescaling of an online
+/// softmax. `rows` holds `H` rows of `stride` scores; `acc` receives the normalised outputs.
 #[inline(always)]
-fn accumulate_values<T: KvElem>(p: &[f32], values: &[T], head_dim: usize, acc: &mut [f32]) {
+fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
+    ctx: &Context<'_, T>,
+    q: &[f32],
+    rows: &mut [f32],
+    stride: usize,
+    acc: &mut [f32],
+) {
+    let Context {
+        block_size,
+        head_dim,
+        n_ctx,
+        ..
+    } = *ctx;
+    for (b, &block) in ctx.table.iter().enumerate() {
+        let count = ctx.count(b);
+        let keys = ctx.keys(block);
+        let base = b * block_size;
+        if block_size % 8 == 0 {
+            // Whole 8-key groups even past `count`: the slots exist (holding stale data), the
+            // row has room for them (`stride` is `n_ctx` rounded up to 8) and they are never
+            // read back, which leaves no scalar tail here.
+            for j0 in (0..count).step_by(8) {
+                let s = score8::<H, M, T>(q, keys, block_size, j0);
+                for (h, s) in s.iter().enumerate() {
+                    rows[h * stride + base + j0..][..8].copy_from_slice(s);
+                }
+            }
+        } else {
+            for j in 0..count {
+                for h in 0..H {
+                    let qh = &q[h * head_dim..][..head_dim];
+                    let mut s = 0.0;
+                    for (d, &qd) in qh.iter().enumerate() {
+                        s = M::mul_add(qd, keys[d * block_size + j].to_f32(), s);
+                    }
+                    rows[h * stride + base + j] = s;
+                }
+            }
+        }
+    }
+    let mut inv = [0f32; H];
+    for (h, inv) in inv.iter_mut().enumerate() {
+        let row = &mut rows[h * stride..][..n_ctx];
+        let max = max8(row);
+        *inv = 1.0 / exp_sum::<M>(row, max);
+    }
     let full = head_dim / 8 * 8;
     for c in (0..full).step_by(8) {
-        let (mut even, mut odd) = ([0f32; 8], [0f32; 8]);
-        let mut j = 0;
-        while j + 1 < p.len() {
-            let v0 = &values[j * head_dim + c..j * head_dim + c + 8];
-            let v1 = &values[(j + 1) * head_dim + c..(j + 1) * head_dim + c + 8];
-            for l in 0..8 {
-                even[l] += p[j] * v0[l].to_f32();
-                odd[l] += p[j + 1] * v1[l].to_f32();
+        let (mut even, mut odd) = ([[0f32; 8]; H], [[0f32; 8]; H]);
+        for (b, &block) in ctx.table.iter().enumerate() {
+            let count = ctx.count(b);
+            let values = ctx.values(block);
+            let base = b * block_size;
+            let p: [&[f32]; H] = std::array::from_fn(|h| &rows[h * stride + base..][..count]);
+            let mut j = 0;
+            while j + 1 < count {
+                let v0 = load8(&values[j * head_dim + c..]);
+                let v1 = load8(&values[(j + 1) * head_dim + c..]);
+                for h in 0..H {
+                    let (p0, p1) = (p[h][j], p[h][j + 1]);
+                    for l in 0..8 {
+                        even[h][l] = M::mul_add(p0, v0[l], even[h][l]);
+                        odd[h][l] = M::mul_add(p1, v1[l], odd[h][l]);
+                    }
+                }
+                j += 2;
             }
-            j += 2;
-        }
-        if j < p.len() {
-            let v0 = &values[j * head_dim + c..j * head_dim + c + 8];
-            for l in 0..8 {
-                even[l] += p[j] * v0[l].to_f32();
+            if j < count {
+                let v0 = load8(&values[j * head_dim + c..]);
+                for h in 0..H {
+                    let p0 = p[h][j];
+                    for l in 0..8 {
+                        even[h][l] = M::mul_add(p0, v0[l], even[h][l]);
+                    }
+                }
             }
         }
-        for l in 0..8 {
-            acc[c + l] += even[l] + odd[l];
+        for h in 0..H {
+            for l in 0..8 {
+                acc[h * head_dim + c + l] = (even[h][l] + odd[h][l]) * inv[h];
+            }
         }
     }
-    for (d, a) in acc.iter_mut().enumerate().skip(full) {
-        *a += p
-            .iter()
-            .enumerate()
-            .map(|(j, &pj)| pj * values[j * head_dim + d].to_f32())
-            .sum::<f32>();
+    for d in full..head_dim {
+        let mut sums = [0f32; H];
+        for (b, &block) in ctx.table.iter().enumerate() {
+            let values = ctx.values(block);
+            let base = b * block_size;
+            for j in 0..ctx.count(b) {
+                let v = values[j * head_dim + d].to_f32();
+                for (h, sum) in sums.iter_mut().enumerate() {
+                    *sum = M::mul_add(rows[h * stride + base + j], v, *sum);
+                }
+            }
+        }
+        for h in 0..H {
+            acc[h * head_dim + d] = sums[h] * inv[h];
+        }
     }
 }
 
+/// Query heads handled together: each key and value vector is loaded once per this many
+/// heads, and their accumulators (two per head) still fit the 16 vector registers.
+const MAX_HEADS_IN_FLIGHT: usize = 4;
+
 /// Attention for the query heads of kv head `idx % kv_heads` at token `idx / kv_heads`,
-/// written to `out` (`group * head_dim` values). One pass over the history, a block at a time,
-/// with an online softmax: scores of a block, its max, exponentials, then its values.
+/// written to `out` (`group * head_dim` values).
 #[inline(always)]
-fn attend_item<T: KvElem>(
+fn attend_item<M: MulAdd, T: KvElem>(
     inp: &ItemInputs<'_, T>,
     scratch: &mut Scratch,
     idx: usize,
@@ -454,58 +612,50 @@ fn attend_item<T: KvElem>(
     let (t, g) = (idx / num_kv_heads, idx % num_kv_heads);
     let (seq, pos) = m.token_seq[t];
     let n_ctx = pos as usize + 1;
-    let table = &m.block_tables[seq as usize * m.max_blocks..][..n_ctx.div_ceil(block_size)];
+    let ctx = Context {
+        cache: inp.cache,
+        table: &m.block_tables[seq as usize * m.max_blocks..][..n_ctx.div_ceil(block_size)],
+        n_ctx,
+        keys_off: g * head_len,
+        values_off: (num_kv_heads + g) * head_len,
+        block_len: 2 * num_kv_heads * head_len,
+        block_size,
+        head_dim,
+    };
     scratch.q.clear();
     scratch.q.extend(
         inp.q[(t * num_heads + g * group) * head_dim..][..item_len]
             .iter()
             .map(|x| x.to_f32() * m.scale),
     );
-    // Per head: running max and running sum of exponentials; then one block of scores.
-    scratch.scores.clear();
-    scratch.scores.resize(2 * group + block_size, 0.0);
-    let (stats, block_scores) = scratch.scores.split_at_mut(2 * group);
-    let (maxes, sums) = stats.split_at_mut(group);
-    maxes.fill(f32::NEG_INFINITY);
-    scratch.acc.clear();
-    scratch.acc.resize(item_len, 0.0);
-    for (b, &block) in table.iter().enumerate() {
-        let count = block_size.min(n_ctx - b * block_size);
-        let block_base = block as usize * 2 * num_kv_heads * head_len;
-        let keys = &inp.cache[block_base + g * head_len..][..head_len];
-        let values = &inp.cache[block_base + (num_kv_heads + g) * head_len..][..head_len];
-        // With blocks a multiple of 8 long, score whole 8-key groups even past `count` (the
-        // slots exist, holding stale data) and ignore the extra scores: no scalar tail.
-        let padded = if block_size % 8 == 0 {
-            count.div_ceil(8) * 8
-        } else {
-            count
-        };
-        for h in 0..group {
-            let q = &scratch.q[h * head_dim..(h + 1) * head_dim];
-            let scores = &mut block_scores[..padded];
-            block_scores_into(q, keys, block_size, scores);
-            let block_max = max8(&scores[..count]);
-            let acc = &mut scratch.acc[h * head_dim..(h + 1) * head_dim];
-            if block_max > maxes[h] {
-                // A new maximum: rescale what was accumulated under the old one.
-                let rescale = fast_exp(maxes[h] - block_max);
-                sums[h] *= rescale;
-                acc.iter_mut().for_each(|a| *a *= rescale);
-                maxes[h] = block_max;
-            }
-            let mx = maxes[h];
-            scores.iter_mut().for_each(|s| *s = fast_exp(*s - mx));
-            sums[h] += sum8(&scores[..count]);
-            accumulate_values(&scores[..count], values, head_dim, acc);
-        }
+    let stride = n_ctx.div_ceil(8) * 8;
+    let in_flight = group.min(MAX_HEADS_IN_FLIGHT);
+    // Grow only: every score read is written first, so stale contents need no clearing.
+    if scratch.scores.len() < in_flight * stride {
+        scratch.scores.resize(in_flight * stride, 0.0);
     }
-    for h in 0..group {
-        let inv = 1.0 / sums[h];
-        let acc = &scratch.acc[h * head_dim..(h + 1) * head_dim];
-        for (o, a) in out[h * head_dim..(h + 1) * head_dim].iter_mut().zip(acc) {
-            *o = T::from_f32(a * inv);
+    if scratch.acc.len() < in_flight * head_dim {
+        scratch.acc.resize(in_flight * head_dim, 0.0);
+    }
+    let mut h0 = 0;
+    while h0 < group {
+        let n = (group - h0).min(MAX_HEADS_IN_FLIGHT);
+        let q = &scratch.q[h0 * head_dim..(h0 + n) * head_dim];
+        let rows = &mut scratch.scores[..n * stride];
+        let acc = &mut scratch.acc[..n * head_dim];
+        match n {
+            1 => attend_heads::<1, M, T>(&ctx, q, rows, stride, acc),
+            2 => attend_heads::<2, M, T>(&ctx, q, rows, stride, acc),
+            3 => attend_heads::<3, M, T>(&ctx, q, rows, stride, acc),
+            _ => attend_heads::<MAX_HEADS_IN_FLIGHT, M, T>(&ctx, q, rows, stride, acc),
         }
+        for (o, &a) in out[h0 * head_dim..(h0 + n) * head_dim]
+            .iter_mut()
+            .zip(acc.iter())
+        {
+            *o = T::from_f32(a);
+        }
+        h0 += n;
     }
 }
 
@@ -521,7 +671,7 @@ unsafe fn attend_item_avx2<T: KvElem>(
     idx: usize,
     out: &mut [T],
 ) {
-    attend_item(inp, scratch, idx, out)
+    attend_item::<Fused, T>(inp, scratch, idx, out)
 }
 
 fn attend_item_best<T: KvElem>(
@@ -539,7 +689,7 @@ fn attend_item_best<T: KvElem>(
         return;
     }
     let _ = avx2;
-    attend_item(inp, scratch, idx, out)
+    attend_item::<Unfused, T>(inp, scratch, idx, out)
 }
 
 fn cpu_has_avx2_fma() -> bool {
@@ -555,15 +705,21 @@ fn cpu_has_avx2_fma() -> bool {
 
 impl PagedAttention<'_> {
     fn run<T: KvElem>(&self, q: &[T], cache: &[T]) -> Vec<T> {
+        self.run_with(q, cache, cpu_has_avx2_fma())
+    }
+
+    /// `run` with the kernel chosen by the caller, so tests can cover the portable one too.
+    fn run_with<T: KvElem>(&self, q: &[T], cache: &[T], avx2: bool) -> Vec<T> {
         let m = self.meta;
         let s = m.shape;
         let item_len = s.num_heads / s.num_kv_heads * s.head_dim;
         let inp = ItemInputs { meta: m, q, cache };
-        let avx2 = cpu_has_avx2_fma();
         let mut out = vec![T::from_f32(0.0); q.len()];
-        // Below this many multiply-adds the thread hand-off costs more than it saves.
+        // Below this many multiply-adds the thread hand-off costs more than it saves; and a
+        // one-thread pool would only move the work to that thread, serialising every engine
+        // thread that shares the pool behind it.
         const PARALLEL_WORK: usize = 1 << 18;
-        if m.work * s.num_heads * s.head_dim < PARALLEL_WORK {
+        if m.work * s.num_heads * s.head_dim < PARALLEL_WORK || rayon::current_num_threads() <= 1 {
             let mut scratch = Scratch::default();
             for (idx, chunk) in out.chunks_mut(item_len).enumerate() {
                 attend_item_best(&inp, avx2, &mut scratch, idx, chunk);
@@ -659,5 +815,264 @@ impl CustomOp2 for PagedAttention<'_> {
         }
         let meta = m.device_meta(q.device())?;
         super::cuda::paged_attention(q, q_l, cache, cache_l, meta, &m.kernel_shape())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Both kernels against dense softmax attention computed straight from the inputs, on
+    //! random shapes, prefill chunks over a cached prefix, shuffled block tables and a pool
+    //! whose unused slots hold garbage (so a kernel that reads past a context shows up).
+
+    use candle_core::{DType, Device, Tensor, WithDType};
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    struct Case {
+        shape: AttentionShape,
+        dtype: DType,
+        /// Per sequence: (positions already cached, new tokens this step).
+        seqs: Vec<(usize, usize)>,
+    }
+
+    fn tensor(v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("tensor")
+    }
+
+    /// `v` as the cache's element type would store it.
+    fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
+        tensor(v, &[v.len()], dtype)
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_vec1())
+            .expect("round trip")
+    }
+
+    fn uniform(n: usize, range: f32, rng: &mut StdRng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-range..range)).collect()
+    }
+
+    /// The portable kernel on the same inputs as `attend`.
+    fn portable<T: KvElem + WithDType>(
+        meta: &AttentionMeta,
+        q: &Tensor,
+        cache: &Tensor,
+    ) -> Vec<f32> {
+        let q = q.flatten_all().and_then(|t| t.to_vec1::<T>()).expect("q");
+        let cache = cache
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<T>())
+            .expect("cache");
+        PagedAttention { meta }
+            .run_with(&q, &cache, false)
+            .into_iter()
+            .map(KvElem::to_f32)
+            .collect()
+    }
+
+    /// Runs one case; returns the largest error of either kernel against the reference.
+    fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
+        let AttentionShape {
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: d,
+            block_size: bs,
+        } = case.shape;
+        let dtype = case.dtype;
+        let blocks: usize = case.seqs.iter().map(|&(c, n)| (c + n).div_ceil(bs)).sum();
+        let num_blocks = blocks + 3;
+        let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+        free.shuffle(rng);
+        // Per sequence: its block table and the K/V rows (`[ctx][kvh][d]`) of every position.
+        let mut tables = Vec::new();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for &(cached, new) in &case.seqs {
+            let ctx = cached + new;
+            tables.push(
+                (0..ctx.div_ceil(bs))
+                    .map(|_| free.pop().expect("enough blocks"))
+                    .collect::<Vec<u32>>(),
+            );
+            keys.push(rounded(&uniform(ctx * kvh * d, 1.0, rng), dtype));
+            values.push(rounded(&uniform(ctx * kvh * d, 1.0, rng), dtype));
+        }
+        // Garbage everywhere a context does not reach; large enough to wreck any output that
+        // reads it.
+        let cache_len = num_blocks * 2 * kvh * bs * d;
+        let cache = tensor(
+            &uniform(cache_len, 50.0, rng),
+            &[num_blocks, 2, kvh, bs * d],
+            dtype,
+        );
+        let (mut prefix, mut step) = (ForwardBatch::default(), ForwardBatch::default());
+        let (mut prefix_k, mut prefix_v, mut step_k, mut step_v) = (vec![], vec![], vec![], vec![]);
+        for (s, &(cached, new)) in case.seqs.iter().enumerate() {
+            let row = kvh * d;
+            if cached > 0 {
+                prefix.push_sequence(&vec![0; cached], 0, &tables[s], bs);
+                prefix_k.extend_from_slice(&keys[s][..cached * row]);
+                prefix_v.extend_from_slice(&values[s][..cached * row]);
+            }
+            step.push_sequence(&vec![0; new], cached, &tables[s], bs);
+            step_k.extend_from_slice(&keys[s][cached * row..]);
+            step_v.extend_from_slice(&values[s][cached * row..]);
+        }
+        for (batch, k, v) in [(&prefix, &prefix_k, &prefix_v), (&step, &step_k, &step_v)] {
+            let n = batch.num_tokens();
+            if n > 0 {
+                AttentionMeta::new(batch, case.shape)
+                    .write_kv(
+                        &cache,
+                        &tensor(k, &[n, kvh, d], dtype),
+                        &tensor(v, &[n, kvh, d], dtype),
+                    )
+                    .expect("write_kv");
+            }
+        }
+        let t = step.num_tokens();
+        let q = rounded(&uniform(t * h * d, 1.0, rng), dtype);
+        let q_t = tensor(&q, &[t, h, d], dtype);
+        let meta = AttentionMeta::new(&step, case.shape);
+        let out = meta
+            .attend(&q_t, &cache)
+            .and_then(|o| o.to_dtype(DType::F32))
+            .and_then(|o| o.flatten_all())
+            .and_then(|o| o.to_vec1::<f32>())
+            .expect("attend");
+        let slow = match dtype {
+            DType::F32 => portable::<f32>(&meta, &q_t, &cache),
+            DType::F16 => portable::<f16>(&meta, &q_t, &cache),
+            _ => portable::<bf16>(&meta, &q_t, &cache),
+        };
+        // Dense reference, in f64, with no paging at all.
+        let group = h / kvh;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut worst = 0f32;
+        let mut tok = 0;
+        for (s, &(cached, new)) in case.seqs.iter().enumerate() {
+            for i in 0..new {
+                let (n_ctx, tok) = (cached + i + 1, tok + i);
+                for head in 0..h {
+                    let g = head / group;
+                    let qv = &q[(tok * h + head) * d..][..d];
+                    let kv = |rows: &[f32], p: usize| rows[(p * kvh + g) * d..][..d].to_vec();
+                    let scores: Vec<f64> = (0..n_ctx)
+                        .map(|p| {
+                            let k = kv(&keys[s], p);
+                            qv.iter()
+                                .zip(&k)
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|&x| (x - max).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    for dd in 0..d {
+                        let want: f64 = (0..n_ctx)
+                            .map(|p| w[p] * values[s][(p * kvh + g) * d + dd] as f64)
+                            .sum::<f64>()
+                            / total;
+                        for got in [
+                            out[(tok * h + head) * d + dd],
+                            slow[(tok * h + head) * d + dd],
+                        ] {
+                            let err = (got as f64 - want).abs() / (1.0 + want.abs());
+                            worst = worst.max(err as f32);
+                        }
+                    }
+                }
+            }
+            tok += new;
+        }
+        worst
+    }
+
+    fn tolerance(dtype: DType) -> f32 {
+        match dtype {
+            DType::F32 => 1e-4,
+            DType::F16 => 2e-3,
+            _ => 1.6e-2,
+        }
+    }
+
+    fn random_case(rng: &mut StdRng, max_ctx: usize) -> Case {
+        let block_size = *[1, 2, 4, 8, 16, 32].choose(rng).expect("block sizes");
+        let head_dim = *[4, 5, 12, 16, 20, 64].choose(rng).expect("head dims");
+        let group = *[1, 2, 4].choose(rng).expect("groups");
+        let num_kv_heads = rng.gen_range(1..=3);
+        let dtype = *[DType::F32, DType::F16, DType::BF16]
+            .choose(rng)
+            .expect("dtypes");
+        let seqs = (0..rng.gen_range(1..=4))
+            .map(|_| {
+                let ctx = rng.gen_range(1..=max_ctx);
+                let new = rng.gen_range(1..=ctx.min(6));
+                (ctx - new, new)
+            })
+            .collect();
+        Case {
+            shape: AttentionShape {
+                num_heads: num_kv_heads * group,
+                num_kv_heads,
+                head_dim,
+                block_size,
+            },
+            dtype,
+            seqs,
+        }
+    }
+
+    fn check(case: &Case, rng: &mut StdRng) {
+        let err = run_case(case, rng);
+        assert!(
+            err <= tolerance(case.dtype),
+            "{:?} {:?} {:?}: error {err}",
+            case.dtype,
+            case.shape,
+            case.seqs
+        );
+    }
+
+    #[test]
+    fn matches_dense_attention_on_random_batches() {
+        let mut rng = StdRng::seed_from_u64(0x5eed);
+        for _ in 0..300 {
+            let case = random_case(&mut rng, 90);
+            check(&case, &mut rng);
+        }
+    }
+
+    #[test]
+    fn matches_dense_attention_on_odd_shapes_and_long_contexts() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // Groups beyond the heads the kernel keeps in flight, every power-of-two block size,
+        // and contexts of one position and of thousands.
+        for (group, block_size, head_dim, seqs) in [
+            (8, 16, 16, vec![(0, 1), (40, 3)]),
+            (5, 4, 12, vec![(0, 1), (17, 2)]),
+            (3, 64, 20, vec![(250, 4)]),
+            (2, 256, 16, vec![(0, 1), (300, 2), (2900, 1)]),
+            (6, 128, 8, vec![(1500, 2)]),
+        ] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let case = Case {
+                    shape: AttentionShape {
+                        num_heads: 2 * group,
+                        num_kv_heads: 2,
+                        head_dim,
+                        block_size,
+                    },
+                    dtype,
+                    seqs: seqs.clone(),
+                };
+                check(&case, &mut rng);
+            }
+        }
     }
 }
