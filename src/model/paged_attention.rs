@@ -343,7 +343,12 @@ fn fast_exp<M: MulAdd>(x: f32) -> f32 {
     // Written as selects (not `clamp`, whose NaN rules block vectorisation).
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // Adding 1.5 * 2^23 rounds x·log2(e) to the nearest integer n (ties to even) and leaves n
+    // in the low mantissa bits of `t`, so 2^n comes from integer bit operations rather than a
+    // saturating float-to-int conversion, which does not vectorise well.
+    const ROUND: f32 = 12_582_912.0;
+    let t = M::mul_add(x, std::f32::consts::LOG2_E, ROUND);
+    let n = t - ROUND;
     // Cody-Waite: ln 2 split so that n * LN2_HI is exact.
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -352,8 +357,9 @@ fn fast_exp<M: MulAdd>(x: f32) -> f32 {
     for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = M::mul_add(p, r, c);
     }
-    // n is within [-126, 127] after the clamp, so the exponent bits are a normal float's.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n is within [-126, 127] after the clamp, so n + 127 is a normal float's biased exponent;
+    // the shift drops the bits of `ROUND` above it (its low 22 mantissa bits are zero).
+    p * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 /// Largest value, eight lanes at a time (a plain fold is a serial dependency chain).
@@ -1037,6 +1043,22 @@ mod tests {
             case.shape,
             case.seqs
         );
+    }
+
+    #[test]
+    fn fast_exp_is_accurate_over_the_softmax_range() {
+        for i in 0..=200_000 {
+            let x = -90.0 + 90.0 * i as f32 / 200_000.0;
+            let want = (x as f64).max(-87.0).exp();
+            #[cfg(target_arch = "x86_64")]
+            let both = [fast_exp::<Unfused>(x), fast_exp::<Fused>(x)];
+            #[cfg(not(target_arch = "x86_64"))]
+            let both = [fast_exp::<Unfused>(x)];
+            for got in both {
+                let err = (got as f64 - want).abs() / want;
+                assert!(err < 1e-6, "e^{x}: {got} vs {want}");
+            }
+        }
     }
 
     #[test]
