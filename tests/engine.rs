@@ -356,7 +356,11 @@ fn replicas_share_the_load_and_agree_with_a_single_engine() {
         return;
     };
     let prompts: Vec<Vec<u32>> = (0..24u32)
-        .map(|i| (0..5 + i % 7).map(|t| 3 + (i * 31 + t * 17) % 500).collect())
+        .map(|i| {
+            (0..5 + i % 7)
+                .map(|t| 3 + (i * 31 + t * 17) % 500)
+                .collect()
+        })
         .collect();
     let handle = engine::spawn(
         dec.clone(),
