@@ -67,6 +67,9 @@ struct Replica {
     /// Sequences sent its way; with the engine's own count of those it has taken in, this
     /// tells how many are still in the channel.
     submitted: AtomicU64,
+    /// Runs the engine loop; dropped with the last handle, after the loop has seen its
+    /// command channel close.
+    _pool: rayon::ThreadPool,
 }
 
 impl Replica {
@@ -317,33 +320,37 @@ pub fn start_replicas(cores: Vec<EngineCore>) -> Result<EngineHandle, ModelError
     })
 }
 
+/// Runs the engine loop as a job on its own rayon pool rather than on a plain thread: the
+/// ops that split work with rayon (candle's, and paged attention) then run on this replica's
+/// threads — inline when it has one — instead of being handed to the global pool, where the
+/// replicas would queue behind each other and pay a thread hand-off per op.
 fn start_thread(index: usize, mut core: EngineCore) -> Result<Replica, ModelError> {
     let stats = core.shared_stats();
     let (tx, rx) = mpsc::channel::<Command>();
-    let name = if index == 0 {
-        "distillery-engine".to_string()
-    } else {
-        format!("distillery-engine-{index}")
-    };
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || loop {
-            // Idle: sleep until a request comes; busy: take whatever has arrived and step.
-            if !core.has_work() {
-                match rx.recv() {
-                    Ok(Command::Add(req, events, stops)) => core.add_request(req, events, stops),
-                    Err(_) => return,
-                }
+    // `RAYON_NUM_THREADS` (set by the binary to cores / replicas) sizes the global pool.
+    let op_threads = rayon::current_num_threads();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(op_threads)
+        .thread_name(move |i| format!("distillery-engine-{index}.{i}"))
+        .build()
+        .map_err(|e| ModelError::Resolve(format!("cannot start the engine threads: {e}")))?;
+    pool.spawn(move || loop {
+        // Idle: sleep until a request comes; busy: take whatever has arrived and step.
+        if !core.has_work() {
+            match rx.recv() {
+                Ok(Command::Add(req, events, stops)) => core.add_request(req, events, stops),
+                Err(_) => return,
             }
-            while let Ok(Command::Add(req, events, stops)) = rx.try_recv() {
-                core.add_request(req, events, stops);
-            }
-            core.step();
-        })
-        .map_err(|e| ModelError::Resolve(format!("cannot start the engine thread: {e}")))?;
+        }
+        while let Ok(Command::Add(req, events, stops)) = rx.try_recv() {
+            core.add_request(req, events, stops);
+        }
+        core.step();
+    });
     Ok(Replica {
         commands: tx,
         stats,
         submitted: AtomicU64::new(0),
+        _pool: pool,
     })
 }
