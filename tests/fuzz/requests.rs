@@ -1,22 +1,6 @@
-//! Property-based fuzzing of the two places where untrusted input meets the daemon:
-//!
-//! 1. request bodies → JSON parsing → validation, driven through the real `distillery serve`
-//!    binary over loopback HTTP (so the bytes take exactly the handlers' path: body limit,
-//!    field-path parse errors, model check, range checks, template, context check), against
-//!    an oracle of what serde may accept for each field's type;
-//! 2. chat messages → chat-template rendering, in process, with the real templates of the
-//!    built-in model and of every folder under `../shared/models` that has one.
-//!
-//! Both are bounded and deterministic: a fixed case count, a fixed ChaCha seed and no failure
-//! persistence, so a CI run is the same run every time (about 5 s in release on 2 cores).
-//! `DISTILLERY_FUZZ_CASES=N` multiplies the case counts and `DISTILLERY_FUZZ_SEED=S` picks
-//! another seed, for longer runs by hand.
-//!
-//! The HTTP properties need no model folder: the daemon serves `builtin:tiny`. Where
-//! `../shared/models` is absent the template property says so loudly and fuzzes the
-//! built-in template only.
-
-mod common;
+//! Property 1: request bodies → every HTTP route's parse + validation, through the real
+//! `distillery serve` binary over loopback HTTP: the oracle, the generators of request bodies,
+//! the daemon wrapper and the directed checks.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -25,13 +9,12 @@ use std::time::{Duration, Instant};
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use proptest::sample::select;
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
+use proptest::test_runner::TestCaseError;
 use serde_json::{json, Map, Value};
 
-use distillery::model::{builtin, DTypeChoice};
-use distillery::tokenizer::{ChatMessage, Tokenizer};
-
-use common::daemon::{distillery_command, DaemonProcess};
+use crate::common::daemon::{distillery_command, DaemonProcess};
+use crate::templates::{content, message, ROLES};
+use crate::{any_json, builtin_tokenizer, number, run, weird_string, WEIRD};
 
 /// The name the fuzzed daemon serves; any other `model` must get 404.
 const SERVED: &str = "fuzz-model";
@@ -41,111 +24,6 @@ const MAX_MODEL_LEN: u64 = 64;
 const MAX_BODY: usize = 16 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-// ---------------------------------------------------------------------------------------------
-// Bounded, deterministic runs.
-// ---------------------------------------------------------------------------------------------
-
-fn env_u64(key: &str) -> Option<u64> {
-    std::env::var(key).ok()?.trim().parse().ok()
-}
-
-/// Runs `test` over `cases` values of `strategy` from a fixed seed (salted per property so
-/// the properties do not walk the same random stream); panics with the shrunk input.
-fn run<S: Strategy>(
-    name: &str,
-    cases: u32,
-    salt: u64,
-    strategy: S,
-    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
-) {
-    let cases = cases * env_u64("DISTILLERY_FUZZ_CASES").unwrap_or(1).max(1) as u32;
-    let seed = env_u64("DISTILLERY_FUZZ_SEED").unwrap_or(0x6469_7374_696c_6c65);
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    bytes[8..16].copy_from_slice(&salt.to_le_bytes());
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        rng_algorithm: RngAlgorithm::ChaCha,
-        max_shrink_iters: 512,
-        ..Config::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
-    let started = Instant::now();
-    match runner.run(&strategy, test) {
-        Ok(()) => eprintln!(
-            "fuzz {name}: {cases} cases passed in {:.2} s",
-            started.elapsed().as_secs_f64()
-        ),
-        Err(TestError::Fail(why, input)) => {
-            panic!("fuzz {name} failed: {why}\nminimal failing input: {input:#?}")
-        }
-        Err(TestError::Abort(why)) => panic!("fuzz {name} aborted: {why}"),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Generators of weird but JSON-representable values.
-// ---------------------------------------------------------------------------------------------
-
-/// Text of the kinds that trip parsers, tokenizers and templates: controls, BOMs, bidi and
-/// combining marks, astral and private-use code points, template and special-token syntax.
-const WEIRD: &[&str] = &[
-    "",
-    " ",
-    "\0",
-    "\u{1}\u{1f}\u{7f}",
-    "\u{feff}",
-    "\u{202e}abc\u{202c}",
-    "e\u{301}\u{301}\u{301}",
-    "\u{fffd}",
-    "\u{10ffff}",
-    "\u{e000}",
-    "🦀",
-    "👨\u{200d}👩\u{200d}👧",
-    "ǅİßﬃ",
-    "日本語のテキスト",
-    "\r\n",
-    "\t\u{b}\u{c}",
-    "\"",
-    "\\",
-    "\\u0000",
-    "{{ messages }}",
-    "{% for m in messages %}",
-    "{#",
-    "}}",
-    "%}",
-    "<s>",
-    "</s>",
-    "<|user|>",
-    "<|assistant|>",
-    "<｜User｜>",
-    "<｜end▁of▁sentence｜>",
-    "[INST]",
-    "<<SYS>>",
-    "data: [DONE]\n\n",
-    "null",
-    "1e308",
-    "fuzz-model",
-];
-
-const LONG_CHARS: &[char] = &['a', 'é', '日', '🦀', '\0', '"'];
-
-fn weird_string() -> BoxedStrategy<String> {
-    prop_oneof![
-        4 => any::<String>(),
-        3 => select(WEIRD).prop_map(str::to_string),
-        3 => "[a-z ]{0,12}",
-        2 => vec(select(WEIRD), 0..6).prop_map(|v| v.concat()),
-        1 => "\\PC{0,40}",
-        // Long text: some bodies go over the limit (413), many prompts over the context.
-        1 => (select(LONG_CHARS), 0usize..6000)
-            .prop_map(|(c, n)| c.to_string().repeat(n)),
-    ]
-    .boxed()
-}
-
 /// Short, mostly printable text, for contents that must stay inside the context.
 fn short_text() -> BoxedStrategy<String> {
     prop_oneof![
@@ -153,91 +31,6 @@ fn short_text() -> BoxedStrategy<String> {
         1 => select(WEIRD).prop_filter("non-empty", |s| !s.is_empty()).prop_map(str::to_string),
         1 => "\\PC{1,6}",
     ]
-    .boxed()
-}
-
-const EDGE_INTS: &[i64] = &[
-    i64::MIN,
-    -(1 << 53) - 1,
-    -1,
-    0,
-    20,
-    21,
-    255,
-    256,
-    u32::MAX as i64,
-    u32::MAX as i64 + 1,
-    i64::MAX,
-];
-
-/// Floats at the edges: negative zero, subnormals, past f32's range, integral values.
-const EDGE_FLOATS: &[f64] = &[
-    -0.0,
-    0.0,
-    0.5,
-    1.0,
-    2.0,
-    -1.5,
-    1e-320,
-    5e-324,
-    1e308,
-    -1e308,
-    f64::MAX,
-    3.4e38,
-    3.5e38,
-    4294967296.0,
-    1e19,
-];
-
-fn number() -> BoxedStrategy<Value> {
-    prop_oneof![
-        3 => (-3i64..=70).prop_map(Value::from),
-        2 => select(EDGE_INTS).prop_map(Value::from),
-        1 => any::<u64>().prop_map(Value::from),
-        1 => Just(Value::from(u64::MAX)),
-        3 => select(EDGE_FLOATS).prop_map(Value::from),
-        2 => any::<f64>()
-            .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
-            .prop_map(Value::from),
-        2 => (-3.0f64..3.0).prop_map(Value::from),
-    ]
-    .boxed()
-}
-
-/// Field names of every request type, so that arbitrary objects often look like requests.
-const FIELD_NAMES: &[&str] = &[
-    "model",
-    "messages",
-    "prompt",
-    "role",
-    "content",
-    "type",
-    "text",
-    "max_tokens",
-    "n",
-    "stop",
-    "temperature",
-    "stream",
-    "include_usage",
-    "tokens",
-    "logit_bias",
-];
-
-/// Any JSON value at all, a few levels deep.
-fn any_json() -> BoxedStrategy<Value> {
-    let leaf = prop_oneof![
-        1 => Just(Value::Null),
-        1 => any::<bool>().prop_map(Value::Bool),
-        3 => number(),
-        3 => weird_string().prop_map(Value::String),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        let key = prop_oneof![select(FIELD_NAMES).prop_map(str::to_string), weird_string()];
-        prop_oneof![
-            vec(inner.clone(), 0..4).prop_map(Value::Array),
-            btree_map(key, inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
     .boxed()
 }
 
@@ -325,95 +118,6 @@ fn plausible(ty: Ty) -> BoxedStrategy<Value> {
         ]
         .boxed(),
     }
-}
-
-const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
-
-fn role() -> BoxedStrategy<Value> {
-    prop_oneof![
-        24 => select(ROLES).prop_map(Value::from),
-        1 => weird_string().prop_map(Value::from),
-        1 => any_json(),
-    ]
-    .boxed()
-}
-
-fn content_part() -> BoxedStrategy<Value> {
-    let kind = prop_oneof![
-        12 => Just(Value::from("text")),
-        2 => select(&["image_url", "input_audio", "refusal", "TEXT"][..]).prop_map(Value::from),
-        1 => any_json(),
-    ];
-    let text = prop_oneof![
-        12 => weird_string().prop_map(|s| Some(Value::from(s))),
-        2 => Just(Some(Value::Null)),
-        2 => Just(None),
-        1 => any_json().prop_map(Some),
-    ];
-    prop_oneof![
-        20 => (kind, text, any::<bool>()).prop_map(|(kind, text, extra)| {
-            let mut m = Map::new();
-            m.insert("type".into(), kind);
-            if let Some(t) = text {
-                m.insert("text".into(), t);
-            }
-            if extra {
-                m.insert("image_url".into(), json!({ "url": "data:," }));
-            }
-            Value::Object(m)
-        }),
-        1 => (weird_string(), weird_string()).prop_map(|(k, t)| json!([k, t])),
-        1 => any_json(),
-    ]
-    .boxed()
-}
-
-fn content() -> BoxedStrategy<Option<Value>> {
-    prop_oneof![
-        12 => weird_string().prop_map(|s| Some(Value::from(s))),
-        4 => vec(content_part(), 0..4).prop_map(|p| Some(Value::Array(p))),
-        2 => Just(Some(Value::Null)),
-        2 => Just(None),
-        1 => any_json().prop_map(Some),
-    ]
-    .boxed()
-}
-
-/// An OpenAI chat message, mostly well formed, with the odd extra key or wrong shape.
-fn message() -> BoxedStrategy<Value> {
-    let extra = prop_oneof![
-        6 => Just(None),
-        1 => Just(Some(("name".to_string(), Value::from("fuzzer")))),
-        1 => Just(Some((
-            "tool_calls".to_string(),
-            json!([{ "id": "call_1", "type": "function",
-                     "function": { "name": "f", "arguments": "{}" } }]),
-        ))),
-        1 => Just(Some(("tool_call_id".to_string(), Value::from("call_1")))),
-        1 => (weird_string(), any_json()).prop_map(Some),
-    ];
-    prop_oneof![
-        30 => (prop::option::weighted(0.97, role()), content(), extra).prop_map(
-            |(role, content, extra)| {
-                let mut m = Map::new();
-                if let Some(r) = role {
-                    m.insert("role".into(), r);
-                }
-                if let Some(c) = content {
-                    m.insert("content".into(), c);
-                }
-                if let Some((k, v)) = extra {
-                    m.insert(k, v);
-                }
-                Value::Object(m)
-            }
-        ),
-        // serde also takes a struct as a sequence of its fields.
-        1 => (select(ROLES), weird_string()).prop_map(|(r, c)| json!([r, c])),
-        1 => vec(any_json(), 0..4).prop_map(Value::Array),
-        1 => any_json(),
-    ]
-    .boxed()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1303,12 +1007,6 @@ fn valid_request(ep: Endpoint, vocab: u32) -> BoxedStrategy<Value> {
 // Property 1: request bytes → parse → validation, over HTTP.
 // ---------------------------------------------------------------------------------------------
 
-fn builtin_tokenizer() -> Tokenizer {
-    let (_, tokenizer) = builtin::load("tiny", DTypeChoice::F32, &candle_core::Device::Cpu)
-        .expect("the built-in model loads");
-    tokenizer
-}
-
 /// Bugs found while writing this fuzzer, pinned: each body with the status and param it must
 /// get (the properties below find them too, but only by chance).
 fn regressions(http: &Http) -> Result<(), TestCaseError> {
@@ -1530,149 +1228,4 @@ fn context_limits(http: &Http, vocab: u32) {
         },
     );
     http.report("context limit, /v1/chat/completions (with /tokenize)");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Property 2: chat messages → template rendering, in process.
-// ---------------------------------------------------------------------------------------------
-
-/// Every real template there is: the built-in model's, and each model folder's.
-fn templates() -> Vec<(String, Tokenizer)> {
-    let mut out = vec![("builtin:tiny".to_string(), builtin_tokenizer())];
-    let Some(dir) = common::models_dir() else {
-        eprintln!(
-            "\n!!! SKIPPING the model folders' chat templates: ../shared/models is absent; \
-             fuzzing the built-in template only !!!\n"
-        );
-        return out;
-    };
-    let mut folders: Vec<_> = std::fs::read_dir(&dir)
-        .expect("models dir readable")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("tokenizer.json").is_file())
-        .collect();
-    folders.sort();
-    for folder in folders {
-        let name = folder
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let tokenizer =
-            Tokenizer::from_dir(&folder).unwrap_or_else(|e| panic!("{name}: tokenizer loads: {e}"));
-        if tokenizer.chat_template().is_some() {
-            out.push((name, tokenizer));
-        } else {
-            eprintln!("fuzz: {name} has no chat template");
-        }
-    }
-    out
-}
-
-/// What the server hands a template: role and content strings (parts joined, null empty).
-fn as_server_messages(messages: &[Value]) -> Vec<ChatMessage> {
-    messages
-        .iter()
-        .filter_map(|m| {
-            let role = m.get("role")?.as_str()?;
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect(),
-                _ => String::new(),
-            };
-            Some(ChatMessage::new(role, content))
-        })
-        .collect()
-}
-
-fn check_render(
-    name: &str,
-    what: &str,
-    result: Result<String, distillery::tokenizer::TokenizerError>,
-) -> Result<Option<String>, TestCaseError> {
-    match result {
-        Ok(text) => Ok(Some(text)),
-        Err(e) => {
-            let message = e.to_string();
-            prop_assert!(
-                message.starts_with("chat template") && message.len() > "chat template: ".len(),
-                "{name}: {what}: unclear error {message:?}"
-            );
-            Ok(None)
-        }
-    }
-}
-
-#[test]
-fn chat_templates_render_or_refuse_any_message_list() {
-    let templates = templates();
-    let started = Instant::now();
-    let messages = prop_oneof![
-        8 => vec(message(), 0..6),
-        1 => Just(Vec::new()),
-        1 => vec(any_json(), 0..3),
-    ];
-    run(
-        "chat templates, arbitrary messages",
-        512,
-        10,
-        (messages, any::<bool>()),
-        |(messages, add_generation_prompt)| {
-            let plain = as_server_messages(&messages);
-            for (name, tokenizer) in &templates {
-                let template = tokenizer.chat_template().expect("has a template");
-                check_render(
-                    name,
-                    "OpenAI messages",
-                    template.render_serialized(&messages, add_generation_prompt),
-                )?;
-                check_render(
-                    name,
-                    "server messages",
-                    tokenizer.apply_chat_template(&plain, add_generation_prompt),
-                )?;
-            }
-            Ok(())
-        },
-    );
-    let contents = vec(prop_oneof![3 => weird_string(), 1 => "[a-z ]{0,40}"], 1..7);
-    run(
-        "chat templates, user/assistant turns",
-        512,
-        11,
-        (contents, any::<bool>()),
-        |(contents, add_generation_prompt)| {
-            let messages: Vec<ChatMessage> = contents
-                .iter()
-                .enumerate()
-                .map(|(i, c)| ChatMessage::new(["user", "assistant"][i % 2], c.as_str()))
-                .collect();
-            for (name, tokenizer) in &templates {
-                let rendered = check_render(
-                    name,
-                    "alternating turns",
-                    tokenizer.apply_chat_template(&messages, add_generation_prompt),
-                )?;
-                if let Some(text) = rendered {
-                    for m in &messages {
-                        prop_assert!(
-                            text.contains(&m.content),
-                            "{name}: {} content {:?} is not in the rendering {text:?}",
-                            m.role,
-                            m.content
-                        );
-                    }
-                }
-            }
-            Ok(())
-        },
-    );
-    eprintln!(
-        "fuzz: {} templates took {:.2} s",
-        templates.len(),
-        started.elapsed().as_secs_f64()
-    );
 }
