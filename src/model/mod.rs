@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod decoder;
 pub mod dummy;
 mod error;
+mod fast_math;
 pub mod kv_cache;
 pub mod paged_attention;
 mod rope;

@@ -23,6 +23,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::batch::ForwardBatch;
+#[cfg(target_arch = "x86_64")]
+use super::fast_math::Fused;
+use super::fast_math::{cpu_has_avx2_fma, fast_exp, MulAdd, Unfused};
 
 /// Element types the cache can hold; math is always done in f32.
 pub trait KvElem: Copy + Send + Sync + 'static {
@@ -306,60 +309,6 @@ struct ItemInputs<'a, T> {
     meta: &'a AttentionMeta,
     q: &'a [T],
     cache: &'a [T],
-}
-
-/// How the kernel multiply-adds. Rust never contracts `a * b + c` into an FMA by itself, and
-/// `f32::mul_add` without hardware FMA is a call to libm's `fmaf`, so the choice is made per
-/// compiled entry point.
-trait MulAdd {
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
-}
-
-/// Fused multiply-add; only for code compiled with the `fma` target feature.
-#[cfg(target_arch = "x86_64")]
-struct Fused;
-
-#[cfg(target_arch = "x86_64")]
-impl MulAdd for Fused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-
-/// A multiply then an add, for targets that may lack FMA.
-struct Unfused;
-
-impl MulAdd for Unfused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-
-/// `e^x` to about 1e-7 relative error, inlined so the hot loop does not call into libm.
-#[inline(always)]
-fn fast_exp<M: MulAdd>(x: f32) -> f32 {
-    // Written as selects (not `clamp`, whose NaN rules block vectorisation).
-    let x = if x < -87.0 { -87.0 } else { x };
-    let x = if x > 88.0 { 88.0 } else { x };
-    // Adding 1.5 * 2^23 rounds x·log2(e) to the nearest integer n (ties to even) and leaves n
-    // in the low mantissa bits of `t`, so 2^n comes from integer bit operations rather than a
-    // saturating float-to-int conversion, which does not vectorise well.
-    const ROUND: f32 = 12_582_912.0;
-    let t = M::mul_add(x, std::f32::consts::LOG2_E, ROUND);
-    let n = t - ROUND;
-    // Cody-Waite: ln 2 split so that n * LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let r = M::mul_add(-n, LN2_LO, M::mul_add(-n, LN2_HI, x));
-    let mut p = 1.0 / 720.0;
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = M::mul_add(p, r, c);
-    }
-    // n is within [-126, 127] after the clamp, so n + 127 is a normal float's biased exponent;
-    // the shift drops the bits of `ROUND` above it (its low 22 mantissa bits are zero).
-    p * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 /// Largest value, eight lanes at a time (a plain fold is a serial dependency chain).
@@ -698,17 +647,6 @@ fn attend_item_best<T: KvElem>(
     attend_item::<Unfused, T>(inp, scratch, idx, out)
 }
 
-fn cpu_has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 impl PagedAttention<'_> {
     fn run<T: KvElem>(&self, q: &[T], cache: &[T]) -> Vec<T> {
         self.run_with(q, cache, cpu_has_avx2_fma())
@@ -1043,22 +981,6 @@ mod tests {
             case.shape,
             case.seqs
         );
-    }
-
-    #[test]
-    fn fast_exp_is_accurate_over_the_softmax_range() {
-        for i in 0..=200_000 {
-            let x = -90.0 + 90.0 * i as f32 / 200_000.0;
-            let want = (x as f64).max(-87.0).exp();
-            #[cfg(target_arch = "x86_64")]
-            let both = [fast_exp::<Unfused>(x), fast_exp::<Fused>(x)];
-            #[cfg(not(target_arch = "x86_64"))]
-            let both = [fast_exp::<Unfused>(x)];
-            for got in both {
-                let err = (got as f64 - want).abs() / want;
-                assert!(err < 1e-6, "e^{x}: {got} vs {want}");
-            }
-        }
     }
 
     #[test]
