@@ -93,7 +93,7 @@ fn load_tiny(dtype: DTypeChoice, device: &Device) -> Result<(Decoder, Tokenizer)
         "the built-in model has random weights and its output is meaningless; serve a real \
          student with `--model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B` or a local folder"
     );
-    let decoder = Decoder::new(config, &weights, device)?;
+    let decoder = Decoder::new(config, weights, device)?;
     Ok((decoder, tokenizer))
 }
 

@@ -26,16 +26,16 @@ struct Linear {
 
 impl Linear {
     fn load(
-        w: &Weights,
+        w: &mut Weights,
         name: &str,
         out: usize,
         inp: usize,
         bias: bool,
     ) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[out, inp])?,
+            weight: w.take(&format!("{name}.weight"), &[out, inp])?,
             bias: if bias {
-                Some(w.get(&format!("{name}.bias"), &[out])?)
+                Some(w.take(&format!("{name}.bias"), &[out])?)
             } else {
                 None
             },
@@ -101,35 +101,30 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn new(config: ModelConfig, w: &Weights, device: &Device) -> Result<Self, ModelError> {
+    pub fn new(config: ModelConfig, mut w: Weights, device: &Device) -> Result<Self, ModelError> {
         let c = &config;
         let (h, kv) = (c.hidden_size, c.num_key_value_heads * c.head_dim);
         let q_out = c.num_attention_heads * c.head_dim;
         let embed = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                let bias = c.attention_bias;
-                let q = Linear::load(w, &format!("{p}.self_attn.q_proj"), q_out, h, bias)?;
-                let k = Linear::load(w, &format!("{p}.self_attn.k_proj"), kv, h, bias)?;
-                let v = Linear::load(w, &format!("{p}.self_attn.v_proj"), kv, h, bias)?;
-                let mlp = |name: &str, out: usize, inp: usize| {
-                    Linear::load(w, &format!("{p}.mlp.{name}"), out, inp, false)
-                };
-                let inter = c.intermediate_size;
-                Ok(Layer {
-                    input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                    qkv: Linear::stacked(&[q, k, v])?,
-                    o: Linear::load(w, &format!("{p}.self_attn.o_proj"), h, q_out, false)?,
-                    post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                    gate_up: Linear::stacked(&[
-                        mlp("gate_proj", inter, h)?,
-                        mlp("up_proj", inter, h)?,
-                    ])?,
-                    down: mlp("down_proj", h, inter)?,
-                })
-            })
-            .collect::<Result<Vec<_>, ModelError>>()?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let bias = c.attention_bias;
+            let inter = c.intermediate_size;
+            let q = Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), q_out, h, bias)?;
+            let k = Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), kv, h, bias)?;
+            let v = Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), kv, h, bias)?;
+            let gate = Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), inter, h, false)?;
+            let up = Linear::load(&mut w, &format!("{p}.mlp.up_proj"), inter, h, false)?;
+            layers.push(Layer {
+                input_norm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv: Linear::stacked(&[q, k, v])?,
+                o: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), h, q_out, false)?,
+                post_norm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up: Linear::stacked(&[gate, up])?,
+                down: Linear::load(&mut w, &format!("{p}.mlp.down_proj"), h, inter, false)?,
+            });
+        }
         let norm = w.get("model.norm.weight", &[h])?;
         // Some checkpoints with tied embeddings still ship lm_head.weight; prefer it when present.
         let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {

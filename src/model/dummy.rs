@@ -278,7 +278,7 @@ mod tests {
         let weights = random_weights(&config, DType::F32, &device, DUMMY_SEED).unwrap();
         assert!(weights.contains("model.layers.1.self_attn.v_proj.bias"));
         assert!(!weights.contains("lm_head.weight"));
-        let decoder = Decoder::new(config.clone(), &weights, &device).unwrap();
+        let decoder = Decoder::new(config.clone(), weights, &device).unwrap();
         let bs = 16;
         let cache = KvCache::new(&config, 2, bs, DType::F32, &device).unwrap();
         let mut batch = ForwardBatch::default();
@@ -300,7 +300,7 @@ mod tests {
         assert!(weights.contains("lm_head.weight"));
         assert!(!weights.contains("model.layers.0.self_attn.q_proj.bias"));
         assert_eq!(weights.dtype(), DType::BF16);
-        Decoder::new(config, &weights, &Device::Cpu).unwrap();
+        Decoder::new(config, weights, &Device::Cpu).unwrap();
     }
 
     /// The size `--load-format dummy` exists for. Ignored by default: it takes gigabytes.
@@ -318,7 +318,7 @@ mod tests {
         let weights = random_weights(&config, DType::BF16, &Device::Cpu, DUMMY_SEED).unwrap();
         let elapsed = start.elapsed();
         eprintln!("1.5B dummy weights in bf16: {elapsed:?}");
-        Decoder::new(config, &weights, &Device::Cpu).unwrap();
+        Decoder::new(config, weights, &Device::Cpu).unwrap();
         assert!(elapsed.as_secs() < 30, "took {elapsed:?}");
     }
 }

@@ -199,7 +199,7 @@ pub fn load_decoder(
         ?dtype,
         "model loaded"
     );
-    Decoder::new(config, &weights, device)
+    Decoder::new(config, weights, device)
 }
 
 /// `--load-format dummy`: the decoder of a model folder's `config.json` with random weights
@@ -218,5 +218,5 @@ pub fn load_decoder_dummy(
         ?dtype,
         "loaded with random weights (--load-format dummy): timings are real, output is not"
     );
-    Decoder::new(config, &weights, device)
+    Decoder::new(config, weights, device)
 }

@@ -112,7 +112,25 @@ impl Weights {
 
     /// The tensor `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let Some((tensor, file)) = self.tensors.get(name) else {
+        self.checked(name, self.tensors.get(name), shape).cloned()
+    }
+
+    /// Like [`Weights::get`], but hands the tensor over: a caller that builds something new
+    /// from it (stacked projections) lets the original's memory go as soon as it is done,
+    /// instead of holding both copies until every layer is built.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let taken = self.tensors.remove(name);
+        let tensor = self.checked(name, taken.as_ref(), shape)?.clone();
+        Ok(tensor)
+    }
+
+    fn checked<'a>(
+        &self,
+        name: &str,
+        entry: Option<&'a (Tensor, usize)>,
+        shape: &[usize],
+    ) -> Result<&'a Tensor, ModelError> {
+        let Some((tensor, file)) = entry else {
             return Err(ModelError::MissingTensor {
                 tensor: name.to_string(),
                 files: self
@@ -134,7 +152,7 @@ impl Weights {
                 ),
             });
         }
-        Ok(tensor.clone())
+        Ok(tensor)
     }
 }
 
@@ -157,5 +175,19 @@ mod tests {
         );
         let err = w.get("lm_head.weight", &[3, 4]).unwrap_err().to_string();
         assert!(err.contains("lm_head.weight"), "{err}");
+    }
+
+    #[test]
+    fn take_hands_the_tensor_over_once() {
+        let t = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let mut w = Weights::from_tensors(
+            HashMap::from([("model.norm.weight".to_string(), t)]),
+            PathBuf::from("/models/x/model.safetensors"),
+            DType::F32,
+        );
+        assert_eq!(w.take("model.norm.weight", &[3]).unwrap().dims(), &[3]);
+        assert!(!w.contains("model.norm.weight"));
+        let err = w.take("model.norm.weight", &[3]).unwrap_err().to_string();
+        assert!(err.contains("model.norm.weight"), "{err}");
     }
 }
