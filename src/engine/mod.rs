@@ -1,10 +1,13 @@
 //! The continuous-batching engine: request lifecycle, scheduler, KV block manager with prefix
 //! caching, sampling and token-level stop conditions.
 //!
-//! It runs on its own OS thread and owns the model and the KV cache. Requests arrive over a
-//! channel; each gets its own unbounded event channel back, so a slow client never blocks a
-//! step, and dropping the receiving end cancels the request (its blocks are freed at the next
-//! step). Knows nothing of HTTP, JSON or text.
+//! Each replica (`--data-parallel-size`, one by default) runs on its own thread pool and owns
+//! its KV cache; the weights are shared. The pool has the binary's `RAYON_NUM_THREADS`
+//! (cores / replicas) threads, or all cores when that is unset, so a library user running
+//! several replicas should set it. Requests arrive over a channel; each gets its own unbounded
+//! event channel back, so a slow client never blocks a step, and dropping the receiving end
+//! cancels the request (its blocks are freed at the next step). Knows nothing of HTTP, JSON or
+//! text.
 
 pub mod block_pool;
 pub mod core;
@@ -22,7 +25,7 @@ pub use request::{
 pub use sampler::SamplingParams;
 pub use stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -64,8 +67,11 @@ pub struct EngineHandle {
 struct Replica {
     commands: mpsc::Sender<Command>,
     stats: Arc<EngineStats>,
+    /// Cleared if the loop panicked: the replica takes no more requests.
+    alive: Arc<AtomicBool>,
     /// Sequences sent its way; with the engine's own count of those it has taken in, this
-    /// tells how many are still in the channel.
+    /// estimates how many are still in the channel. Relaxed loads suffice: routing only needs
+    /// a recent figure, and a stale one costs balance, not correctness.
     submitted: AtomicU64,
     /// Runs the engine loop; dropped with the last handle, after the loop has seen its
     /// command channel close.
@@ -158,12 +164,19 @@ impl EngineHandle {
         self.replicas.len()
     }
 
+    /// False once every replica has stopped after a panic: the process can only refuse work,
+    /// and liveness says so, so an orchestrator restarts it.
+    pub fn is_alive(&self) -> bool {
+        self.replicas.iter().any(|r| r.alive.load(Acquire))
+    }
+
     /// Validates `req` against the model and cache and queues it on the least loaded replica.
     pub fn submit(&self, req: EngineRequest) -> Result<RequestStream, SubmitError> {
         self.limits.check(&req)?;
         let replica = self
             .replicas
             .iter()
+            .filter(|r| r.alive.load(Acquire))
             .min_by_key(|r| r.load())
             .ok_or(SubmitError::EngineStopped)?;
         let (tx, rx) = unbounded_channel();
@@ -230,7 +243,9 @@ pub fn build(decoder: Decoder, config: &EngineConfig) -> Result<EngineCore, Mode
     };
     if num_blocks == 0 {
         return Err(ModelError::Resolve(
-            "the KV cache budget holds no block at all; raise --kv-cache-memory".into(),
+            "the KV cache budget holds no block at all; raise --kv-cache-memory (each of the \
+             --data-parallel-size replicas gets an equal share of it)"
+                .into(),
         ));
     }
     let cache = KvCache::new(
@@ -324,7 +339,7 @@ pub fn start_replicas(cores: Vec<EngineCore>) -> Result<EngineHandle, ModelError
 /// ops that split work with rayon (candle's, and paged attention) then run on this replica's
 /// threads — inline when it has one — instead of being handed to the global pool, where the
 /// replicas would queue behind each other and pay a thread hand-off per op.
-fn start_thread(index: usize, mut core: EngineCore) -> Result<Replica, ModelError> {
+fn start_thread(index: usize, core: EngineCore) -> Result<Replica, ModelError> {
     let stats = core.shared_stats();
     let (tx, rx) = mpsc::channel::<Command>();
     // `RAYON_NUM_THREADS` (set by the binary to cores / replicas) sizes the global pool.
@@ -334,7 +349,20 @@ fn start_thread(index: usize, mut core: EngineCore) -> Result<Replica, ModelErro
         .thread_name(move |i| format!("distillery-engine-{index}.{i}"))
         .build()
         .map_err(|e| ModelError::Resolve(format!("cannot start the engine threads: {e}")))?;
-    pool.spawn(move || loop {
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
+    pool.spawn(move || run_guarded(index, &flag, move || run_loop(core, rx)));
+    Ok(Replica {
+        commands: tx,
+        stats,
+        alive,
+        submitted: AtomicU64::new(0),
+        _pool: pool,
+    })
+}
+
+fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>) {
+    loop {
         // Idle: sleep until a request comes; busy: take whatever has arrived and step.
         if !core.has_work() {
             match rx.recv() {
@@ -346,11 +374,49 @@ fn start_thread(index: usize, mut core: EngineCore) -> Result<Replica, ModelErro
             core.add_request(req, events, stops);
         }
         core.step();
-    });
-    Ok(Replica {
-        commands: tx,
-        stats,
-        submitted: AtomicU64::new(0),
-        _pool: pool,
-    })
+    }
+}
+
+/// Runs a replica's loop so that a panic (a bug: nothing a request sends should cause one)
+/// stops only that replica. Unwinding drops the engine, and with it every request's event
+/// sender, so the requests in flight end at once with an error instead of hanging; the
+/// replica is marked dead so no new work is routed to it. Without this, rayon would abort
+/// the whole process.
+fn run_guarded(index: usize, alive: &AtomicBool, body: impl FnOnce()) {
+    // The engine state that saw the panic is dropped, never used again, so a broken
+    // invariant inside it cannot leak into later work.
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        alive.store(false, Release);
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-text panic payload".into());
+        tracing::error!(
+            replica = index,
+            panic = %message,
+            "engine replica stopped after a panic; its requests in flight end with an error"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_replica_is_marked_dead_and_closes_its_streams() {
+        let alive = AtomicBool::new(true);
+        let (tx, mut rx) = unbounded_channel::<EngineEvent>();
+        run_guarded(0, &alive, move || {
+            let _owned_by_the_loop = tx;
+            panic!("a bug in a step");
+        });
+        assert!(!alive.load(Acquire));
+        assert!(rx.try_recv().is_err() && rx.is_closed());
+
+        let healthy = AtomicBool::new(true);
+        run_guarded(1, &healthy, || {});
+        assert!(healthy.load(Acquire));
+    }
 }

@@ -150,7 +150,10 @@ impl ApiError {
             SubmitError::TokenOutOfVocab(_) => ApiError::invalid(e.to_string(), Some("prompt")),
             SubmitError::ZeroChoices => ApiError::invalid(e.to_string(), Some("n")),
             SubmitError::Sampling(m) => ApiError::invalid(m.clone(), None),
-            SubmitError::EngineStopped => ApiError::overloaded("the server is shutting down"),
+            SubmitError::EngineStopped => ApiError::overloaded(
+                "the engine is not running: the server is shutting down or stopped after an \
+                 internal error",
+            ),
         }
     }
 }

@@ -23,9 +23,14 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
     })
 }
 
-/// Liveness: the process answers.
-pub async fn health() -> StatusCode {
-    StatusCode::OK
+/// Liveness: the process answers and at least one engine replica still runs (one that
+/// panicked stops; when none is left, only a restart helps).
+pub async fn health(State(st): State<Arc<AppState>>) -> StatusCode {
+    if st.engine.is_alive() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 /// Readiness: the model is loaded (it is, or the server would not be listening) and the server
