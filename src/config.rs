@@ -185,6 +185,18 @@ impl ServeSettings {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// The checks that need no model, so a bad setting fails before minutes of loading.
+    pub fn validate(&self) -> Result<(), String> {
+        self.engine_config().validate()?;
+        if self.data_parallel_size > 1 && self.device != crate::model::DeviceChoice::Cpu {
+            return Err(format!(
+                "data_parallel_size {} is for CPU serving; on {} one engine batches best",
+                self.data_parallel_size, self.device
+            ));
+        }
+        Ok(())
+    }
+
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             block_size: self.block_size,
@@ -238,6 +250,16 @@ mod tests {
         assert_eq!(parsed.metrics_compat, d.metrics_compat);
         assert_eq!(parsed.device, d.device);
         assert_eq!(parsed.gpu_memory_utilization, d.gpu_memory_utilization);
+    }
+
+    #[test]
+    fn replica_counts_are_checked_before_any_model_is_loaded() {
+        let s = ServeSettings::from_toml("data_parallel_size = 0").unwrap();
+        assert!(s.validate().unwrap_err().contains("data_parallel_size"));
+        let s = ServeSettings::from_toml("data_parallel_size = 2\ndevice = \"cuda\"").unwrap();
+        assert!(s.validate().unwrap_err().contains("CPU"));
+        let s = ServeSettings::from_toml("data_parallel_size = 2").unwrap();
+        assert_eq!(s.validate(), Ok(()));
     }
 
     #[test]

@@ -167,6 +167,8 @@ impl ServeArgs {
                 s.enable_prefix_caching = matches!(v.as_str(), "1" | "true" | "yes" | "on");
             }
         }
+        s.validate()
+            .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
         Ok(s)
     }
 }

@@ -107,8 +107,8 @@ pub enum SubmitError {
         max_tokens: usize,
     },
     #[error(
-        "the request needs {needed} tokens of KV cache but the whole cache holds {capacity}; \
-         lower max_tokens or n"
+        "the request needs {needed} tokens of KV cache but an engine's whole cache holds \
+         {capacity}; lower max_tokens"
     )]
     TooLargeForCache { needed: usize, capacity: usize },
     #[error("token id {0} is outside the model's vocabulary")]
