@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use candle_core::Device;
 use distillery::config::EngineConfig;
-use distillery::engine::{self, EngineEvent, EngineRequest, SamplingParams, StopConditions};
+use distillery::engine::{
+    self, Delivery, EngineEvent, EngineRequest, SamplingParams, StopConditions,
+};
 use distillery::model::{self, DTypeChoice};
 
 const REQUESTS: usize = 2000;
@@ -58,6 +60,7 @@ fn run(name: &str, max_tokens: usize) {
                 },
                 n: 1,
                 arrival: Instant::now(),
+                delivery: Delivery::AtFinish,
             })
             .collect();
         let start = Instant::now();

@@ -9,8 +9,8 @@ use std::time::Instant;
 use common::{golden, models_dir};
 use distillery::config::{EngineConfig, KvCacheSize};
 use distillery::engine::{
-    self, EngineCore, EngineEvent, EngineRequest, FinishReason, RequestStream, SamplingParams,
-    StopConditions,
+    self, Delivery, EngineCore, EngineEvent, EngineRequest, FinishReason, RequestStream,
+    SamplingParams, StopConditions,
 };
 use distillery::model::{self, DTypeChoice, Decoder};
 use proptest::prelude::*;
@@ -51,6 +51,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> EngineRequest {
         },
         n: 1,
         arrival: Instant::now(),
+        delivery: Delivery::EachToken,
     }
 }
 
@@ -404,4 +405,56 @@ fn replicas_share_the_load_and_agree_with_a_single_engine() {
         "every replica took requests: {per_replica:?}"
     );
     assert_eq!(handle.stats().prompt_tokens, submitted);
+}
+
+/// `Delivery::AtFinish` sends nothing while a choice runs, then the same tokens as
+/// `EachToken` (with their sampling times) just before the one `Finished`.
+#[test]
+fn at_finish_delivery_holds_tokens_until_the_choice_ends() {
+    let Some(dec) = decoder("tiny-llama-v512") else {
+        return;
+    };
+    let prompt = [0, 17, 300, 42, 9, 111];
+    let expected = alone(&dec, &prompt, 12);
+    let mut core = engine::build(dec, &config(64, 16, 4, 256, false)).unwrap();
+    let mut stream = core
+        .submit(EngineRequest {
+            n: 2,
+            delivery: Delivery::AtFinish,
+            ..greedy(&prompt, 12)
+        })
+        .unwrap();
+    let mut events = Vec::new();
+    while core.has_work() {
+        core.step();
+        let before = events.len();
+        while let Some(ev) = stream.try_recv() {
+            events.push(ev);
+        }
+        // Whatever arrived in one step ends with that choice's `Finished`.
+        if events.len() > before {
+            assert!(matches!(events.last(), Some(EngineEvent::Finished { .. })));
+        }
+    }
+    let mut tokens = vec![Vec::new(); 2];
+    let mut times = Vec::new();
+    let mut finished = 0;
+    for ev in events {
+        match ev {
+            EngineEvent::Token {
+                choice, token, at, ..
+            } => {
+                tokens[choice].push(token);
+                times.push(at);
+            }
+            EngineEvent::Finished { .. } => finished += 1,
+            EngineEvent::Error { message } => panic!("{message}"),
+        }
+    }
+    assert_eq!(finished, 2);
+    assert_eq!(tokens, vec![expected.clone(), expected]);
+    assert!(
+        times[..12].windows(2).all(|w| w[0] < w[1]),
+        "sampled one step apart"
+    );
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::device_sampling;
 use super::kv_manager::KvManager;
-use super::request::{EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
+use super::request::{Delivery, EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
 use super::sampler::{argmax, SamplerScratch};
 use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
 use super::sequence::{RequestShared, Sequence};
@@ -112,6 +112,7 @@ impl EngineCore {
         let shared = Arc::new(RequestShared {
             params: req.params,
             stop: req.stop,
+            delivery: req.delivery,
             events,
             stop_requested,
         });
@@ -355,7 +356,7 @@ fn sample_and_emit(
     let is_stop_token = (!stop.ignore_eos && eos_token_ids.contains(&token))
         || stop.stop_token_ids.contains(&token);
     if !is_stop_token {
-        req.send(EngineEvent::Token {
+        let event = EngineEvent::Token {
             choice: s.choice,
             token,
             logprobs,
@@ -364,7 +365,12 @@ fn sample_and_emit(
             } else {
                 None
             },
-        });
+            at: now,
+        };
+        match req.delivery {
+            Delivery::EachToken => req.send(event),
+            Delivery::AtFinish => s.held.push(event),
+        }
     }
     let reason = if is_stop_token {
         FinishReason::Stop
@@ -374,6 +380,9 @@ fn sample_and_emit(
         return None;
     };
     s.finished = true;
+    for event in s.held.drain(..) {
+        req.send(event);
+    }
     req.send(EngineEvent::Finished {
         choice: s.choice,
         reason,

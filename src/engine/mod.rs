@@ -20,7 +20,8 @@ mod sequence;
 pub mod stats;
 
 pub use request::{
-    EngineEvent, EngineRequest, FinishReason, StopConditions, SubmitError, Timings, TokenLogprobs,
+    Delivery, EngineEvent, EngineRequest, FinishReason, StopConditions, SubmitError, Timings,
+    TokenLogprobs,
 };
 pub use sampler::SamplingParams;
 pub use stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};

@@ -26,6 +26,19 @@ pub struct EngineRequest {
     pub n: usize,
     /// When the request reached the server (TTFT and queue time count from here).
     pub arrival: Instant,
+    pub delivery: Delivery,
+}
+
+/// When a choice's tokens are sent back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Delivery {
+    /// Each token as soon as it is sampled: for streaming, and for a caller that checks stop
+    /// strings as the text grows (it must see tokens early to end the choice early).
+    #[default]
+    EachToken,
+    /// All of a choice's tokens together, just before its `Finished`: the caller is woken once
+    /// per choice instead of once per token. For a caller that shows nothing until the end.
+    AtFinish,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +87,8 @@ pub enum EngineEvent {
         /// time queue and prefill even for a choice it ends itself (a stop string), which
         /// gets no `Finished` event.
         first_scheduled: Option<Instant>,
+        /// When it was sampled; with [`Delivery::AtFinish`] that is earlier than it arrives.
+        at: Instant,
     },
     /// Choice `choice` is done; exactly one per choice.
     Finished {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::kv_manager::SeqBlocks;
-use super::request::{EngineEvent, StopConditions, Timings};
+use super::request::{Delivery, EngineEvent, StopConditions, Timings};
 use super::sampler::{SamplingParams, SequenceSampler};
 
 pub type SeqId = u64;
@@ -17,6 +17,7 @@ pub type SeqId = u64;
 pub struct RequestShared {
     pub params: SamplingParams,
     pub stop: StopConditions,
+    pub delivery: Delivery,
     pub events: UnboundedSender<EngineEvent>,
     /// Set by the client per choice when it ended the choice itself (a stop string matched).
     pub stop_requested: Arc<[AtomicBool]>,
@@ -57,6 +58,8 @@ pub struct Sequence {
     /// Prompt tokens found in the prefix cache (or shared from the parent) at admission.
     pub cached_prompt_tokens: usize,
     pub timings: Timings,
+    /// Token events kept for [`Delivery::AtFinish`], sent just before `Finished`.
+    pub held: Vec<EngineEvent>,
     /// Set once its `Finished` event is sent; the sequence leaves the queues at the step's end.
     pub finished: bool,
 }
@@ -88,6 +91,7 @@ impl Sequence {
                 first_token: None,
                 last_token: None,
             },
+            held: Vec::new(),
             finished: false,
         }
     }

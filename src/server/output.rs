@@ -238,8 +238,11 @@ impl Outputs {
                 token,
                 logprobs,
                 first_scheduled,
+                at,
             } => {
-                let now = Instant::now();
+                // Timed when sampled: with `Delivery::AtFinish` tokens arrive together at the
+                // end, and TTFT and the gaps must still be the engine's.
+                let now = at;
                 self.times.first_token.get_or_insert(now);
                 self.times.last_token = Some(now);
                 self.permit = None; // running now: no longer counts as queued
@@ -286,7 +289,7 @@ impl Outputs {
                     self.unfinished -= 1;
                     self.finish_reasons.push(FinishReason::Stop);
                     self.metrics.requests().finished(&c.intervals(
-                        now,
+                        Instant::now(),
                         self.arrival,
                         self.admitted,
                         self.n,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::error::ApiError;
 use super::protocol::SamplingFields;
-use crate::engine::{EngineRequest, SamplingParams, StopConditions};
+use crate::engine::{Delivery, EngineRequest, SamplingParams, StopConditions};
 
 /// Most choices one request may ask for.
 pub const MAX_N: u32 = 64;
@@ -152,6 +152,13 @@ impl Prepared {
             stop,
             n: self.n,
             arrival,
+            // Nothing is shown before the end unless streaming, and stop strings are checked
+            // as text grows (to end the choice early), so only they need each token at once.
+            delivery: if self.stream || !self.stop_strings.is_empty() {
+                Delivery::EachToken
+            } else {
+                Delivery::AtFinish
+            },
         }
     }
 }
