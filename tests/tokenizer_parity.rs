@@ -173,6 +173,48 @@ fn golden_prompts_encode_render_and_decode() {
     }
 }
 
+/// Chat prompts encoded turn by turn, the leading turns reused from earlier prompts, give
+/// exactly the ids of encoding the whole text, and the reuse stays on for every model here.
+#[test]
+fn chat_prompts_reusing_earlier_turns_encode_like_the_whole_text() {
+    let system = "You are Sunny, the assistant of BrightCart. Answer briefly.";
+    let users = [
+        "Where is my order?",
+        " leading space and trailing space ",
+        "\nnew lines\n\nand tabs\t here",
+        "unicode: café, 東京, emoji 🙂",
+        "looks special: </s> <|im_end|> <s> [INST]",
+        "",
+    ];
+    for (name, dir, tok) in models() {
+        if tok.chat_template().is_none() {
+            continue;
+        }
+        let reference = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        // Twice round, so the later prompts are encoded after the split is trusted.
+        for round in 0..2 {
+            for (i, user) in users.iter().enumerate() {
+                let mut messages = vec![msg("system", system), msg("user", user)];
+                if i % 2 == 1 {
+                    messages.push(msg("assistant", "Sure, let me check."));
+                    messages.push(msg("user", users[(i + 1) % users.len()]));
+                }
+                let text = tok.apply_chat_template(&messages, true).unwrap();
+                let want = reference.encode_fast(text.as_str(), false).unwrap();
+                assert_eq!(
+                    tok.encode(&text, false).unwrap(),
+                    want.get_ids(),
+                    "{name}, round {round}, prompt {i}: {text:?}"
+                );
+            }
+        }
+        assert!(
+            tok.reuses_prompt_prefixes(),
+            "{name}: prefix reuse turned itself off"
+        );
+    }
+}
+
 #[test]
 fn detokenizer_streams_golden_generations() {
     let mut with_context_checked = 0;

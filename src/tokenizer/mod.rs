@@ -8,6 +8,7 @@
 mod chat_template;
 mod detokenizer;
 mod python_format;
+mod segment_cache;
 pub mod stop_strings;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
@@ -49,6 +50,7 @@ pub struct Tokenizer {
     eos_token_id: Option<u32>,
     add_bos_token: Option<bool>,
     chat_template: Option<ChatTemplate>,
+    segments: Option<segment_cache::SegmentCache>,
 }
 
 impl Tokenizer {
@@ -108,7 +110,9 @@ impl Tokenizer {
             .map(|s| ChatTemplate::new(&s, bos_token.clone(), eos_token.clone()))
             .transpose()?;
         let eos_token_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        let segments = segment_cache::SegmentCache::new(&inner);
         Ok(Self {
+            segments,
             inner,
             bos_token,
             eos_token,
@@ -119,6 +123,27 @@ impl Tokenizer {
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        match &self.segments {
+            // The post-processor's additions (a BOS) belong to the whole text, not to pieces.
+            Some(cache) if !add_special_tokens => {
+                cache.encode(text, |piece| self.encode_whole(piece, false))
+            }
+            _ => self.encode_whole(text, add_special_tokens),
+        }
+    }
+
+    /// Whether prompts are encoded turn by turn with their leading turns reused (see
+    /// `segment_cache`): false where the tokenizer has no special token to split at, or
+    /// where it was found to encode a split prompt differently.
+    pub fn reuses_prompt_prefixes(&self) -> bool {
+        self.segments.as_ref().is_some_and(|c| c.is_on())
+    }
+
+    fn encode_whole(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         // encode_fast skips offset tracking, which a server never uses.
         let encoding = self
             .inner

@@ -1,0 +1,337 @@
+//! Reuses the token ids of a prompt's leading turns. A chat prompt is the template's render of
+//! every message, and the customer-service case sends the same system turn thousands of times
+//! a second; encoding it again each time was most of the tokenizer's work.
+//!
+//! `tokenizers` cuts special added tokens (`</s>`, `<|im_end|>`, …) out of the text before it
+//! normalises and pre-tokenises, so the text after one is encoded without regard to what came
+//! before. A prompt therefore splits into *segments*, each ending just after a special token,
+//! whose ids concatenate to the ids of the whole. This cache keeps the ids of prompt prefixes
+//! that end at such a boundary, so only the new turns are encoded.
+//!
+//! That independence is a property of the tokenizer's configuration, not a promise, so the
+//! first few prompts that split are also encoded whole and compared; one mismatch turns the
+//! cache off for good (with a warning) and every prompt is then encoded whole.
+//!
+//! Owns the prefix table; knows nothing of chat templates or of which turn is which.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::Hasher;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aho_corasick::{AhoCorasick, MatchKind};
+
+/// Prompts encoded both ways before the split is trusted.
+const CHECKS: u8 = 8;
+/// Prefixes kept; the least recently used goes first.
+const MAX_ENTRIES: usize = 1024;
+/// Bytes of prefix text kept, all entries together.
+const MAX_BYTES: usize = 16 << 20;
+
+const CHECKING: u8 = 0;
+const TRUSTED: u8 = CHECKS;
+const OFF: u8 = u8::MAX;
+
+struct Entry {
+    text: Box<str>,
+    ids: Arc<[u32]>,
+    used: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    /// Keyed by the hash of the prefix text; the text itself is compared on a hit.
+    entries: HashMap<u64, Entry>,
+    bytes: usize,
+    clock: u64,
+}
+
+pub struct SegmentCache {
+    /// Every added token matched by content (leftmost-longest, as `tokenizers` does), so a
+    /// token inside a longer added token is not mistaken for a boundary.
+    matcher: AhoCorasick,
+    /// Per pattern: whether the text after it starts a segment.
+    is_boundary: Vec<bool>,
+    /// How many prompts have been checked, or `TRUSTED`, or `OFF`.
+    state: AtomicU8,
+    table: Mutex<Table>,
+}
+
+impl SegmentCache {
+    /// `None` when the tokenizer has no special token to split at.
+    pub fn new(tokenizer: &tokenizers::Tokenizer) -> Option<Self> {
+        let mut added: Vec<_> = tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            // Normalised tokens are matched on normalised text, which this cannot see.
+            .filter(|t| !t.normalized && !t.content.is_empty())
+            .collect();
+        added.sort_by(|a, b| a.content.cmp(&b.content));
+        added.dedup_by(|a, b| a.content == b.content);
+        // A boundary needs a token that always matches where its text is and takes nothing
+        // from the text after it: no word-boundary rule, no stripping of what follows.
+        let is_boundary: Vec<bool> = added
+            .iter()
+            .map(|t| t.special && !t.single_word && !t.rstrip)
+            .collect();
+        if !is_boundary.contains(&true) {
+            return None;
+        }
+        let matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(added.iter().map(|t| t.content.as_str()))
+            .ok()?;
+        Some(Self {
+            matcher,
+            is_boundary,
+            state: AtomicU8::new(CHECKING),
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    /// The ids of `text`; `encode` encodes a piece of text on its own (no special tokens
+    /// added around it).
+    pub fn encode<E>(
+        &self,
+        text: &str,
+        encode: impl Fn(&str) -> Result<Vec<u32>, E>,
+    ) -> Result<Vec<u32>, E> {
+        let state = self.state.load(Ordering::Relaxed);
+        if state == OFF {
+            return encode(text);
+        }
+        let bounds: Vec<usize> = self
+            .matcher
+            .find_iter(text)
+            .filter(|m| self.is_boundary[m.pattern().as_usize()])
+            .map(|m| m.end())
+            .filter(|&end| end < text.len())
+            .collect();
+        if bounds.is_empty() {
+            return encode(text);
+        }
+        let hashes = prefix_hashes(text, &bounds);
+        let (start, mut ids) = self.longest_cached(text, &bounds, &hashes);
+        let mut fresh = Vec::new();
+        let mut from = start.map_or(0, |i| bounds[i]);
+        for (i, &end) in bounds.iter().enumerate().skip(start.map_or(0, |i| i + 1)) {
+            ids.extend(encode(&text[from..end])?);
+            from = end;
+            // The last boundary closes the newest turn, which is unlikely to come again.
+            if i + 1 < bounds.len() {
+                fresh.push((i, ids.len()));
+            }
+        }
+        ids.extend(encode(&text[from..])?);
+        if state != TRUSTED && !self.check(text, &ids, &encode)? {
+            return encode(text);
+        }
+        if !fresh.is_empty() {
+            let mut table = self.lock();
+            for (i, n) in fresh {
+                table.insert(hashes[i], &text[..bounds[i]], &ids[..n]);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The longest prefix in the table: its boundary's index and its ids.
+    fn longest_cached(
+        &self,
+        text: &str,
+        bounds: &[usize],
+        hashes: &[u64],
+    ) -> (Option<usize>, Vec<u32>) {
+        let mut table = self.lock();
+        table.clock += 1;
+        let now = table.clock;
+        for i in (0..bounds.len()).rev() {
+            if let Some(e) = table.entries.get_mut(&hashes[i]) {
+                if *e.text == text[..bounds[i]] {
+                    e.used = now;
+                    let mut ids = Vec::with_capacity(e.ids.len() + 64);
+                    ids.extend_from_slice(&e.ids);
+                    return (Some(i), ids);
+                }
+            }
+        }
+        (None, Vec::new())
+    }
+
+    /// Compares `split` with the whole text's encoding while the split is not yet trusted;
+    /// false (and the cache off) if they differ.
+    fn check<E>(
+        &self,
+        text: &str,
+        split: &[u32],
+        encode: &impl Fn(&str) -> Result<Vec<u32>, E>,
+    ) -> Result<bool, E> {
+        if encode(text)? == split {
+            let _ = self
+                .state
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                    (s < TRUSTED).then_some(s + 1)
+                });
+            return Ok(true);
+        }
+        self.state.store(OFF, Ordering::Relaxed);
+        self.lock().entries.clear();
+        tracing::warn!(
+            "this tokenizer encodes text differently after a special token depending on what \
+             precedes it; prompts will be encoded whole (slower, not wrong)"
+        );
+        Ok(false)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // The table is a cache: a panic elsewhere while it was held leaves nothing to repair.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != OFF
+    }
+}
+
+impl Table {
+    fn insert(&mut self, hash: u64, text: &str, ids: &[u32]) {
+        if text.len() > MAX_BYTES / 4 || self.entries.contains_key(&hash) {
+            return;
+        }
+        while self.entries.len() >= MAX_ENTRIES || self.bytes + text.len() > MAX_BYTES {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(&k, _)| k)
+            else {
+                break;
+            };
+            if let Some(e) = self.entries.remove(&oldest) {
+                self.bytes -= e.text.len();
+            }
+        }
+        self.clock += 1;
+        self.bytes += text.len();
+        self.entries.insert(
+            hash,
+            Entry {
+                text: text.into(),
+                ids: ids.into(),
+                used: self.clock,
+            },
+        );
+    }
+}
+
+/// The hash of `text[..b]` for every `b` in `bounds` (ascending), in one pass over the text.
+fn prefix_hashes(text: &str, bounds: &[usize]) -> Vec<u64> {
+    let mut hasher = DefaultHasher::new();
+    let mut from = 0;
+    bounds
+        .iter()
+        .map(|&b| {
+            hasher.write(&text.as_bytes()[from..b]);
+            from = b;
+            hasher.clone().finish()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    fn tokenizer() -> tokenizers::Tokenizer {
+        // A word-level model over whitespace-split words, with `</s>` as a special token.
+        let json = r#"{
+          "version": "1.0",
+          "added_tokens": [
+            {"id": 0, "content": "</s>", "single_word": false, "lstrip": false,
+             "rstrip": false, "normalized": false, "special": true}
+          ],
+          "normalizer": null,
+          "pre_tokenizer": {"type": "Whitespace"},
+          "post_processor": null,
+          "decoder": null,
+          "model": {"type": "WordLevel", "vocab": {"</s>": 0, "[UNK]": 1, "sys": 2,
+                    "be": 3, "kind": 4, "q": 5, "a": 6, "b": 7}, "unk_token": "[UNK]"}
+        }"#;
+        tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_shared_prefix_is_encoded_once_and_the_ids_are_unchanged() {
+        let tok = tokenizer();
+        let cache = SegmentCache::new(&tok).unwrap();
+        let pieces = RefCell::new(Vec::<String>::new());
+        let encode = |s: &str| -> Result<Vec<u32>, ()> {
+            pieces.borrow_mut().push(s.to_string());
+            Ok(tok.encode_fast(s, false).unwrap().get_ids().to_vec())
+        };
+        let whole = |s: &str| tok.encode_fast(s, false).unwrap().get_ids().to_vec();
+        let prompts = [
+            "sys be kind</s>q a</s>b",
+            "sys be kind</s>q b</s>a",
+            "sys be kind</s>a</s>b",
+        ];
+        for _ in 0..CHECKS {
+            for p in prompts {
+                assert_eq!(cache.encode(p, encode).unwrap(), whole(p));
+            }
+        }
+        assert_eq!(cache.state.load(Ordering::Relaxed), TRUSTED);
+        pieces.borrow_mut().clear();
+        assert_eq!(cache.encode(prompts[1], encode).unwrap(), whole(prompts[1]));
+        // Only the turns after the cached system turn were encoded.
+        assert_eq!(
+            *pieces.borrow(),
+            vec!["q b</s>".to_string(), "a".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_tokenizer_that_disagrees_turns_the_cache_off() {
+        let tok = tokenizer();
+        let cache = SegmentCache::new(&tok).unwrap();
+        // An encoder whose result depends on where the piece sits, as an offset-dependent
+        // pre-tokenizer would: the split result then differs from the whole one.
+        let encode = |s: &str| -> Result<Vec<u32>, ()> {
+            let mut ids = tok.encode_fast(s, false).unwrap().get_ids().to_vec();
+            if !s.starts_with("sys") {
+                ids.push(7);
+            }
+            Ok(ids)
+        };
+        let text = "sys</s>q";
+        let ids = cache.encode(text, encode).unwrap();
+        assert_eq!(ids, encode(text).unwrap());
+        assert!(!cache.is_on());
+    }
+
+    #[test]
+    fn no_special_token_means_no_cache() {
+        let json = tokenizer()
+            .to_string(false)
+            .unwrap()
+            .replace("\"special\":true", "\"special\":false");
+        let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        assert!(SegmentCache::new(&tok).is_none());
+    }
+
+    #[test]
+    fn the_table_stays_within_its_entry_bound() {
+        let mut table = Table::default();
+        for i in 0..MAX_ENTRIES + 10 {
+            table.insert(i as u64, "x", &[1]);
+        }
+        assert_eq!(table.entries.len(), MAX_ENTRIES);
+        // The oldest went first.
+        assert!(
+            !table.entries.contains_key(&0)
+                && table.entries.contains_key(&(MAX_ENTRIES as u64 + 9))
+        );
+    }
+}
