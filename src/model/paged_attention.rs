@@ -401,6 +401,56 @@ fn score8<const H: usize, M: MulAdd, T: KvElem>(
     even
 }
 
+/// [`score8`] for keys `j0..j0 + 16`: two lanes of eight share each query broadcast, which
+/// halves the loads per multiply-add. For `H <= 2`, where the accumulators still fit the
+/// registers.
+#[inline(always)]
+fn score16<const H: usize, M: MulAdd, T: KvElem>(
+    q: &[f32],
+    keys: &[T],
+    block_size: usize,
+    j0: usize,
+) -> [[f32; 16]; H] {
+    let head_dim = q.len() / H;
+    let (mut even, mut odd) = ([[0f32; 16]; H], [[0f32; 16]; H]);
+    let rows = keys[..head_dim * block_size].chunks_exact(2 * block_size);
+    let last = rows.remainder();
+    for (pair, kk) in rows.enumerate() {
+        let d = 2 * pair;
+        let k0 = load16(&kk[j0..]);
+        let k1 = load16(&kk[block_size + j0..]);
+        for h in 0..H {
+            let (q0, q1) = (q[h * head_dim + d], q[h * head_dim + d + 1]);
+            for l in 0..16 {
+                even[h][l] = M::mul_add(q0, k0[l], even[h][l]);
+                odd[h][l] = M::mul_add(q1, k1[l], odd[h][l]);
+            }
+        }
+    }
+    if !last.is_empty() {
+        let d = head_dim - 1;
+        let k0 = load16(&last[j0..]);
+        for h in 0..H {
+            let q0 = q[h * head_dim + d];
+            for l in 0..16 {
+                even[h][l] = M::mul_add(q0, k0[l], even[h][l]);
+            }
+        }
+    }
+    for h in 0..H {
+        for l in 0..16 {
+            even[h][l] += odd[h][l];
+        }
+    }
+    even
+}
+
+#[inline(always)]
+fn load16<T: KvElem>(x: &[T]) -> [f32; 16] {
+    let x = &x[..16];
+    std::array::from_fn(|l| x[l].to_f32())
+}
+
 /// The context of one work item: where its blocks are and how many positions it sees.
 struct Context<'a, T> {
     cache: &'a [T],
@@ -460,12 +510,22 @@ fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
         if block_size % 8 == 0 {
             // Whole 8-key groups even past `count`: the slots exist (holding stale data), the
             // row has room for them (`stride` is `n_ctx` rounded up to 8) and they are never
-            // read back, which leaves no scalar tail here.
-            for j0 in (0..count).step_by(8) {
+            // read back, which leaves no scalar tail here. Sixteen at a time while more than
+            // eight remain: then the row has room for all sixteen too.
+            let mut j0 = 0;
+            while H <= 2 && block_size % 16 == 0 && j0 + 8 < count {
+                let s = score16::<H, M, T>(q, keys, block_size, j0);
+                for (h, s) in s.iter().enumerate() {
+                    rows[h * stride + base + j0..][..16].copy_from_slice(s);
+                }
+                j0 += 16;
+            }
+            while j0 < count {
                 let s = score8::<H, M, T>(q, keys, block_size, j0);
                 for (h, s) in s.iter().enumerate() {
                     rows[h * stride + base + j0..][..8].copy_from_slice(s);
                 }
+                j0 += 8;
             }
         } else {
             for j in 0..count {
@@ -487,41 +547,15 @@ fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
         *inv = 1.0 / exp_sum::<M>(row, max);
     }
     let full = head_dim / 8 * 8;
-    for c in (0..full).step_by(8) {
-        let (mut even, mut odd) = ([[0f32; 8]; H], [[0f32; 8]; H]);
-        for (b, &block) in ctx.table.iter().enumerate() {
-            let count = ctx.count(b);
-            let values = ctx.values(block);
-            let base = b * block_size;
-            let p: [&[f32]; H] = std::array::from_fn(|h| &rows[h * stride + base..][..count]);
-            let mut j = 0;
-            while j + 1 < count {
-                let v0 = load8(&values[j * head_dim + c..]);
-                let v1 = load8(&values[(j + 1) * head_dim + c..]);
-                for h in 0..H {
-                    let (p0, p1) = (p[h][j], p[h][j + 1]);
-                    for l in 0..8 {
-                        even[h][l] = M::mul_add(p0, v0[l], even[h][l]);
-                        odd[h][l] = M::mul_add(p1, v1[l], odd[h][l]);
-                    }
-                }
-                j += 2;
-            }
-            if j < count {
-                let v0 = load8(&values[j * head_dim + c..]);
-                for h in 0..H {
-                    let p0 = p[h][j];
-                    for l in 0..8 {
-                        even[h][l] = M::mul_add(p0, v0[l], even[h][l]);
-                    }
-                }
-            }
-        }
-        for h in 0..H {
-            for l in 0..8 {
-                acc[h * head_dim + c + l] = (even[h][l] + odd[h][l]) * inv[h];
-            }
-        }
+    let mut c = 0;
+    // Two chunks of eight columns per walk over the probabilities where the accumulators fit.
+    while H <= 2 && c + 16 <= full {
+        value_columns::<H, 2, M, T>(ctx, rows, stride, &inv, acc, c);
+        c += 16;
+    }
+    while c < full {
+        value_columns::<H, 1, M, T>(ctx, rows, stride, &inv, acc, c);
+        c += 8;
     }
     for d in full..head_dim {
         let mut sums = [0f32; H];
@@ -537,6 +571,65 @@ fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
         }
         for h in 0..H {
             acc[h * head_dim + d] = sums[h] * inv[h];
+        }
+    }
+}
+
+/// Columns `c..c + 8 * C` of the `H` heads' outputs: the probabilities in `rows` times the
+/// values, normalised by `inv`. Each value vector is loaded once for all `H` heads and each
+/// probability once for all `C` chunks; even and odd positions accumulate separately so
+/// consecutive multiply-adds do not wait on each other.
+#[inline(always)]
+fn value_columns<const H: usize, const C: usize, M: MulAdd, T: KvElem>(
+    ctx: &Context<'_, T>,
+    rows: &[f32],
+    stride: usize,
+    inv: &[f32; H],
+    acc: &mut [f32],
+    c: usize,
+) {
+    let (block_size, head_dim) = (ctx.block_size, ctx.head_dim);
+    let (mut even, mut odd) = ([[[0f32; 8]; C]; H], [[[0f32; 8]; C]; H]);
+    for (b, &block) in ctx.table.iter().enumerate() {
+        let count = ctx.count(b);
+        let values = ctx.values(block);
+        let base = b * block_size;
+        let p: [&[f32]; H] = std::array::from_fn(|h| &rows[h * stride + base..][..count]);
+        let mut j = 0;
+        while j + 1 < count {
+            let v0: [[f32; 8]; C] =
+                std::array::from_fn(|k| load8(&values[j * head_dim + c + 8 * k..]));
+            let v1: [[f32; 8]; C] =
+                std::array::from_fn(|k| load8(&values[(j + 1) * head_dim + c + 8 * k..]));
+            for h in 0..H {
+                let (p0, p1) = (p[h][j], p[h][j + 1]);
+                for k in 0..C {
+                    for l in 0..8 {
+                        even[h][k][l] = M::mul_add(p0, v0[k][l], even[h][k][l]);
+                        odd[h][k][l] = M::mul_add(p1, v1[k][l], odd[h][k][l]);
+                    }
+                }
+            }
+            j += 2;
+        }
+        if j < count {
+            let v0: [[f32; 8]; C] =
+                std::array::from_fn(|k| load8(&values[j * head_dim + c + 8 * k..]));
+            for h in 0..H {
+                let p0 = p[h][j];
+                for k in 0..C {
+                    for l in 0..8 {
+                        even[h][k][l] = M::mul_add(p0, v0[k][l], even[h][k][l]);
+                    }
+                }
+            }
+        }
+    }
+    for h in 0..H {
+        for k in 0..C {
+            for l in 0..8 {
+                acc[h * head_dim + c + 8 * k + l] = (even[h][k][l] + odd[h][k][l]) * inv[h];
+            }
         }
     }
 }
