@@ -40,7 +40,10 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            block_size: 16,
+            // Prefix caching reuses whole blocks, so every request recomputes the shared
+            // prompt's last partial block: 8 halves that against vLLM's 16 (7% less CPU per
+            // customer-service request, BENCHMARKS.md). On a GPU 16 may batch better.
+            block_size: 8,
             // Short requests at high rate: a wide batch keeps per-step overhead amortised.
             max_num_seqs: 256,
             // Enough for a burst of ~150-token prompts to prefill together without starving

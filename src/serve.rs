@@ -64,7 +64,7 @@ pub struct ServeArgs {
     /// KV cache budget, e.g. 1GiB or 536870912 [default: 1GiB]
     #[arg(long, env = "DISTILLERY_KV_CACHE_MEMORY", value_parser = parse_bytes)]
     kv_cache_memory: Option<usize>,
-    /// Tokens per KV block [default: 16]
+    /// Tokens per KV block [default: 8]
     #[arg(long, env = "DISTILLERY_BLOCK_SIZE")]
     block_size: Option<usize>,
     /// Reuse computed KV blocks of shared prompt prefixes (the default).

@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 const MODEL: &str = "tiny-random-qwen2";
 /// Its max_position_embeddings, which is the daemon's context limit.
 const MAX_MODEL_LEN: usize = 2048;
-const BLOCK_SIZE: usize = 16;
+/// The daemon's default block size, which the prefix-cache figures below count in.
+const BLOCK_SIZE: usize = 8;
 
 // vLLM v1's bucket lists, written out here (not taken from the crate) so that the test is an
 // independent check of them.
@@ -379,7 +380,7 @@ async fn counters_histograms_and_gauges_match_a_known_set_of_requests() {
         // block holding the last prompt token, which is always computed).
         assert_eq!(
             delta("prefix_cache_hits_total", &[]),
-            (2 * (prompt_len - 1) / BLOCK_SIZE * BLOCK_SIZE) as f64,
+            (2 * ((prompt_len - 1) / BLOCK_SIZE * BLOCK_SIZE)) as f64,
             "{p}"
         );
         // Generation: A's 8 and B's tokens exactly, plus whatever C got before the engine saw
