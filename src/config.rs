@@ -144,6 +144,8 @@ pub struct ServeSettings {
     pub shutdown_grace_secs: f64,
     pub cors_allow_origins: Vec<String>,
     pub log_format: LogFormat,
+    /// No log line per request (`--disable-log-requests`, as vLLM names it).
+    pub disable_log_requests: bool,
     pub metrics_compat: MetricsCompat,
 }
 
@@ -177,6 +179,7 @@ impl Default for ServeSettings {
             shutdown_grace_secs: 30.0,
             cors_allow_origins: Vec::new(),
             log_format: LogFormat::Pretty,
+            disable_log_requests: false,
             // Operators arrive with vLLM dashboards; the copies cost a few lines per scrape.
             metrics_compat: MetricsCompat::Vllm,
         }

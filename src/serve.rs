@@ -68,6 +68,9 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTILLERY_BLOCK_SIZE")]
     block_size: Option<usize>,
     /// Reuse computed KV blocks of shared prompt prefixes (the default).
+    /// No log line per request (metrics still count them); for thousands of requests a second
+    #[arg(long, env = "DISTILLERY_DISABLE_LOG_REQUESTS")]
+    disable_log_requests: bool,
     #[arg(long, overrides_with = "no_enable_prefix_caching")]
     enable_prefix_caching: bool,
     #[arg(long, overrides_with = "enable_prefix_caching")]
@@ -158,6 +161,9 @@ impl ServeArgs {
         }
         if self.enable_prefix_caching {
             s.enable_prefix_caching = true;
+        }
+        if self.disable_log_requests {
+            s.disable_log_requests = true;
         }
         if self.no_enable_prefix_caching {
             s.enable_prefix_caching = false;
@@ -271,6 +277,7 @@ pub fn run(s: ServeSettings) -> Result<()> {
         body_read_timeout: Duration::from_secs_f64(s.body_read_timeout_secs.max(0.001)),
         shutdown_grace: Duration::from_secs_f64(s.shutdown_grace_secs.max(0.0)),
         cors_allow_origins: s.cors_allow_origins.clone(),
+        log_requests: !s.disable_log_requests,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

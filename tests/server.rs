@@ -1629,3 +1629,62 @@ async fn sigterm_drains_in_flight_streams_and_exits_zero() {
         "exit status after the drain: {status}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The per-request log line.
+// ---------------------------------------------------------------------------------------------
+
+/// By default every finished and every refused request gets a log line; with
+/// `--disable-log-requests` neither does, while the metrics still count them.
+#[tokio::test(flavor = "multi_thread")]
+async fn disable_log_requests_drops_the_request_lines_but_not_the_counts() {
+    let Some(models) = models_dir() else {
+        return;
+    };
+    for (flags, expect_lines) in [(&[][..], 1), (&["--disable-log-requests"][..], 0)] {
+        let mut cmd = distillery_command();
+        cmd.arg("serve")
+            .args(["--host", "127.0.0.1", "--port", "0", "--model"])
+            .arg(models.join(MODEL))
+            .args(["--kv-cache-memory", "32MiB"])
+            .args(flags);
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        // The hook (and its sender) lives as long as the daemon's stderr is open.
+        let mut d = DaemonProcess::spawn(cmd, "the daemon", 300, move |line| {
+            let _ = tx.send(line.to_string());
+        });
+        let c = client();
+        let ok = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        let (status, _, v) = post(&c, &d.url("/v1/chat/completions"), &ok).await;
+        assert_eq!(status, 200, "{v}");
+        let bad = json!({"model": "no-such-model", "messages": [], "max_tokens": 2});
+        let (status, _, v) = post(&c, &d.url("/v1/chat/completions"), &bad).await;
+        assert_eq!(status, 404, "{v}");
+        let (_, _, metrics) = get(&c, &d.url("/metrics")).await;
+        let successes: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("distillery:request_success_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(successes, 1.0, "flags {flags:?}: the request is counted");
+
+        let pid = d.child.id().to_string();
+        let kill = Command::new("kill").args(["-TERM", &pid]).status();
+        assert!(kill.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        let status = tokio::task::block_in_place(|| d.child.wait()).expect("wait");
+        assert_eq!(status.code(), Some(0), "flags {flags:?}: {status}");
+        // The daemon has exited: its stderr ends, and with it the hook's sender.
+        let log: Vec<String> = lines.iter().collect();
+        let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+        assert_eq!(
+            count("request finished"),
+            expect_lines,
+            "flags {flags:?}: {log:#?}"
+        );
+        assert_eq!(
+            count("request rejected"),
+            expect_lines,
+            "flags {flags:?}: {log:#?}"
+        );
+    }
+}

@@ -58,6 +58,8 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// Origins allowed by CORS; empty disables CORS, `*` allows any.
     pub cors_allow_origins: Vec<String>,
+    /// One log line per finished or refused request.
+    pub log_requests: bool,
 }
 
 /// Serves until SIGTERM/SIGINT, then drains: `/ready` turns 503 at once, no new connection is
@@ -88,6 +90,9 @@ pub async fn serve(
         PreprocessPool::new(opts.tokenizer_workers, opts.max_waiting_requests.max(64))?,
         opts.api_keys.clone(),
         metrics,
+        request_log::RequestLog {
+            enabled: opts.log_requests,
+        },
     ));
     let app = router(state.clone(), &opts);
     tracing::info!(address = %local, model = %opts.served_model_name, "listening");

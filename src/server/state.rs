@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::admission::Admission;
 use super::error::ApiError;
 use super::preprocess::PreprocessPool;
+use super::request_log::RequestLog;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::tokenizer::Tokenizer;
@@ -22,6 +23,7 @@ pub struct AppState {
     pub preprocess: PreprocessPool,
     pub api_keys: Vec<String>,
     pub metrics: Arc<Metrics>,
+    pub request_log: RequestLog,
     pub draining: AtomicBool,
     pub started: u64,
     next_id: AtomicU64,
@@ -37,6 +39,7 @@ impl AppState {
         preprocess: PreprocessPool,
         api_keys: Vec<String>,
         metrics: Arc<Metrics>,
+        request_log: RequestLog,
     ) -> Self {
         let limits = engine.limits();
         Self {
@@ -49,6 +52,7 @@ impl AppState {
             preprocess,
             api_keys,
             metrics,
+            request_log,
             draining: AtomicBool::new(false),
             started: unix_now(),
             next_id: AtomicU64::new(rand::random::<u32>() as u64),

@@ -16,7 +16,7 @@ use crate::server::protocol::{
     ChatRequest, ChatResponse, ChatTokenLogprob, ChatTopLogprob, Content, Usage,
 };
 use crate::server::state::{unix_now, AppState};
-use crate::server::{json, request_log, sse, validate};
+use crate::server::{json, sse, validate};
 use crate::tokenizer::ChatMessage;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -27,10 +27,11 @@ pub async fn chat_completions(
 ) -> Response {
     let arrival = Instant::now();
     let id = st.next_id("chatcmpl");
+    let log = st.request_log;
     match handle(st, body, arrival, id.clone()).await {
         Ok(r) => r,
         Err(e) => {
-            request_log::rejected(&id, &e);
+            log.rejected(&id, &e);
             e.into_response()
         }
     }
@@ -241,7 +242,8 @@ async fn collect(
             finish_reason: reasons[index],
         })
         .collect();
-    request_log::finished(&id, &outputs, arrival, &st.model_name);
+    st.request_log
+        .finished(&id, &outputs, arrival, &st.model_name);
     Ok(Json(ChatResponse {
         id,
         object: "chat.completion",
@@ -334,12 +336,17 @@ impl StreamState {
             }
             Some(Err(e)) => {
                 self.finished = true;
-                request_log::rejected(&self.id, &e);
+                self.st.request_log.rejected(&self.id, &e);
                 Some(sse::error_then_done(&e.to_json()))
             }
             None => {
                 self.finished = true;
-                request_log::finished(&self.id, &self.outputs, self.arrival, &self.st.model_name);
+                self.st.request_log.finished(
+                    &self.id,
+                    &self.outputs,
+                    self.arrival,
+                    &self.st.model_name,
+                );
                 let usage = self
                     .include_usage
                     .then(|| self.chunk(None, Some(Some(self.outputs.usage))));

@@ -16,7 +16,7 @@ use crate::server::protocol::{
     Prompt,
 };
 use crate::server::state::{unix_now, AppState};
-use crate::server::{json, request_log, sse, validate};
+use crate::server::{json, sse, validate};
 
 /// OpenAI's default for the completions endpoint.
 const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -32,10 +32,11 @@ pub async fn completions(
 ) -> Response {
     let arrival = Instant::now();
     let id = st.next_id("cmpl");
+    let log = st.request_log;
     match handle(st, body, arrival, id.clone()).await {
         Ok(r) => r,
         Err(e) => {
-            request_log::rejected(&id, &e);
+            log.rejected(&id, &e);
             e.into_response()
         }
     }
@@ -197,7 +198,8 @@ async fn collect(
             finish_reason: reasons[index],
         })
         .collect();
-    request_log::finished(&id, &outputs, arrival, &st.model_name);
+    st.request_log
+        .finished(&id, &outputs, arrival, &st.model_name);
     Ok(Json(CompletionResponse {
         id,
         object: "text_completion",
@@ -288,12 +290,17 @@ impl<F: Fn(usize) -> String> StreamState<F> {
             }
             Some(Err(e)) => {
                 self.finished = true;
-                request_log::rejected(&self.id, &e);
+                self.st.request_log.rejected(&self.id, &e);
                 Some(sse::error_then_done(&e.to_json()))
             }
             None => {
                 self.finished = true;
-                request_log::finished(&self.id, &self.outputs, self.arrival, &self.st.model_name);
+                self.st.request_log.finished(
+                    &self.id,
+                    &self.outputs,
+                    self.arrival,
+                    &self.st.model_name,
+                );
                 let usage = self
                     .include_usage
                     .then(|| self.chunk(vec![], Some(Some(self.outputs.usage))));
