@@ -229,7 +229,7 @@ impl EngineCore {
                     Some(ids) => (&[][..], Some(ids[row])),
                     None => (&all[row * vocab..(row + 1) * vocab], None),
                 };
-                let finish = sample_and_emit(
+                sample_and_emit(
                     s,
                     logits,
                     chosen,
@@ -238,11 +238,8 @@ impl EngineCore {
                     &mut self.masked,
                     &mut self.scratch,
                     now,
+                    &self.stats,
                 );
-                self.stats.generation_tokens.fetch_add(1, Relaxed);
-                if let Some(reason) = finish {
-                    count_finish(&self.stats, reason);
-                }
             }
         };
         if device_ids.is_some() {
@@ -313,7 +310,9 @@ fn count_finish(stats: &EngineStats, reason: FinishReason) {
 }
 
 /// Picks the next token of `s` (or takes `chosen`, the greedy id the device computed) and
-/// tells its client, finishing the choice when a stop condition holds (and returning why).
+/// tells its client, finishing the choice when a stop condition holds. The token and the
+/// finish are counted in `stats` before the client hears of them, so a client that scrapes
+/// the metrics after its response sees its request counted.
 #[allow(clippy::too_many_arguments)]
 fn sample_and_emit(
     s: &mut Sequence,
@@ -324,7 +323,8 @@ fn sample_and_emit(
     masked: &mut Vec<u32>,
     scratch: &mut SamplerScratch,
     now: Instant,
-) -> Option<FinishReason> {
+    stats: &EngineStats,
+) {
     let req = s.request.clone();
     let stop = &req.stop;
     masked.clear();
@@ -350,6 +350,7 @@ fn sample_and_emit(
     };
     s.sampler.record(token);
     s.tokens.push(token);
+    stats.generation_tokens.fetch_add(1, Relaxed);
     let first = s.timings.first_token.is_none();
     s.timings.first_token.get_or_insert(now);
     s.timings.last_token = Some(now);
@@ -377,9 +378,10 @@ fn sample_and_emit(
     } else if s.output_len() >= stop.max_tokens {
         FinishReason::Length
     } else {
-        return None;
+        return;
     };
     s.finished = true;
+    count_finish(stats, reason);
     for event in s.held.drain(..) {
         req.send(event);
     }
@@ -392,5 +394,4 @@ fn sample_and_emit(
         cached_prompt_tokens: s.cached_prompt_tokens,
         timings: s.timings,
     });
-    Some(reason)
 }
