@@ -133,9 +133,10 @@ async fn handle(
     };
     let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
     let tokenizer = st.tokenizer.clone();
+    let text_bytes = messages.iter().map(|m| m.content.len()).sum();
     let ids = st
         .preprocess
-        .run(move || {
+        .run_sized(text_bytes, move || {
             let text = tokenizer.apply_chat_template(&messages, add_generation_prompt)?;
             // Templates emit BOS themselves, as transformers' apply_chat_template assumes.
             tokenizer.encode(&text, false)

@@ -71,9 +71,16 @@ async fn handle(
     }
     let echo = req.echo.unwrap_or(false);
     let tokenizer = st.tokenizer.clone();
+    let text_bytes = prompts
+        .iter()
+        .map(|p| match p {
+            PromptIn::Text(s) => s.len(),
+            PromptIn::Ids(ids) => ids.len() * 4,
+        })
+        .sum();
     let encoded = st
         .preprocess
-        .run(move || {
+        .run_sized(text_bytes, move || {
             prompts
                 .into_iter()
                 .map(|p| match p {
