@@ -407,8 +407,9 @@ fn replicas_share_the_load_and_agree_with_a_single_engine() {
     assert_eq!(handle.stats().prompt_tokens, submitted);
 }
 
-/// `Delivery::AtFinish` sends nothing while a choice runs, then the same tokens as
-/// `EachToken` (with their sampling times) just before the one `Finished`.
+/// `Delivery::AtFinish` sends a choice's first token at once, nothing more while it runs, then
+/// the rest of the same tokens as `EachToken` (with their sampling times) just before the one
+/// `Finished`.
 #[test]
 fn at_finish_delivery_holds_tokens_until_the_choice_ends() {
     let Some(dec) = decoder("tiny-llama-v512") else {
@@ -425,19 +426,29 @@ fn at_finish_delivery_holds_tokens_until_the_choice_ends() {
         })
         .unwrap();
     let mut events = Vec::new();
+    // Per choice, how many of its events arrived after each step that brought any.
+    let mut bursts = vec![Vec::new(); 2];
     while core.has_work() {
         core.step();
-        let before = events.len();
+        let mut counts = [0usize; 2];
         while let Some(ev) = stream.try_recv() {
+            let choice = match &ev {
+                EngineEvent::Token { choice, .. } | EngineEvent::Finished { choice, .. } => *choice,
+                EngineEvent::Error { message } => panic!("{message}"),
+            };
+            counts[choice] += 1;
             events.push(ev);
         }
-        // Whatever arrived in one step ends with that choice's `Finished`.
-        if events.len() > before {
-            assert!(matches!(events.last(), Some(EngineEvent::Finished { .. })));
+        for (c, &n) in counts.iter().enumerate() {
+            if n > 0 {
+                bursts[c].push(n);
+            }
         }
     }
+    // Each choice: its first token alone, then its other 11 with its `Finished`.
+    assert_eq!(bursts, vec![vec![1, 12]; 2]);
     let mut tokens = vec![Vec::new(); 2];
-    let mut times = Vec::new();
+    let mut times = vec![Vec::new(); 2];
     let mut finished = 0;
     for ev in events {
         match ev {
@@ -445,7 +456,7 @@ fn at_finish_delivery_holds_tokens_until_the_choice_ends() {
                 choice, token, at, ..
             } => {
                 tokens[choice].push(token);
-                times.push(at);
+                times[choice].push(at);
             }
             EngineEvent::Finished { .. } => finished += 1,
             EngineEvent::Error { message } => panic!("{message}"),
@@ -453,8 +464,7 @@ fn at_finish_delivery_holds_tokens_until_the_choice_ends() {
     }
     assert_eq!(finished, 2);
     assert_eq!(tokens, vec![expected.clone(), expected]);
-    assert!(
-        times[..12].windows(2).all(|w| w[0] < w[1]),
-        "sampled one step apart"
-    );
+    for t in &times {
+        assert!(t.windows(2).all(|w| w[0] < w[1]), "sampled one step apart");
+    }
 }

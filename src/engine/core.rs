@@ -368,9 +368,11 @@ fn sample_and_emit(
             },
             at: now,
         };
+        // The first token always goes at once: it ends the request's wait in the queue,
+        // which the caller bounds (admission) and times (TTFT).
         match req.delivery {
-            Delivery::EachToken => req.send(event),
-            Delivery::AtFinish => s.held.push(event),
+            Delivery::AtFinish if !first => s.held.push(event),
+            _ => req.send(event),
         }
     }
     let reason = if is_stop_token {

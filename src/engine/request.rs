@@ -36,8 +36,9 @@ pub enum Delivery {
     /// strings as the text grows (it must see tokens early to end the choice early).
     #[default]
     EachToken,
-    /// All of a choice's tokens together, just before its `Finished`: the caller is woken once
-    /// per choice instead of once per token. For a caller that shows nothing until the end.
+    /// The first token at once (it ends the wait in the queue), the rest together just before
+    /// the choice's `Finished`: the caller is woken twice per choice instead of once per
+    /// token. For a caller that shows nothing until the end.
     AtFinish,
 }
 
