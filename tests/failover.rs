@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use prom_text_format_parser::{Scrape, ValueType};
 use serde_json::{json, Value};
 
@@ -33,6 +34,9 @@ const MAX_TOKENS: u64 = 16;
 /// on the remaining daemon all fall inside it on a slow, busy 2-core machine.
 const LOAD_DURATION_S: u64 = 8;
 const CONCURRENCY: usize = 16;
+/// The stream held open across daemon 1's SIGTERM: long enough to be still running when the
+/// drain begins on a busy machine, short against the grace period.
+const LONG_TOKENS: u64 = 1500;
 /// Requests daemon 1 must have served before it gets SIGTERM: proof that the load is running
 /// through it.
 const SERVED_BEFORE_SIGTERM: f64 = 100.0;
@@ -566,12 +570,45 @@ async fn sigterm_mid_load_behind_nginx_loses_no_request() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let d2_at_sigterm = served_by(&c, &d2).await;
+    // One long stream straight to daemon 1, running when the signal comes: the load's own
+    // requests last milliseconds and may all end before the drain is even logged, which
+    // would leave the drain with nothing in flight to prove it waits for.
+    let long = c
+        .post(d1.url("/v1/completions"))
+        .json(
+            &json!({"model": MODEL, "prompt": "Hi", "max_tokens": LONG_TOKENS,
+                      "ignore_eos": true, "stream": true}),
+        )
+        .send()
+        .await
+        .expect("open a long stream to daemon 1");
+    assert_eq!(long.status(), 200, "the long stream");
+    let mut long = long.bytes_stream();
+    let first = long
+        .next()
+        .await
+        .expect("the long stream's first bytes")
+        .expect("read the long stream");
+    assert!(!first.is_empty());
     signal(i64::from(d1.process.child.id()), "TERM");
     let sigterm_at = Instant::now();
     assert!(
         matches!(load.0.try_wait(), Ok(None)),
         "the loadtest had already ended when daemon 1 got SIGTERM: not mid-load\n{}",
         load_text()
+    );
+
+    // The long stream runs to its end during the drain.
+    let mut body = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = long.next().await {
+        body.push_str(&String::from_utf8_lossy(
+            &chunk.expect("read the long stream"),
+        ));
+    }
+    assert!(
+        body.trim_end().ends_with("data: [DONE]"),
+        "the stream in flight at SIGTERM was cut: ...{}",
+        &body[body.len().saturating_sub(300)..]
     );
 
     // The stopped daemon drains and exits 0.
