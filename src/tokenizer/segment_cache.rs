@@ -17,13 +17,21 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::Hasher;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 
 /// Prompts encoded both ways before the split is trusted.
 const CHECKS: u8 = 8;
+/// Once trusted, one split prompt in this many is still encoded both ways, so a boundary the
+/// first prompts did not show (special-token text inside a message) is checked too.
+const RECHECK_EVERY: u64 = 256;
+/// A prompt with more boundaries than this is encoded whole: a chat has a few per turn, and
+/// a body full of special tokens must not cost one cached prefix each.
+const MAX_BOUNDS: usize = 64;
+/// Longest prefix kept; a longer one is encoded each time.
+const MAX_PREFIX_BYTES: usize = 64 << 10;
 /// Prefixes kept; the least recently used goes first.
 const MAX_ENTRIES: usize = 1024;
 /// Bytes of prefix text kept, all entries together.
@@ -55,6 +63,8 @@ pub struct SegmentCache {
     is_boundary: Vec<bool>,
     /// How many prompts have been checked, or `TRUSTED`, or `OFF`.
     state: AtomicU8,
+    /// Split prompts seen, for the sampled re-check.
+    splits: AtomicU64,
     table: Mutex<Table>,
 }
 
@@ -75,7 +85,15 @@ impl SegmentCache {
             .iter()
             .map(|t| t.special && !t.single_word && !t.rstrip)
             .collect();
-        if !is_boundary.contains(&true) {
+        // Pieces must encode the same wherever they sit. A single-word token matches at a
+        // piece's start as at a word boundary, which it may not be inside the whole text;
+        // Metaspace prepending `▁` only to the first piece of the text would prepend it to
+        // every piece.
+        let offset_dependent = added.iter().any(|t| t.single_word)
+            || tokenizer.to_string(false).is_ok_and(|json| {
+                json.contains("\"Metaspace\"") && json.contains("\"prepend_scheme\":\"first\"")
+            });
+        if offset_dependent || !is_boundary.contains(&true) {
             return None;
         }
         let matcher = AhoCorasick::builder()
@@ -86,6 +104,7 @@ impl SegmentCache {
             matcher,
             is_boundary,
             state: AtomicU8::new(CHECKING),
+            splits: AtomicU64::new(0),
             table: Mutex::new(Table::default()),
         })
     }
@@ -107,8 +126,9 @@ impl SegmentCache {
             .filter(|m| self.is_boundary[m.pattern().as_usize()])
             .map(|m| m.end())
             .filter(|&end| end < text.len())
+            .take(MAX_BOUNDS + 1)
             .collect();
-        if bounds.is_empty() {
+        if bounds.is_empty() || bounds.len() > MAX_BOUNDS {
             return encode(text);
         }
         let hashes = prefix_hashes(text, &bounds);
@@ -119,18 +139,27 @@ impl SegmentCache {
             ids.extend(encode(&text[from..end])?);
             from = end;
             // The last boundary closes the newest turn, which is unlikely to come again.
-            if i + 1 < bounds.len() {
+            if i + 1 < bounds.len() && end <= MAX_PREFIX_BYTES {
                 fresh.push((i, ids.len()));
             }
         }
         ids.extend(encode(&text[from..])?);
-        if state != TRUSTED && !self.check(text, &ids, &encode)? {
+        let sampled = self
+            .splits
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(RECHECK_EVERY);
+        if (state != TRUSTED || sampled) && !self.check(text, &ids, &encode)? {
             return encode(text);
         }
         if !fresh.is_empty() {
+            // Copied before the lock is taken: other prompts look up while this one stores.
+            let entries: Vec<(u64, Box<str>, Arc<[u32]>)> = fresh
+                .into_iter()
+                .map(|(i, n)| (hashes[i], text[..bounds[i]].into(), ids[..n].into()))
+                .collect();
             let mut table = self.lock();
-            for (i, n) in fresh {
-                table.insert(hashes[i], &text[..bounds[i]], &ids[..n]);
+            for (hash, prefix, prefix_ids) in entries {
+                table.insert(hash, prefix, prefix_ids);
             }
         }
         Ok(ids)
@@ -195,8 +224,8 @@ impl SegmentCache {
 }
 
 impl Table {
-    fn insert(&mut self, hash: u64, text: &str, ids: &[u32]) {
-        if text.len() > MAX_BYTES / 4 || self.entries.contains_key(&hash) {
+    fn insert(&mut self, hash: u64, text: Box<str>, ids: Arc<[u32]>) {
+        if text.len() > MAX_PREFIX_BYTES || self.entries.contains_key(&hash) {
             return;
         }
         while self.entries.len() >= MAX_ENTRIES || self.bytes + text.len() > MAX_BYTES {
@@ -217,8 +246,8 @@ impl Table {
         self.entries.insert(
             hash,
             Entry {
-                text: text.into(),
-                ids: ids.into(),
+                text,
+                ids,
                 used: self.clock,
             },
         );
@@ -322,10 +351,39 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_full_of_special_tokens_is_encoded_whole_and_caches_nothing() {
+        let tok = tokenizer();
+        let cache = SegmentCache::new(&tok).unwrap();
+        let calls = RefCell::new(0usize);
+        let encode = |s: &str| -> Result<Vec<u32>, ()> {
+            *calls.borrow_mut() += 1;
+            Ok(tok.encode_fast(s, false).unwrap().get_ids().to_vec())
+        };
+        let text = "q</s>".repeat(MAX_BOUNDS + 2) + "a";
+        let ids = cache.encode(&text, encode).unwrap();
+        assert_eq!(
+            ids,
+            tok.encode_fast(text.as_str(), false).unwrap().get_ids()
+        );
+        assert_eq!(*calls.borrow(), 1, "one whole encode");
+        assert!(cache.lock().entries.is_empty());
+    }
+
+    #[test]
+    fn single_word_tokens_rule_the_cache_out() {
+        let json = tokenizer()
+            .to_string(false)
+            .unwrap()
+            .replace("\"single_word\":false", "\"single_word\":true");
+        let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        assert!(SegmentCache::new(&tok).is_none());
+    }
+
+    #[test]
     fn the_table_stays_within_its_entry_bound() {
         let mut table = Table::default();
         for i in 0..MAX_ENTRIES + 10 {
-            table.insert(i as u64, "x", &[1]);
+            table.insert(i as u64, "x".into(), Arc::from([1u32]));
         }
         assert_eq!(table.entries.len(), MAX_ENTRIES);
         // The oldest went first.

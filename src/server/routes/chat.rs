@@ -133,7 +133,9 @@ async fn handle(
     };
     let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
     let tokenizer = st.tokenizer.clone();
-    let text_bytes = messages.iter().map(|m| m.content.len()).sum();
+    // Each message also costs the template's text around it: many empty messages are not
+    // small work.
+    let text_bytes = messages.iter().map(|m| m.content.len() + 64).sum();
     let ids = st
         .preprocess
         .run_sized(text_bytes, move || {
