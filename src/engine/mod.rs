@@ -80,6 +80,19 @@ struct Replica {
 }
 
 impl Replica {
+    /// Its figures; a dead replica keeps its counters but holds no work and no blocks.
+    fn snapshot(&self) -> StatsSnapshot {
+        let mut s = self.stats.snapshot();
+        if !self.alive.load(Acquire) {
+            s.num_running = 0;
+            s.num_waiting = 0;
+            s.total_blocks = 0;
+            s.free_blocks = 0;
+            s.cached_free_blocks = 0;
+        }
+        s
+    }
+
     /// Sequences queued for, waiting in or running on this replica.
     fn load(&self) -> u64 {
         let st = &self.stats;
@@ -152,13 +165,13 @@ impl EngineHandle {
     pub fn stats(&self) -> StatsSnapshot {
         self.replicas
             .iter()
-            .map(|r| r.stats.snapshot())
+            .map(Replica::snapshot)
             .fold(StatsSnapshot::default(), |a, b| a + b)
     }
 
     /// Each replica's own figures.
     pub fn replica_stats(&self) -> Vec<StatsSnapshot> {
-        self.replicas.iter().map(|r| r.stats.snapshot()).collect()
+        self.replicas.iter().map(Replica::snapshot).collect()
     }
 
     pub fn num_replicas(&self) -> usize {
@@ -171,24 +184,31 @@ impl EngineHandle {
         self.replicas.iter().any(|r| r.alive.load(Acquire))
     }
 
-    /// Validates `req` against the model and cache and queues it on the least loaded replica.
+    /// Validates `req` against the model and cache and queues it on the least loaded replica
+    /// (the next one if that one has just stopped).
     pub fn submit(&self, req: EngineRequest) -> Result<RequestStream, SubmitError> {
         self.limits.check(&req)?;
-        let replica = self
+        let mut order: Vec<&Replica> = self
             .replicas
             .iter()
             .filter(|r| r.alive.load(Acquire))
-            .min_by_key(|r| r.load())
-            .ok_or(SubmitError::EngineStopped)?;
+            .collect();
+        order.sort_by_key(|r| r.load());
         let (tx, rx) = unbounded_channel();
         let stops: Arc<[AtomicBool]> = (0..req.n).map(|_| AtomicBool::new(false)).collect();
         let n = req.n as u64;
-        replica
-            .commands
-            .send(Command::Add(req, tx, stops.clone()))
-            .map_err(|_| SubmitError::EngineStopped)?;
-        replica.submitted.fetch_add(n, Relaxed);
-        Ok(RequestStream::new(rx, stops))
+        let mut command = Command::Add(req, tx, stops.clone());
+        for replica in order {
+            match replica.commands.send(command) {
+                Ok(()) => {
+                    replica.submitted.fetch_add(n, Relaxed);
+                    return Ok(RequestStream::new(rx, stops));
+                }
+                // Its loop has ended (a panic not yet marked): the request comes back intact.
+                Err(mpsc::SendError(back)) => command = back,
+            }
+        }
+        Err(SubmitError::EngineStopped)
     }
 }
 

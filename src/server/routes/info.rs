@@ -33,11 +33,17 @@ pub async fn health(State(st): State<Arc<AppState>>) -> StatusCode {
     }
 }
 
-/// Readiness: the model is loaded (it is, or the server would not be listening) and the server
-/// is not draining. Load balancers stop routing here the moment a drain begins.
+/// Readiness: the model is loaded (it is, or the server would not be listening), an engine
+/// replica runs, and the server is not draining. Load balancers stop routing here the moment a drain begins.
 pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
     if st.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if !st.engine.is_alive() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no engine replica is running",
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ready").into_response()
     }
