@@ -67,10 +67,11 @@ pub struct ServeArgs {
     /// Tokens per KV block [default: 8]
     #[arg(long, env = "DISTILLERY_BLOCK_SIZE")]
     block_size: Option<usize>,
-    /// Reuse computed KV blocks of shared prompt prefixes (the default).
     /// No log line per request (metrics still count them); for thousands of requests a second
-    #[arg(long, env = "DISTILLERY_DISABLE_LOG_REQUESTS")]
+    #[arg(long, env = "DISTILLERY_DISABLE_LOG_REQUESTS",
+          value_parser = clap::builder::FalseyValueParser::new())]
     disable_log_requests: bool,
+    /// Reuse computed KV blocks of shared prompt prefixes (the default).
     #[arg(long, overrides_with = "no_enable_prefix_caching")]
     enable_prefix_caching: bool,
     #[arg(long, overrides_with = "enable_prefix_caching")]
