@@ -352,32 +352,39 @@ fn exp_sum<M: MulAdd>(x: &mut [f32], max: f32) -> f32 {
 
 #[inline(always)]
 fn load8<T: KvElem>(x: &[T]) -> [f32; 8] {
-    let x = &x[..8];
+    load::<8, T>(x)
+}
+
+#[inline(always)]
+fn load<const W: usize, T: KvElem>(x: &[T]) -> [f32; W] {
+    let x = &x[..W];
     std::array::from_fn(|l| x[l].to_f32())
 }
 
-/// Scores of keys `j0..j0 + 8` of a block stored dimension-major against `H` query heads
+/// Scores of keys `j0..j0 + W` of a block stored dimension-major against `H` query heads
 /// (`q` is `[H][head_dim]`). Each key vector is loaded once for all heads; even and odd
 /// dimensions accumulate separately so consecutive multiply-adds do not wait on each other.
+/// `W` is 8, or 16 where the accumulators still fit the registers (`H <= 2`): two lanes of
+/// eight then share each query broadcast, which halves the loads per multiply-add.
 #[inline(always)]
-fn score8<const H: usize, M: MulAdd, T: KvElem>(
+fn score_keys<const H: usize, const W: usize, M: MulAdd, T: KvElem>(
     q: &[f32],
     keys: &[T],
     block_size: usize,
     j0: usize,
-) -> [[f32; 8]; H] {
+) -> [[f32; W]; H] {
     let head_dim = q.len() / H;
-    let (mut even, mut odd) = ([[0f32; 8]; H], [[0f32; 8]; H]);
+    let (mut even, mut odd) = ([[0f32; W]; H], [[0f32; W]; H]);
     // Walking the key rows two dimensions at a time keeps the index arithmetic out of the loop.
     let rows = keys[..head_dim * block_size].chunks_exact(2 * block_size);
     let last = rows.remainder();
     for (pair, kk) in rows.enumerate() {
         let d = 2 * pair;
-        let k0 = load8(&kk[j0..]);
-        let k1 = load8(&kk[block_size + j0..]);
+        let k0 = load::<W, T>(&kk[j0..]);
+        let k1 = load::<W, T>(&kk[block_size + j0..]);
         for h in 0..H {
             let (q0, q1) = (q[h * head_dim + d], q[h * head_dim + d + 1]);
-            for l in 0..8 {
+            for l in 0..W {
                 even[h][l] = M::mul_add(q0, k0[l], even[h][l]);
                 odd[h][l] = M::mul_add(q1, k1[l], odd[h][l]);
             }
@@ -385,70 +392,20 @@ fn score8<const H: usize, M: MulAdd, T: KvElem>(
     }
     if !last.is_empty() {
         let d = head_dim - 1;
-        let k0 = load8(&last[j0..]);
+        let k0 = load::<W, T>(&last[j0..]);
         for h in 0..H {
             let q0 = q[h * head_dim + d];
-            for l in 0..8 {
+            for l in 0..W {
                 even[h][l] = M::mul_add(q0, k0[l], even[h][l]);
             }
         }
     }
     for h in 0..H {
-        for l in 0..8 {
+        for l in 0..W {
             even[h][l] += odd[h][l];
         }
     }
     even
-}
-
-/// [`score8`] for keys `j0..j0 + 16`: two lanes of eight share each query broadcast, which
-/// halves the loads per multiply-add. For `H <= 2`, where the accumulators still fit the
-/// registers.
-#[inline(always)]
-fn score16<const H: usize, M: MulAdd, T: KvElem>(
-    q: &[f32],
-    keys: &[T],
-    block_size: usize,
-    j0: usize,
-) -> [[f32; 16]; H] {
-    let head_dim = q.len() / H;
-    let (mut even, mut odd) = ([[0f32; 16]; H], [[0f32; 16]; H]);
-    let rows = keys[..head_dim * block_size].chunks_exact(2 * block_size);
-    let last = rows.remainder();
-    for (pair, kk) in rows.enumerate() {
-        let d = 2 * pair;
-        let k0 = load16(&kk[j0..]);
-        let k1 = load16(&kk[block_size + j0..]);
-        for h in 0..H {
-            let (q0, q1) = (q[h * head_dim + d], q[h * head_dim + d + 1]);
-            for l in 0..16 {
-                even[h][l] = M::mul_add(q0, k0[l], even[h][l]);
-                odd[h][l] = M::mul_add(q1, k1[l], odd[h][l]);
-            }
-        }
-    }
-    if !last.is_empty() {
-        let d = head_dim - 1;
-        let k0 = load16(&last[j0..]);
-        for h in 0..H {
-            let q0 = q[h * head_dim + d];
-            for l in 0..16 {
-                even[h][l] = M::mul_add(q0, k0[l], even[h][l]);
-            }
-        }
-    }
-    for h in 0..H {
-        for l in 0..16 {
-            even[h][l] += odd[h][l];
-        }
-    }
-    even
-}
-
-#[inline(always)]
-fn load16<T: KvElem>(x: &[T]) -> [f32; 16] {
-    let x = &x[..16];
-    std::array::from_fn(|l| x[l].to_f32())
 }
 
 /// The context of one work item: where its blocks are and how many positions it sees.
@@ -514,14 +471,14 @@ fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
             // eight remain: then the row has room for all sixteen too.
             let mut j0 = 0;
             while H <= 2 && block_size % 16 == 0 && j0 + 8 < count {
-                let s = score16::<H, M, T>(q, keys, block_size, j0);
+                let s = score_keys::<H, 16, M, T>(q, keys, block_size, j0);
                 for (h, s) in s.iter().enumerate() {
                     rows[h * stride + base + j0..][..16].copy_from_slice(s);
                 }
                 j0 += 16;
             }
             while j0 < count {
-                let s = score8::<H, M, T>(q, keys, block_size, j0);
+                let s = score_keys::<H, 8, M, T>(q, keys, block_size, j0);
                 for (h, s) in s.iter().enumerate() {
                     rows[h * stride + base + j0..][..8].copy_from_slice(s);
                 }
