@@ -340,14 +340,18 @@ mod tests {
         assert!(!cache.is_on());
     }
 
+    /// The test tokenizer with `</s>`'s `field` set to `value`.
+    fn with_token_field(field: &str, value: bool) -> tokenizers::Tokenizer {
+        let json = tokenizer().to_string(false).unwrap().replace(
+            &format!("\"{field}\":{}", !value),
+            &format!("\"{field}\":{value}"),
+        );
+        tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap()
+    }
+
     #[test]
     fn no_special_token_means_no_cache() {
-        let json = tokenizer()
-            .to_string(false)
-            .unwrap()
-            .replace("\"special\":true", "\"special\":false");
-        let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
-        assert!(SegmentCache::new(&tok).is_none());
+        assert!(SegmentCache::new(&with_token_field("special", false)).is_none());
     }
 
     #[test]
@@ -371,12 +375,7 @@ mod tests {
 
     #[test]
     fn single_word_tokens_rule_the_cache_out() {
-        let json = tokenizer()
-            .to_string(false)
-            .unwrap()
-            .replace("\"single_word\":false", "\"single_word\":true");
-        let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
-        assert!(SegmentCache::new(&tok).is_none());
+        assert!(SegmentCache::new(&with_token_field("single_word", true)).is_none());
     }
 
     #[test]
