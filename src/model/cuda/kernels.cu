@@ -4,7 +4,7 @@
 // Compiled to PTX by build.rs (nvcc --ptx) when the `cuda` feature is on, embedded in the
 // binary and loaded through candle's CudaDevice::get_or_load_custom_func.
 //
-// The cache layout is the CPU operator's (src/model/paged_attention.rs), bit for bit: one
+// The cache layout is the CPU operator's (src/model/paged_attention/mod.rs), bit for bit: one
 // tensor per layer, [num_blocks, 2, kv_heads, block_size * head_dim]. Within a block, one kv
 // head's keys are dimension-major ([head_dim][block_size]) and its values slot-major
 // ([block_size][head_dim]). A token's slot is block * block_size + offset.

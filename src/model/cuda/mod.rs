@@ -8,7 +8,7 @@
 //!
 //! The batch metadata the kernels read (slot mapping, each token's sequence and position,
 //! block tables) is uploaded once per forward ([`DeviceMeta`]) and shared by every layer.
-//! Layout and semantics are those of the CPU operators in `paged_attention.rs`, which the
+//! Layout and semantics are those of the CPU operators in `paged_attention/mod.rs`, which the
 //! tests in `tests.rs` compare against.
 
 use candle_core::backend::BackendStorage;

@@ -1,0 +1,251 @@
+//! Both kernels against dense softmax attention computed straight from the inputs, on
+//! random shapes, prefill chunks over a cached prefix, shuffled block tables and a pool
+//! whose unused slots hold garbage (so a kernel that reads past a context shows up).
+
+use candle_core::{DType, Device, Tensor, WithDType};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+struct Case {
+    shape: AttentionShape,
+    dtype: DType,
+    /// Per sequence: (positions already cached, new tokens this step).
+    seqs: Vec<(usize, usize)>,
+}
+
+fn tensor(v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .expect("tensor")
+}
+
+/// `v` as the cache's element type would store it.
+fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
+    tensor(v, &[v.len()], dtype)
+        .to_dtype(DType::F32)
+        .and_then(|t| t.to_vec1())
+        .expect("round trip")
+}
+
+fn uniform(n: usize, range: f32, rng: &mut StdRng) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-range..range)).collect()
+}
+
+/// The portable kernel on the same inputs as `attend`.
+fn portable<T: KvElem + WithDType>(meta: &AttentionMeta, q: &Tensor, cache: &Tensor) -> Vec<f32> {
+    let q = q.flatten_all().and_then(|t| t.to_vec1::<T>()).expect("q");
+    let cache = cache
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<T>())
+        .expect("cache");
+    PagedAttention { meta }
+        .run_with(&q, &cache, false)
+        .into_iter()
+        .map(KvElem::to_f32)
+        .collect()
+}
+
+/// Runs one case; returns the largest error of either kernel against the reference.
+fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
+    let AttentionShape {
+        num_heads: h,
+        num_kv_heads: kvh,
+        head_dim: d,
+        block_size: bs,
+    } = case.shape;
+    let dtype = case.dtype;
+    let blocks: usize = case.seqs.iter().map(|&(c, n)| (c + n).div_ceil(bs)).sum();
+    let num_blocks = blocks + 3;
+    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+    free.shuffle(rng);
+    // Per sequence: its block table and the K/V rows (`[ctx][kvh][d]`) of every position.
+    let mut tables = Vec::new();
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    for &(cached, new) in &case.seqs {
+        let ctx = cached + new;
+        tables.push(
+            (0..ctx.div_ceil(bs))
+                .map(|_| free.pop().expect("enough blocks"))
+                .collect::<Vec<u32>>(),
+        );
+        keys.push(rounded(&uniform(ctx * kvh * d, 1.0, rng), dtype));
+        values.push(rounded(&uniform(ctx * kvh * d, 1.0, rng), dtype));
+    }
+    // Garbage everywhere a context does not reach; large enough to wreck any output that
+    // reads it.
+    let cache_len = num_blocks * 2 * kvh * bs * d;
+    let cache = tensor(
+        &uniform(cache_len, 50.0, rng),
+        &[num_blocks, 2, kvh, bs * d],
+        dtype,
+    );
+    let (mut prefix, mut step) = (ForwardBatch::default(), ForwardBatch::default());
+    let (mut prefix_k, mut prefix_v, mut step_k, mut step_v) = (vec![], vec![], vec![], vec![]);
+    for (s, &(cached, new)) in case.seqs.iter().enumerate() {
+        let row = kvh * d;
+        if cached > 0 {
+            prefix.push_sequence(&vec![0; cached], 0, &tables[s], bs);
+            prefix_k.extend_from_slice(&keys[s][..cached * row]);
+            prefix_v.extend_from_slice(&values[s][..cached * row]);
+        }
+        step.push_sequence(&vec![0; new], cached, &tables[s], bs);
+        step_k.extend_from_slice(&keys[s][cached * row..]);
+        step_v.extend_from_slice(&values[s][cached * row..]);
+    }
+    for (batch, k, v) in [(&prefix, &prefix_k, &prefix_v), (&step, &step_k, &step_v)] {
+        let n = batch.num_tokens();
+        if n > 0 {
+            AttentionMeta::new(batch, case.shape)
+                .write_kv(
+                    &cache,
+                    &tensor(k, &[n, kvh, d], dtype),
+                    &tensor(v, &[n, kvh, d], dtype),
+                )
+                .expect("write_kv");
+        }
+    }
+    let t = step.num_tokens();
+    let q = rounded(&uniform(t * h * d, 1.0, rng), dtype);
+    let q_t = tensor(&q, &[t, h, d], dtype);
+    let meta = AttentionMeta::new(&step, case.shape);
+    let out = meta
+        .attend(&q_t, &cache)
+        .and_then(|o| o.to_dtype(DType::F32))
+        .and_then(|o| o.flatten_all())
+        .and_then(|o| o.to_vec1::<f32>())
+        .expect("attend");
+    let slow = match dtype {
+        DType::F32 => portable::<f32>(&meta, &q_t, &cache),
+        DType::F16 => portable::<f16>(&meta, &q_t, &cache),
+        _ => portable::<bf16>(&meta, &q_t, &cache),
+    };
+    // Dense reference, in f64, with no paging at all.
+    let group = h / kvh;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut worst = 0f32;
+    let mut tok = 0;
+    for (s, &(cached, new)) in case.seqs.iter().enumerate() {
+        for i in 0..new {
+            let (n_ctx, tok) = (cached + i + 1, tok + i);
+            for head in 0..h {
+                let g = head / group;
+                let qv = &q[(tok * h + head) * d..][..d];
+                let kv = |rows: &[f32], p: usize| rows[(p * kvh + g) * d..][..d].to_vec();
+                let scores: Vec<f64> = (0..n_ctx)
+                    .map(|p| {
+                        let k = kv(&keys[s], p);
+                        qv.iter()
+                            .zip(&k)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|&x| (x - max).exp()).collect();
+                let total: f64 = w.iter().sum();
+                for dd in 0..d {
+                    let want: f64 = (0..n_ctx)
+                        .map(|p| w[p] * values[s][(p * kvh + g) * d + dd] as f64)
+                        .sum::<f64>()
+                        / total;
+                    for got in [
+                        out[(tok * h + head) * d + dd],
+                        slow[(tok * h + head) * d + dd],
+                    ] {
+                        let err = (got as f64 - want).abs() / (1.0 + want.abs());
+                        worst = worst.max(err as f32);
+                    }
+                }
+            }
+        }
+        tok += new;
+    }
+    worst
+}
+
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 2e-3,
+        _ => 1.6e-2,
+    }
+}
+
+fn random_case(rng: &mut StdRng, max_ctx: usize) -> Case {
+    let block_size = *[1, 2, 4, 8, 16, 32].choose(rng).expect("block sizes");
+    let head_dim = *[4, 5, 12, 16, 20, 64].choose(rng).expect("head dims");
+    let group = *[1, 2, 4].choose(rng).expect("groups");
+    let num_kv_heads = rng.gen_range(1..=3);
+    let dtype = *[DType::F32, DType::F16, DType::BF16]
+        .choose(rng)
+        .expect("dtypes");
+    let seqs = (0..rng.gen_range(1..=4))
+        .map(|_| {
+            let ctx = rng.gen_range(1..=max_ctx);
+            let new = rng.gen_range(1..=ctx.min(6));
+            (ctx - new, new)
+        })
+        .collect();
+    Case {
+        shape: AttentionShape {
+            num_heads: num_kv_heads * group,
+            num_kv_heads,
+            head_dim,
+            block_size,
+        },
+        dtype,
+        seqs,
+    }
+}
+
+fn check(case: &Case, rng: &mut StdRng) {
+    let err = run_case(case, rng);
+    assert!(
+        err <= tolerance(case.dtype),
+        "{:?} {:?} {:?}: error {err}",
+        case.dtype,
+        case.shape,
+        case.seqs
+    );
+}
+
+#[test]
+fn matches_dense_attention_on_random_batches() {
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    for _ in 0..300 {
+        let case = random_case(&mut rng, 90);
+        check(&case, &mut rng);
+    }
+}
+
+#[test]
+fn matches_dense_attention_on_odd_shapes_and_long_contexts() {
+    let mut rng = StdRng::seed_from_u64(7);
+    // Groups beyond the heads the kernel keeps in flight, every power-of-two block size,
+    // and contexts of one position and of thousands.
+    for (group, block_size, head_dim, seqs) in [
+        (8, 16, 16, vec![(0, 1), (40, 3)]),
+        (5, 4, 12, vec![(0, 1), (17, 2)]),
+        (3, 64, 20, vec![(250, 4)]),
+        (2, 256, 16, vec![(0, 1), (300, 2), (2900, 1)]),
+        (6, 128, 8, vec![(1500, 2)]),
+    ] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let case = Case {
+                shape: AttentionShape {
+                    num_heads: 2 * group,
+                    num_kv_heads: 2,
+                    head_dim,
+                    block_size,
+                },
+                dtype,
+                seqs: seqs.clone(),
+            };
+            check(&case, &mut rng);
+        }
+    }
+}
