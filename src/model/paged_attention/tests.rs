@@ -41,8 +41,7 @@ fn portable<T: KvElem + WithDType>(meta: &AttentionMeta, q: &Tensor, cache: &Ten
         .flatten_all()
         .and_then(|t| t.to_vec1::<T>())
         .expect("cache");
-    PagedAttention { meta }
-        .run_with(&q, &cache, false)
+    cpu::attend(meta, &q, &cache, false)
         .into_iter()
         .map(KvElem::to_f32)
         .collect()
