@@ -1,6 +1,7 @@
 //! The CPU paged-attention operator alone, for one decode step of many sequences that share a
 //! cached system prompt (the customer-service shape): 256 sequences at context 150, 128 of it
-//! in blocks every sequence shares. Two head layouts: tiny-llama-v512's (4 query heads over 2
+//! in blocks every sequence shares (so the shared-prefix tiles take most of the work), at the
+//! daemon's default block size. Two head layouts: tiny-llama-v512's (4 query heads over 2
 //! kv heads of 16) and R1-Distill-Qwen-1.5B's (12 over 2, of 128).
 //! `cargo bench --bench attention`; run before and after a kernel change on a quiet machine.
 
@@ -12,7 +13,7 @@ use distillery::model::ForwardBatch;
 const SEQS: usize = 256;
 const CONTEXT: usize = 150;
 const SHARED: usize = 128;
-const BLOCK: usize = 16;
+const BLOCK: usize = 8;
 
 fn bench(c: &mut Criterion) {
     // The daemon's engine replica runs its ops on one thread each (two replicas, two cores).

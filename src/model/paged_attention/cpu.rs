@@ -13,6 +13,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::super::fast_math::Fused;
 use super::super::fast_math::{fast_exp, MulAdd, Unfused};
+use super::shared_prefix::{self, SharedPrefixes, Tile, TileInputs, TileScratch};
 use super::{AttentionMeta, AttentionShape, KvElem};
 
 /// Scratch one worker thread reuses for every (token, kv head) it handles. The buffers only
@@ -32,11 +33,13 @@ struct ItemInputs<'a, T> {
     meta: &'a AttentionMeta,
     q: &'a [T],
     cache: &'a [T],
+    /// The shared prefixes' partial results (see `shared_prefix`).
+    partials: &'a [f32],
 }
 
 /// Largest value, eight lanes at a time (a plain fold is a serial dependency chain).
 #[inline(always)]
-fn max8(x: &[f32]) -> f32 {
+pub(super) fn max8(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
     let tail = chunks.remainder();
@@ -56,7 +59,7 @@ fn max8(x: &[f32]) -> f32 {
 
 /// Replaces each score by `e^(score - max)` and returns their sum, eight lanes at a time.
 #[inline(always)]
-fn exp_sum<M: MulAdd>(x: &mut [f32], max: f32) -> f32 {
+pub(super) fn exp_sum<M: MulAdd>(x: &mut [f32], max: f32) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = x.chunks_exact_mut(8);
     for c in &mut chunks {
@@ -74,7 +77,7 @@ fn exp_sum<M: MulAdd>(x: &mut [f32], max: f32) -> f32 {
 }
 
 #[inline(always)]
-fn load8<T: KvElem>(x: &[T]) -> [f32; 8] {
+pub(super) fn load8<T: KvElem>(x: &[T]) -> [f32; 8] {
     load::<8, T>(x)
 }
 
@@ -169,6 +172,8 @@ impl<T: KvElem> Context<'_, T> {
 /// max and one exponential-and-sum over the row, then the values (each loaded once for the
 /// `H` heads). On short rows this avoids the per-block reductions and rescaling of an online
 /// softmax. `rows` holds `H` rows of `stride` scores; `acc` receives the normalised outputs.
+/// Returns each head's largest score and sum of exponentials, for merging with a shared
+/// prefix's part.
 #[inline(always)]
 fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
     ctx: &Context<'_, T>,
@@ -176,7 +181,7 @@ fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
     rows: &mut [f32],
     stride: usize,
     acc: &mut [f32],
-) {
+) -> [(f32, f32); H] {
     let Context {
         block_size,
         head_dim,
@@ -220,11 +225,14 @@ fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
             }
         }
     }
+    let mut stats = [(0f32, 0f32); H];
     let mut inv = [0f32; H];
-    for (h, inv) in inv.iter_mut().enumerate() {
+    for h in 0..H {
         let row = &mut rows[h * stride..][..n_ctx];
         let max = max8(row);
-        *inv = 1.0 / exp_sum::<M>(row, max);
+        let sum = exp_sum::<M>(row, max);
+        stats[h] = (max, sum);
+        inv[h] = 1.0 / sum;
     }
     let full = head_dim / 8 * 8;
     let mut c = 0;
@@ -253,6 +261,7 @@ fn attend_heads<const H: usize, M: MulAdd, T: KvElem>(
             acc[h * head_dim + d] = sums[h] * inv[h];
         }
     }
+    stats
 }
 
 /// Columns `c..c + 8 * C` of the `H` heads' outputs: the probabilities in `rows` times the
@@ -339,10 +348,14 @@ fn attend_item<M: MulAdd, T: KvElem>(
     let head_len = block_size * head_dim;
     let (t, g) = (idx / num_kv_heads, idx % num_kv_heads);
     let (seq, pos) = m.token_seq[t];
-    let n_ctx = pos as usize + 1;
+    // A token in a shared-prefix group attends here only past the prefix, whose part comes
+    // from the group's tiles; the prefix is whole blocks, so the table just starts later.
+    let prefix = m.prefixes.rows_of(t, g, group);
+    let skip = prefix.map_or(0, |(p, _)| p.blocks.len());
+    let n_ctx = pos as usize + 1 - skip * block_size;
     let ctx = Context {
         cache: inp.cache,
-        table: &m.block_tables[seq as usize * m.max_blocks..][..n_ctx.div_ceil(block_size)],
+        table: &m.block_tables[seq as usize * m.max_blocks + skip..][..n_ctx.div_ceil(block_size)],
         n_ctx,
         keys_off: g * head_len,
         values_off: (num_kv_heads + g) * head_len,
@@ -371,11 +384,18 @@ fn attend_item<M: MulAdd, T: KvElem>(
         let q = &scratch.q[h0 * head_dim..(h0 + n) * head_dim];
         let rows = &mut scratch.scores[..n * stride];
         let acc = &mut scratch.acc[..n * head_dim];
+        let mut stats = [(0f32, 0f32); MAX_HEADS_IN_FLIGHT];
         match n {
-            1 => attend_heads::<1, M, T>(&ctx, q, rows, stride, acc),
-            2 => attend_heads::<2, M, T>(&ctx, q, rows, stride, acc),
-            3 => attend_heads::<3, M, T>(&ctx, q, rows, stride, acc),
-            _ => attend_heads::<MAX_HEADS_IN_FLIGHT, M, T>(&ctx, q, rows, stride, acc),
+            1 => stats[..1].copy_from_slice(&attend_heads::<1, M, T>(&ctx, q, rows, stride, acc)),
+            2 => stats[..2].copy_from_slice(&attend_heads::<2, M, T>(&ctx, q, rows, stride, acc)),
+            3 => stats[..3].copy_from_slice(&attend_heads::<3, M, T>(&ctx, q, rows, stride, acc)),
+            _ => stats = attend_heads::<MAX_HEADS_IN_FLIGHT, M, T>(&ctx, q, rows, stride, acc),
+        }
+        if let Some((_, row0)) = prefix {
+            for (h, &(max, sum)) in stats[..n].iter().enumerate() {
+                let prefix = shared_prefix::row_state(inp.partials, row0 + h0 + h, head_dim);
+                merge(&mut acc[h * head_dim..][..head_dim], (max, sum), prefix);
+            }
         }
         for (o, &a) in out[h0 * head_dim..(h0 + n) * head_dim]
             .iter_mut()
@@ -384,6 +404,18 @@ fn attend_item<M: MulAdd, T: KvElem>(
             *o = T::from_f32(a);
         }
         h0 += n;
+    }
+}
+
+/// Folds a shared prefix's part (max score, sum of exponentials, unnormalised output) into
+/// `acc`, the normalised output over the rest of the context with its own max and sum.
+#[inline(always)]
+fn merge(acc: &mut [f32], (max, sum): (f32, f32), (p_max, p_sum, p_out): (f32, f32, &[f32])) {
+    let top = max.max(p_max);
+    let (w_rest, w_prefix) = ((max - top).exp() * sum, (p_max - top).exp());
+    let inv = 1.0 / (w_rest + p_sum * w_prefix);
+    for (a, &p) in acc.iter_mut().zip(p_out) {
+        *a = (*a * w_rest + p * w_prefix) * inv;
     }
 }
 
@@ -425,13 +457,21 @@ fn attend_item_best<T: KvElem>(
 pub(super) fn attend<T: KvElem>(meta: &AttentionMeta, q: &[T], cache: &[T], avx2: bool) -> Vec<T> {
     let s = meta.shape;
     let item_len = s.num_heads / s.num_kv_heads * s.head_dim;
-    let inp = ItemInputs { meta, q, cache };
-    let mut out = vec![T::from_f32(0.0); q.len()];
     // Below this many multiply-adds the thread hand-off costs more than it saves; and a
     // one-thread pool would only move the work to that thread, serialising every engine
     // thread that shares the pool behind it.
     const PARALLEL_WORK: usize = 1 << 18;
-    if meta.work * s.num_heads * s.head_dim < PARALLEL_WORK || rayon::current_num_threads() <= 1 {
+    let serial =
+        meta.work * s.num_heads * s.head_dim < PARALLEL_WORK || rayon::current_num_threads() <= 1;
+    let partials = shared_prefix_partials(meta, q, cache, avx2, serial);
+    let inp = ItemInputs {
+        meta,
+        q,
+        cache,
+        partials: &partials,
+    };
+    let mut out = vec![T::from_f32(0.0); q.len()];
+    if serial {
         let mut scratch = Scratch::default();
         for (idx, chunk) in out.chunks_mut(item_len).enumerate() {
             attend_item_best(&inp, avx2, &mut scratch, idx, chunk);
@@ -444,4 +484,62 @@ pub(super) fn attend<T: KvElem>(meta: &AttentionMeta, q: &[T], cache: &[T], avx2
             });
     }
     out
+}
+
+/// The partial results of every shared-prefix tile, `[tiles][ROWS][2 + head_dim]`.
+fn shared_prefix_partials<T: KvElem>(
+    meta: &AttentionMeta,
+    q: &[T],
+    cache: &[T],
+    avx2: bool,
+    serial: bool,
+) -> Vec<f32> {
+    let prefixes = &meta.prefixes;
+    let tile_len = SharedPrefixes::tile_len(meta.shape.head_dim);
+    let mut partials = vec![0f32; prefixes.tiles.len() * tile_len];
+    let inp = TileInputs {
+        shape: meta.shape,
+        scale: meta.scale,
+        q,
+        cache,
+    };
+    let run = |scratch: &mut TileScratch, (out, &tile): (&mut [f32], &Tile)| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: `avx2` is true only when `is_x86_feature_detected!` found both AVX2 and
+            // FMA on this CPU, which is the sole requirement of `run_tile_avx2`.
+            unsafe { run_tile_avx2(&inp, prefixes, tile, scratch, out) };
+            return;
+        }
+        let _ = avx2;
+        shared_prefix::run_tile::<Unfused, T>(&inp, prefixes, tile, scratch, out)
+    };
+    if serial {
+        let mut scratch = TileScratch::default();
+        for item in partials.chunks_mut(tile_len).zip(&prefixes.tiles) {
+            run(&mut scratch, item);
+        }
+    } else {
+        partials
+            .par_chunks_mut(tile_len)
+            .zip(&prefixes.tiles)
+            .for_each_init(TileScratch::default, run);
+    }
+    partials
+}
+
+/// A shared-prefix tile compiled for AVX2 + FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; callers check with `is_x86_feature_detected!`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_tile_avx2<T: KvElem>(
+    inp: &TileInputs<'_, T>,
+    prefixes: &SharedPrefixes,
+    tile: Tile,
+    scratch: &mut TileScratch,
+    out: &mut [f32],
+) {
+    shared_prefix::run_tile::<Fused, T>(inp, prefixes, tile, scratch, out)
 }

@@ -79,6 +79,9 @@ pub struct AttentionMeta {
     max_blocks: usize,
     /// Total (query token × cached token) pairs, to decide whether threads pay off.
     work: usize,
+    /// Leading blocks that several of the batch's tokens share, attended once per tile of
+    /// query rows on the CPU (the CUDA kernels do not use them).
+    prefixes: shared_prefix::SharedPrefixes,
     /// The metadata on the CUDA device, uploaded by the first op that runs there.
     #[cfg(feature = "cuda")]
     device_meta: std::sync::OnceLock<super::cuda::DeviceMeta>,
@@ -106,6 +109,7 @@ impl AttentionMeta {
             block_tables: batch.block_tables.clone(),
             max_blocks: batch.max_blocks,
             work,
+            prefixes: shared_prefix::SharedPrefixes::find(batch, shape),
             #[cfg(feature = "cuda")]
             device_meta: std::sync::OnceLock::new(),
         }
@@ -370,5 +374,6 @@ impl CustomOp2 for PagedAttention<'_> {
 }
 
 mod cpu;
+mod shared_prefix;
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,9 @@ struct Case {
     dtype: DType,
     /// Per sequence: (positions already cached, new tokens this step).
     seqs: Vec<(usize, usize)>,
+    /// Leading positions (whole blocks, all cached) that every sequence has in the same
+    /// blocks, as prefix caching leaves a shared system prompt.
+    shared: usize,
 }
 
 fn tensor(v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
@@ -60,18 +63,26 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
     let num_blocks = blocks + 3;
     let mut free: Vec<u32> = (0..num_blocks as u32).collect();
     free.shuffle(rng);
+    let shared_table: Vec<u32> = (0..case.shared / bs)
+        .map(|_| free.pop().expect("enough blocks"))
+        .collect();
+    let shared_k = rounded(&uniform(case.shared * kvh * d, 1.0, rng), dtype);
+    let shared_v = rounded(&uniform(case.shared * kvh * d, 1.0, rng), dtype);
     // Per sequence: its block table and the K/V rows (`[ctx][kvh][d]`) of every position.
     let mut tables = Vec::new();
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     for &(cached, new) in &case.seqs {
         let ctx = cached + new;
-        tables.push(
-            (0..ctx.div_ceil(bs))
-                .map(|_| free.pop().expect("enough blocks"))
-                .collect::<Vec<u32>>(),
-        );
-        keys.push(rounded(&uniform(ctx * kvh * d, 1.0, rng), dtype));
-        values.push(rounded(&uniform(ctx * kvh * d, 1.0, rng), dtype));
+        let own = ctx - case.shared;
+        let mut table = shared_table.clone();
+        table.extend((table.len()..ctx.div_ceil(bs)).map(|_| free.pop().expect("enough blocks")));
+        tables.push(table);
+        let mut k = shared_k.clone();
+        k.extend(rounded(&uniform(own * kvh * d, 1.0, rng), dtype));
+        keys.push(k);
+        let mut v = shared_v.clone();
+        v.extend(rounded(&uniform(own * kvh * d, 1.0, rng), dtype));
+        values.push(v);
     }
     // Garbage everywhere a context does not reach; large enough to wreck any output that
     // reads it.
@@ -190,6 +201,7 @@ fn random_case(rng: &mut StdRng, max_ctx: usize) -> Case {
         })
         .collect();
     Case {
+        shared: 0,
         shape: AttentionShape {
             num_heads: num_kv_heads * group,
             num_kv_heads,
@@ -243,8 +255,59 @@ fn matches_dense_attention_on_odd_shapes_and_long_contexts() {
                 },
                 dtype,
                 seqs: seqs.clone(),
+                shared: 0,
             };
             check(&case, &mut rng);
         }
+    }
+}
+
+#[test]
+fn matches_dense_attention_over_shared_prefixes() {
+    // Many sequences whose leading blocks are the same blocks (the shared-prefix path),
+    // decoding and prefilling, with group sizes and head sizes on both sides of its tiles.
+    let mut rng = StdRng::seed_from_u64(11);
+    for _ in 0..120 {
+        let block_size = *[8, 16, 32].choose(&mut rng).expect("block sizes");
+        let head_dim = *[8, 16, 24, 64].choose(&mut rng).expect("head dims");
+        let group = *[1, 2, 3, 6].choose(&mut rng).expect("groups");
+        let num_kv_heads = rng.gen_range(1..=2);
+        let shared = block_size * rng.gen_range(1..=6);
+        let seqs = (0..rng.gen_range(1..=9))
+            .map(|_| {
+                let cached = shared + rng.gen_range(0..40);
+                (cached, rng.gen_range(1..=5))
+            })
+            .collect();
+        let dtype = *[DType::F32, DType::F16, DType::BF16]
+            .choose(&mut rng)
+            .expect("dtypes");
+        let case = Case {
+            shape: AttentionShape {
+                num_heads: num_kv_heads * group,
+                num_kv_heads,
+                head_dim,
+                block_size,
+            },
+            dtype,
+            seqs,
+            shared,
+        };
+        let meta_groups = {
+            let mut b = ForwardBatch::default();
+            let table: Vec<u32> = (0..64).collect();
+            for &(cached, new) in &case.seqs {
+                b.push_sequence(
+                    &vec![0; new],
+                    cached,
+                    &table[..(cached + new).div_ceil(block_size)],
+                    block_size,
+                );
+            }
+            AttentionMeta::new(&b, case.shape).prefixes.groups.len()
+        };
+        let tokens: usize = case.seqs.iter().map(|&(_, n)| n).sum();
+        assert_eq!(meta_groups, usize::from(tokens >= 2), "{:?}", case.seqs);
+        check(&case, &mut rng);
     }
 }
