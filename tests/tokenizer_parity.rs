@@ -572,3 +572,47 @@ fn deepseek_r1_distill_template() {
          <｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
     );
 }
+
+#[test]
+fn byte_table_decodes_like_the_tokenizers_crate() {
+    for (name, dir, tok) in models() {
+        let reference = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let byte_level = matches!(
+            reference.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        assert_eq!(tok.decodes_from_byte_table(), byte_level, "{name}");
+        let vocab = tok.vocab_size() as u32;
+        // Random ids (broken UTF-8 included), every special token, one id past the vocab.
+        let specials: Vec<u32> = reference
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let mut cases: Vec<Vec<u32>> = (0..300)
+            .map(|seed| pseudo_random_ids(seed, 1 + seed as usize % 40, vocab))
+            .collect();
+        cases.push(specials.clone());
+        cases.push(
+            [
+                &specials[..],
+                &pseudo_random_ids(7, 20, vocab),
+                &[vocab + 10],
+            ]
+            .concat(),
+        );
+        for ids in &cases {
+            for skip in [false, true] {
+                assert_eq!(
+                    tok.decode(ids, skip).unwrap(),
+                    reference.decode(ids, skip).unwrap(),
+                    "{name} {ids:?} skip {skip}"
+                );
+            }
+        }
+        // Still on: none of the checked decodes differed.
+        assert_eq!(tok.decodes_from_byte_table(), byte_level, "{name}");
+    }
+}

@@ -5,6 +5,7 @@
 //! This module must not know about tensors, HTTP or scheduling: it takes strings,
 //! messages and ids, and gives back strings and ids.
 
+mod byte_decoder;
 mod chat_template;
 mod detokenizer;
 mod python_format;
@@ -51,6 +52,7 @@ pub struct Tokenizer {
     add_bos_token: Option<bool>,
     chat_template: Option<ChatTemplate>,
     segments: Option<segment_cache::SegmentCache>,
+    bytes: Option<byte_decoder::ByteDecoder>,
 }
 
 impl Tokenizer {
@@ -111,8 +113,10 @@ impl Tokenizer {
             .transpose()?;
         let eos_token_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
         let segments = segment_cache::SegmentCache::new(&inner);
+        let bytes = byte_decoder::ByteDecoder::new(&inner);
         Ok(Self {
             segments,
+            bytes,
             inner,
             bos_token,
             eos_token,
@@ -153,9 +157,29 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        if let Some(table) = &self.bytes {
+            let check = || self.decode_slow(ids, skip_special_tokens).ok();
+            if let Some(text) = table.decode(ids, skip_special_tokens, check) {
+                return Ok(text);
+            }
+        }
+        self.decode_slow(ids, skip_special_tokens)
+    }
+
+    fn decode_slow(
+        &self,
+        ids: &[u32],
+        skip_special_tokens: bool,
+    ) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(TokenizerError::Decode)
+    }
+
+    /// Whether ids are decoded from a byte table rather than by `tokenizers` (see
+    /// `byte_decoder`): true for byte-level BPE tokenizers until a check finds a difference.
+    pub fn decodes_from_byte_table(&self) -> bool {
+        self.bytes.as_ref().is_some_and(|t| t.is_on())
     }
 
     /// Number of distinct tokens, added tokens included (transformers' `len(tokenizer)`).
