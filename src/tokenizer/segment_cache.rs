@@ -61,6 +61,9 @@ pub struct SegmentCache {
     matcher: AhoCorasick,
     /// Per pattern: whether the text after it starts a segment.
     is_boundary: Vec<bool>,
+    /// Per pattern: its id, where its text is no other token's; a piece that is exactly
+    /// that text (the generation prompt's `<|assistant|>`, say) needs no encoding.
+    token_id: Vec<Option<u32>>,
     /// How many prompts have been checked, or `TRUSTED`, or `OFF`.
     state: AtomicU8,
     /// Split prompts seen, for the sampled re-check.
@@ -73,11 +76,22 @@ impl SegmentCache {
     pub fn new(tokenizer: &tokenizers::Tokenizer) -> Option<Self> {
         let mut added: Vec<_> = tokenizer
             .get_added_tokens_decoder()
-            .into_values()
+            .into_iter()
             // Normalised tokens are matched on normalised text, which this cannot see.
-            .filter(|t| !t.normalized && !t.content.is_empty())
+            .filter(|(_, t)| !t.normalized && !t.content.is_empty())
             .collect();
-        added.sort_by(|a, b| a.content.cmp(&b.content));
+        added.sort_by(|a, b| a.1.content.cmp(&b.1.content));
+        let mut token_id: Vec<Option<u32>> = Vec::with_capacity(added.len());
+        for (i, (id, t)) in added.iter().enumerate() {
+            if i > 0 && added[i - 1].1.content == t.content {
+                if let Some(last) = token_id.last_mut() {
+                    *last = None;
+                }
+            } else {
+                token_id.push(Some(*id));
+            }
+        }
+        let mut added: Vec<_> = added.into_iter().map(|(_, t)| t).collect();
         added.dedup_by(|a, b| a.content == b.content);
         // A boundary needs a token that always matches where its text is and takes nothing
         // from the text after it: no word-boundary rule, no stripping of what follows.
@@ -103,6 +117,7 @@ impl SegmentCache {
         Some(Self {
             matcher,
             is_boundary,
+            token_id,
             state: AtomicU8::new(CHECKING),
             splits: AtomicU64::new(0),
             table: Mutex::new(Table::default()),
@@ -135,15 +150,19 @@ impl SegmentCache {
         let (start, mut ids) = self.longest_cached(text, &bounds, &hashes);
         let mut fresh = Vec::new();
         let mut from = start.map_or(0, |i| bounds[i]);
+        let encode_piece = |piece: &str| match self.single_token(piece) {
+            Some(id) => Ok(vec![id]),
+            None => encode(piece),
+        };
         for (i, &end) in bounds.iter().enumerate().skip(start.map_or(0, |i| i + 1)) {
-            ids.extend(encode(&text[from..end])?);
+            ids.extend(encode_piece(&text[from..end])?);
             from = end;
             // The last boundary closes the newest turn, which is unlikely to come again.
             if i + 1 < bounds.len() && end <= MAX_PREFIX_BYTES {
                 fresh.push((i, ids.len()));
             }
         }
-        ids.extend(encode(&text[from..])?);
+        ids.extend(encode_piece(&text[from..])?);
         let sampled = self
             .splits
             .fetch_add(1, Ordering::Relaxed)
@@ -163,6 +182,14 @@ impl SegmentCache {
             }
         }
         Ok(ids)
+    }
+
+    /// The id of `piece` when it is exactly one added token's text.
+    fn single_token(&self, piece: &str) -> Option<u32> {
+        let m = self.matcher.find(piece)?;
+        (m.start() == 0 && m.end() == piece.len())
+            .then(|| self.token_id[m.pattern().as_usize()])
+            .flatten()
     }
 
     /// The longest prefix in the table: its boundary's index and its ids.
