@@ -19,6 +19,16 @@ struct Case {
     shared: usize,
 }
 
+/// The head layout of `kv_heads` kv heads with `group` query heads each.
+fn heads(kv_heads: usize, group: usize, head_dim: usize, block_size: usize) -> AttentionShape {
+    AttentionShape {
+        num_heads: kv_heads * group,
+        num_kv_heads: kv_heads,
+        head_dim,
+        block_size,
+    }
+}
+
 fn tensor(v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
     Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
         .and_then(|t| t.to_dtype(dtype))
@@ -201,15 +211,10 @@ fn random_case(rng: &mut StdRng, max_ctx: usize) -> Case {
         })
         .collect();
     Case {
-        shared: 0,
-        shape: AttentionShape {
-            num_heads: num_kv_heads * group,
-            num_kv_heads,
-            head_dim,
-            block_size,
-        },
+        shape: heads(num_kv_heads, group, head_dim, block_size),
         dtype,
         seqs,
+        shared: 0,
     }
 }
 
@@ -247,12 +252,7 @@ fn matches_dense_attention_on_odd_shapes_and_long_contexts() {
     ] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let case = Case {
-                shape: AttentionShape {
-                    num_heads: 2 * group,
-                    num_kv_heads: 2,
-                    head_dim,
-                    block_size,
-                },
+                shape: heads(2, group, head_dim, block_size),
                 dtype,
                 seqs: seqs.clone(),
                 shared: 0,
@@ -283,12 +283,7 @@ fn matches_dense_attention_over_shared_prefixes() {
             .choose(&mut rng)
             .expect("dtypes");
         let case = Case {
-            shape: AttentionShape {
-                num_heads: num_kv_heads * group,
-                num_kv_heads,
-                head_dim,
-                block_size,
-            },
+            shape: heads(num_kv_heads, group, head_dim, block_size),
             dtype,
             seqs,
             shared,
