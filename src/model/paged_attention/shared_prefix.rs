@@ -35,7 +35,7 @@ pub(super) struct PrefixGroup {
     tokens: Vec<u32>,
     /// Index of this group's first tile in [`SharedPrefixes::tiles`].
     first_tile: usize,
-    /// Tiles per kv head: `tokens × query heads per kv head`, rounded up to [`ROWS`].
+    /// Tiles per kv head: `tokens × query heads per kv head` rows, [`ROWS`] to a tile.
     tiles_per_head: usize,
 }
 
