@@ -32,7 +32,7 @@ pub(super) struct PrefixGroup {
     /// The shared blocks, in table order.
     pub(super) blocks: Vec<u32>,
     /// Batch indices of the tokens that take the prefix from this group.
-    tokens: Vec<u32>,
+    pub(super) tokens: Vec<u32>,
     /// Index of this group's first tile in [`SharedPrefixes::tiles`].
     first_tile: usize,
     /// Tiles per kv head: `tokens × query heads per kv head` rows, [`ROWS`] to a tile.
@@ -58,71 +58,96 @@ pub(super) struct SharedPrefixes {
 }
 
 impl SharedPrefixes {
-    /// Groups the batch's sequences by their first block and keeps, for each group, the
-    /// whole blocks every member has in common and that lie before every member's first new
-    /// token. A group needs at least two tokens: for a lone decode token the per-item kernel
-    /// already loads each key once for all its heads.
+    /// Groups the batch's sequences by the cached blocks they have in common and keeps, for
+    /// each group, the whole blocks every member shares that lie before every member's first
+    /// new token. A group needs at least two tokens: for a lone decode token the per-item
+    /// kernel already loads each key once for all its heads.
     pub(super) fn find(batch: &ForwardBatch, shape: AttentionShape) -> Self {
         let bs = shape.block_size;
         if !bs.is_multiple_of(8) || !shape.head_dim.is_multiple_of(8) || batch.max_blocks == 0 {
             return Self::default();
         }
-        let table = |s: usize| &batch.block_tables[s * batch.max_blocks..][..batch.max_blocks];
-        // Sequences with at least one cached whole block before their first new token.
-        let mut seqs: Vec<(u32, usize)> = (0..batch.num_seqs())
-            .filter(|&s| first_new(batch, s) >= bs)
-            .map(|s| (table(s)[0], s))
+        // Each sequence's cached whole blocks before its first new token; only sequences
+        // with at least one.
+        let cached = |s: usize| {
+            let n = (first_new(batch, s) / bs).min(batch.max_blocks);
+            &batch.block_tables[s * batch.max_blocks..][..n]
+        };
+        let mut seqs: Vec<usize> = (0..batch.num_seqs())
+            .filter(|&s| !cached(s).is_empty())
             .collect();
-        seqs.sort_unstable();
-        let group_heads = shape.num_heads / shape.num_kv_heads;
+        // Sorted by their cached blocks, sequences with a common prefix sit together, and
+        // `common[i]` is what neighbours `i` and `i + 1` share.
+        seqs.sort_unstable_by(|&a, &b| cached(a).cmp(cached(b)));
+        let common: Vec<usize> = seqs
+            .windows(2)
+            .map(|w| {
+                let (a, b) = (cached(w[0]), cached(w[1]));
+                a.iter().zip(b).take_while(|(x, y)| x == y).count()
+            })
+            .collect();
         let mut out = Self {
             membership: vec![None; batch.num_tokens()],
             ..Self::default()
         };
-        for members in seqs.chunk_by(|a, b| a.0 == b.0) {
-            let lead = members[0].1;
-            let mut shared = members
-                .iter()
-                .map(|&(_, s)| first_new(batch, s) / bs)
-                .min()
-                .unwrap_or(0);
-            for &(_, s) in &members[1..] {
-                shared = shared.min(
-                    table(lead)
-                        .iter()
-                        .zip(table(s))
-                        .take_while(|(a, b)| a == b)
-                        .count(),
-                );
+        // A run ends before a neighbour that shares less than half of what the run shares so
+        // far, or at most half of what it shares with the one after it: a prompt that has only
+        // its first block in common with the others must not cut theirs down to that block.
+        let mut start = 0;
+        while start < seqs.len() {
+            let mut shared = cached(seqs[start]).len();
+            let mut end = start + 1;
+            while end < seqs.len() {
+                let link = common[end - 1];
+                let next = common.get(end).copied().unwrap_or(0);
+                if link == 0 || 2 * link < shared || 2 * link <= next {
+                    break;
+                }
+                shared = shared.min(link);
+                end += 1;
             }
-            let tokens: Vec<u32> = members
-                .iter()
-                .flat_map(|&(_, s)| batch.query_start[s]..batch.query_start[s + 1])
-                .collect();
-            if shared == 0 || tokens.len() < 2 {
-                continue;
-            }
-            let group = out.groups.len() as u32;
-            for (rank, &t) in tokens.iter().enumerate() {
-                out.membership[t as usize] = Some((group, rank as u32));
-            }
-            let tiles_per_head = (tokens.len() * group_heads).div_ceil(ROWS);
-            let first_tile = out.tiles.len();
-            for kv_head in 0..shape.num_kv_heads as u32 {
-                out.tiles.extend((0..tiles_per_head).map(|i| Tile {
-                    group,
-                    kv_head,
-                    row: (i * ROWS) as u32,
-                }));
-            }
-            out.groups.push(PrefixGroup {
-                blocks: table(lead)[..shared].to_vec(),
-                tokens,
-                first_tile,
-                tiles_per_head,
-            });
+            let blocks = &cached(seqs[start])[..shared];
+            out.add_group(batch, shape, &seqs[start..end], blocks);
+            start = end;
         }
         out
+    }
+
+    /// Adds the group of `members` (sequence indices) sharing `blocks`, if it has two tokens.
+    fn add_group(
+        &mut self,
+        batch: &ForwardBatch,
+        shape: AttentionShape,
+        members: &[usize],
+        blocks: &[u32],
+    ) {
+        let tokens: Vec<u32> = members
+            .iter()
+            .flat_map(|&s| batch.query_start[s]..batch.query_start[s + 1])
+            .collect();
+        if tokens.len() < 2 {
+            return;
+        }
+        let group = self.groups.len() as u32;
+        for (rank, &t) in tokens.iter().enumerate() {
+            self.membership[t as usize] = Some((group, rank as u32));
+        }
+        let group_heads = shape.num_heads / shape.num_kv_heads;
+        let tiles_per_head = (tokens.len() * group_heads).div_ceil(ROWS);
+        let first_tile = self.tiles.len();
+        for kv_head in 0..shape.num_kv_heads as u32 {
+            self.tiles.extend((0..tiles_per_head).map(|i| Tile {
+                group,
+                kv_head,
+                row: (i * ROWS) as u32,
+            }));
+        }
+        self.groups.push(PrefixGroup {
+            blocks: blocks.to_vec(),
+            tokens,
+            first_tile,
+            tiles_per_head,
+        });
     }
 
     /// The group of batch token `t` and the index of its first row (query head 0 of kv head
