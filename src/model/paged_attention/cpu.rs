@@ -134,20 +134,50 @@ fn score_keys<const H: usize, const W: usize, M: MulAdd, T: KvElem>(
     even
 }
 
-/// The context of one work item: where its blocks are and how many positions it sees.
-struct Context<'a, T> {
+/// One kv head's keys and values in the cache's blocks.
+pub(super) struct HeadBlocks<'a, T> {
     cache: &'a [T],
-    table: &'a [u32],
-    n_ctx: usize,
-    /// Offsets of this kv head's keys and values within a block.
+    block_len: usize,
     keys_off: usize,
     values_off: usize,
-    block_len: usize,
+    head_len: usize,
+}
+
+impl<'a, T> HeadBlocks<'a, T> {
+    pub(super) fn new(cache: &'a [T], shape: AttentionShape, kv_head: usize) -> Self {
+        let head_len = shape.block_size * shape.head_dim;
+        Self {
+            cache,
+            block_len: 2 * shape.num_kv_heads * head_len,
+            keys_off: kv_head * head_len,
+            values_off: (shape.num_kv_heads + kv_head) * head_len,
+            head_len,
+        }
+    }
+
+    /// The block's keys of this head, dimension-major.
+    #[inline(always)]
+    pub(super) fn keys(&self, block: u32) -> &'a [T] {
+        &self.cache[block as usize * self.block_len + self.keys_off..][..self.head_len]
+    }
+
+    /// The block's values of this head, slot-major.
+    #[inline(always)]
+    pub(super) fn values(&self, block: u32) -> &'a [T] {
+        &self.cache[block as usize * self.block_len + self.values_off..][..self.head_len]
+    }
+}
+
+/// The context of one work item: where its blocks are and how many positions it sees.
+struct Context<'a, T> {
+    head: HeadBlocks<'a, T>,
+    table: &'a [u32],
+    n_ctx: usize,
     block_size: usize,
     head_dim: usize,
 }
 
-impl<T: KvElem> Context<'_, T> {
+impl<'a, T: KvElem> Context<'a, T> {
     /// Positions used in block `b` of the table.
     #[inline(always)]
     fn count(&self, b: usize) -> usize {
@@ -155,15 +185,13 @@ impl<T: KvElem> Context<'_, T> {
     }
 
     #[inline(always)]
-    fn keys(&self, block: u32) -> &[T] {
-        let head_len = self.block_size * self.head_dim;
-        &self.cache[block as usize * self.block_len + self.keys_off..][..head_len]
+    fn keys(&self, block: u32) -> &'a [T] {
+        self.head.keys(block)
     }
 
     #[inline(always)]
-    fn values(&self, block: u32) -> &[T] {
-        let head_len = self.block_size * self.head_dim;
-        &self.cache[block as usize * self.block_len + self.values_off..][..head_len]
+    fn values(&self, block: u32) -> &'a [T] {
+        self.head.values(block)
     }
 }
 
@@ -345,7 +373,6 @@ fn attend_item<M: MulAdd, T: KvElem>(
     } = m.shape;
     let group = num_heads / num_kv_heads;
     let item_len = group * head_dim;
-    let head_len = block_size * head_dim;
     let (t, g) = (idx / num_kv_heads, idx % num_kv_heads);
     let (seq, pos) = m.token_seq[t];
     // A token in a shared-prefix group attends here only past the prefix, whose part comes
@@ -354,12 +381,9 @@ fn attend_item<M: MulAdd, T: KvElem>(
     let skip = prefix.map_or(0, |(p, _)| p.blocks.len());
     let n_ctx = pos as usize + 1 - skip * block_size;
     let ctx = Context {
-        cache: inp.cache,
+        head: HeadBlocks::new(inp.cache, m.shape, g),
         table: &m.block_tables[seq as usize * m.max_blocks + skip..][..n_ctx.div_ceil(block_size)],
         n_ctx,
-        keys_off: g * head_len,
-        values_off: (num_kv_heads + g) * head_len,
-        block_len: 2 * num_kv_heads * head_len,
         block_size,
         head_dim,
     };

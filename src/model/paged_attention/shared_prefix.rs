@@ -16,7 +16,7 @@
 //! This module knows the batch only through [`ForwardBatch`] and the cache through block ids.
 
 use super::super::fast_math::MulAdd;
-use super::cpu::{exp_sum, load8, max8};
+use super::cpu::{exp_sum, load8, max8, HeadBlocks};
 use super::{AttentionShape, KvElem};
 use crate::model::ForwardBatch;
 
@@ -199,27 +199,6 @@ pub(super) struct TileInputs<'a, T> {
     pub(super) cache: &'a [T],
 }
 
-/// The blocks of one kv head in the cache.
-struct HeadBlocks<'a, T> {
-    cache: &'a [T],
-    block_len: usize,
-    keys_off: usize,
-    values_off: usize,
-    head_len: usize,
-}
-
-impl<'a, T> HeadBlocks<'a, T> {
-    #[inline(always)]
-    fn keys(&self, block: u32) -> &'a [T] {
-        &self.cache[block as usize * self.block_len + self.keys_off..][..self.head_len]
-    }
-
-    #[inline(always)]
-    fn values(&self, block: u32) -> &'a [T] {
-        &self.cache[block as usize * self.block_len + self.values_off..][..self.head_len]
-    }
-}
-
 /// Computes one tile's rows into `out` (`ROWS × (2 + head_dim)`).
 #[inline(always)]
 pub(super) fn run_tile<M: MulAdd, T: KvElem>(
@@ -255,14 +234,7 @@ pub(super) fn run_tile<M: MulAdd, T: KvElem>(
             }
         }
     }
-    let head_len = block_size * head_dim;
-    let heads = HeadBlocks {
-        cache: inp.cache,
-        block_len: 2 * num_kv_heads * head_len,
-        keys_off: g * head_len,
-        values_off: (num_kv_heads + g) * head_len,
-        head_len,
-    };
+    let heads = HeadBlocks::new(inp.cache, inp.shape, g);
     let n_keys = group.blocks.len() * block_size;
     if scratch.scores.len() < ROWS * n_keys {
         scratch.scores.resize(ROWS * n_keys, 0.0);
