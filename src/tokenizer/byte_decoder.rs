@@ -24,16 +24,20 @@ pub struct ByteDecoder {
     /// Every id's bytes, back to back; id `i`'s are `bytes[offsets[i]..offsets[i + 1]]`.
     bytes: Vec<u8>,
     offsets: Vec<u32>,
-    /// Per id: 0 unknown (dropped from the text, as `tokenizers` does), 1 ordinary,
-    /// 2 special (dropped when special tokens are skipped).
-    kind: Vec<u8>,
+    kind: Vec<Kind>,
     on: AtomicBool,
     decodes: AtomicU64,
 }
 
-const UNKNOWN: u8 = 0;
-const ORDINARY: u8 = 1;
-const SPECIAL: u8 = 2;
+/// What an id contributes to a decoded text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// No token has this id: dropped, as `tokenizers` does.
+    Unknown,
+    Ordinary,
+    /// Dropped when special tokens are skipped.
+    Special,
+}
 
 impl ByteDecoder {
     /// `None` unless the tokenizer's decoder is exactly `ByteLevel`.
@@ -61,7 +65,7 @@ impl ByteDecoder {
         out.offsets.push(0);
         for id in 0..ids as u32 {
             let kind = match tokenizer.id_to_token(id) {
-                None => UNKNOWN,
+                None => Kind::Unknown,
                 Some(token) => {
                     let mapped: Option<Vec<u8>> =
                         token.chars().map(|c| chars.get(&c).copied()).collect();
@@ -70,9 +74,9 @@ impl ByteDecoder {
                         None => out.bytes.extend_from_slice(token.as_bytes()),
                     }
                     if added.is_special_token(&token) {
-                        SPECIAL
+                        Kind::Special
                     } else {
-                        ORDINARY
+                        Kind::Ordinary
                     }
                 }
             };
@@ -98,8 +102,8 @@ impl ByteDecoder {
         for &id in ids {
             let id = id as usize;
             match self.kind.get(id).copied()? {
-                UNKNOWN => {}
-                SPECIAL if skip_special_tokens => {}
+                Kind::Unknown => {}
+                Kind::Special if skip_special_tokens => {}
                 _ => bytes.extend_from_slice(
                     &self.bytes[self.offsets[id] as usize..self.offsets[id + 1] as usize],
                 ),
