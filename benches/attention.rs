@@ -39,7 +39,7 @@ fn bench(c: &mut Criterion) {
             // One new token at position CONTEXT - 1.
             batch.push_sequence(&[1], CONTEXT - 1, &table, BLOCK);
         }
-        let meta = AttentionMeta::new(&batch, shape);
+        let meta = AttentionMeta::new(&batch, shape, &Device::Cpu);
         let values = |n: usize, seed: f32| -> Vec<f32> {
             (0..n).map(|i| (i as f32 * 0.618 + seed).sin()).collect()
         };

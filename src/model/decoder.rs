@@ -188,7 +188,11 @@ impl Decoder {
         }
         let c = &self.config;
         let t = batch.num_tokens();
-        let meta = AttentionMeta::new(batch, self.attention_shape(cache.block_size()));
+        let meta = AttentionMeta::new(
+            batch,
+            self.attention_shape(cache.block_size()),
+            &self.device,
+        );
         let ids = Tensor::from_slice(&batch.token_ids, t, &self.device)?;
         let positions = Tensor::from_slice(&batch.positions, t, &self.device)?;
         let (cos, sin) = self.rope.gather(&positions)?;

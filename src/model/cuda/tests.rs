@@ -79,7 +79,7 @@ fn compare(dtype: DType, shape: AttentionShape, seqs: &[(usize, usize)], tol: f3
             let p = prefix.num_tokens();
             let k = random(&[p, kvh, d], &mut rng).to_dtype(dtype).unwrap();
             let v = random(&[p, kvh, d], &mut rng).to_dtype(dtype).unwrap();
-            let meta = AttentionMeta::new(&prefix, shape);
+            let meta = AttentionMeta::new(&prefix, shape, dev);
             meta.write_kv(
                 &cache,
                 &k.to_device(dev).unwrap(),
@@ -90,7 +90,7 @@ fn compare(dtype: DType, shape: AttentionShape, seqs: &[(usize, usize)], tol: f3
         let q = random(&[t, h, d], &mut rng).to_dtype(dtype).unwrap();
         let k = random(&[t, kvh, d], &mut rng).to_dtype(dtype).unwrap();
         let v = random(&[t, kvh, d], &mut rng).to_dtype(dtype).unwrap();
-        let meta = AttentionMeta::new(&step, shape);
+        let meta = AttentionMeta::new(&step, shape, dev);
         meta.write_kv(
             &cache,
             &k.to_device(dev).unwrap(),

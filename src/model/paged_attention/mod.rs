@@ -13,7 +13,7 @@
 //! metadata is uploaded once per forward and shared by every layer.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Device, InplaceOp3, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::batch::ForwardBatch;
@@ -88,7 +88,9 @@ pub struct AttentionMeta {
 }
 
 impl AttentionMeta {
-    pub fn new(batch: &ForwardBatch, shape: AttentionShape) -> Self {
+    /// `device` is where the ops will run: only the CPU kernel reads the shared prefixes, so
+    /// other devices skip finding them.
+    pub fn new(batch: &ForwardBatch, shape: AttentionShape, device: &Device) -> Self {
         let mut token_seq = Vec::with_capacity(batch.num_tokens());
         let mut work = 0usize;
         for s in 0..batch.num_seqs() {
@@ -109,7 +111,11 @@ impl AttentionMeta {
             block_tables: batch.block_tables.clone(),
             max_blocks: batch.max_blocks,
             work,
-            prefixes: shared_prefix::SharedPrefixes::find(batch, shape),
+            prefixes: if device.is_cpu() {
+                shared_prefix::SharedPrefixes::find(batch, shape)
+            } else {
+                shared_prefix::SharedPrefixes::default()
+            },
             #[cfg(feature = "cuda")]
             device_meta: std::sync::OnceLock::new(),
         }

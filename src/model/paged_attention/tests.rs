@@ -118,7 +118,7 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
     for (batch, k, v) in [(&prefix, &prefix_k, &prefix_v), (&step, &step_k, &step_v)] {
         let n = batch.num_tokens();
         if n > 0 {
-            AttentionMeta::new(batch, case.shape)
+            AttentionMeta::new(batch, case.shape, &Device::Cpu)
                 .write_kv(
                     &cache,
                     &tensor(k, &[n, kvh, d], dtype),
@@ -130,7 +130,7 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
     let t = step.num_tokens();
     let q = rounded(&uniform(t * h * d, 1.0, rng), dtype);
     let q_t = tensor(&q, &[t, h, d], dtype);
-    let meta = AttentionMeta::new(&step, case.shape);
+    let meta = AttentionMeta::new(&step, case.shape, &Device::Cpu);
     let out = meta
         .attend(&q_t, &cache)
         .and_then(|o| o.to_dtype(DType::F32))
@@ -300,7 +300,7 @@ fn matches_dense_attention_over_shared_prefixes() {
                     block_size,
                 );
             }
-            let meta = AttentionMeta::new(&b, case.shape);
+            let meta = AttentionMeta::new(&b, case.shape, &Device::Cpu);
             meta.prefixes
                 .groups
                 .iter()
