@@ -163,14 +163,19 @@ pub async fn run(
     let progress = plan
         .progress
         .then(|| Progress::start(ctx.clone(), plan, stop_at));
+    let window = Window {
+        measure_start,
+        stop_at,
+        num_requests: plan.num_requests,
+    };
 
     let mut records = match plan.mode {
-        Mode::Closed { concurrency } => closed_loop(&ctx, concurrency, plan, stop_at).await,
+        Mode::Closed { concurrency } => closed_loop(&ctx, concurrency, window).await,
         Mode::Open {
             rate,
             burstiness,
             max_in_flight,
-        } => open_loop(&ctx, rate, burstiness, max_in_flight, plan, stop_at).await?,
+        } => open_loop(&ctx, rate, burstiness, max_in_flight, plan.seed, window).await?,
     };
     if let Some(p) = progress {
         p.finish().await;
@@ -216,44 +221,45 @@ async fn preconnect(client: &HttpClient, target: &Target, n: usize) -> Result<()
     Ok(())
 }
 
-/// Decides, just before a request is sent, whether it is sent at all and whether it is a
-/// warm-up request. `measured` counts post-warm-up requests against `--num-requests`.
-fn admit(
-    ctx: &Ctx,
-    plan: &LoadPlan,
+/// When one request is sent and what it counts as.
+#[derive(Clone, Copy)]
+struct Window {
+    measure_start: Instant,
     stop_at: Option<Instant>,
-    measured: &AtomicU64,
-) -> Option<bool> {
-    let now = Instant::now();
-    if stop_at.is_some_and(|s| now >= s) {
-        return None;
-    }
-    let warmup = now < ctx.measure_start;
-    if !warmup {
-        let n = measured.fetch_add(1, Ordering::Relaxed);
-        if plan.num_requests.is_some_and(|limit| n >= limit) {
-            return None;
-        }
-    }
-    Some(warmup)
+    num_requests: Option<u64>,
 }
 
-async fn closed_loop(
-    ctx: &Arc<Ctx>,
-    concurrency: usize,
-    plan: &LoadPlan,
-    stop_at: Option<Instant>,
-) -> Vec<RequestRecord> {
+impl Window {
+    /// Decides, just before a request is sent, whether it is sent at all and whether it is a
+    /// warm-up request. `at` is the request's moment: its scheduled arrival in an open loop
+    /// (a sender running late still sends what was due inside the window, and in the part it
+    /// was due in), now in a closed loop. `measured` counts post-warm-up requests against
+    /// `--num-requests`.
+    fn admit(&self, at: Instant, measured: &AtomicU64) -> Option<bool> {
+        if self.stop_at.is_some_and(|s| at >= s) {
+            return None;
+        }
+        let warmup = at < self.measure_start;
+        if !warmup {
+            let n = measured.fetch_add(1, Ordering::Relaxed);
+            if self.num_requests.is_some_and(|limit| n >= limit) {
+                return None;
+            }
+        }
+        Some(warmup)
+    }
+}
+
+async fn closed_loop(ctx: &Arc<Ctx>, concurrency: usize, window: Window) -> Vec<RequestRecord> {
     let measured = Arc::new(AtomicU64::new(0));
     let mut workers = JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let ctx = ctx.clone();
-        let plan = plan.clone();
         let measured = measured.clone();
         workers.spawn(async move {
             // Each worker keeps its own records: no lock is shared on the hot path.
             let mut mine = Vec::new();
-            while let Some(warmup) = admit(&ctx, &plan, stop_at, &measured) {
+            while let Some(warmup) = window.admit(Instant::now(), &measured) {
                 mine.push(ctx.one(warmup, None).await);
             }
             mine
@@ -275,8 +281,8 @@ async fn open_loop(
     rate: f64,
     burstiness: f64,
     max_in_flight: usize,
-    plan: &LoadPlan,
-    stop_at: Option<Instant>,
+    seed: u64,
+    window: Window,
 ) -> Result<Vec<RequestRecord>> {
     // Gamma(shape k, scale θ) has mean kθ: θ = 1/(R·k) gives mean gap 1/R; k = 1 is Poisson.
     let gaps = if rate.is_finite() {
@@ -284,19 +290,20 @@ async fn open_loop(
     } else {
         None
     };
-    let mut rng = StdRng::seed_from_u64(plan.seed);
+    let mut rng = StdRng::seed_from_u64(seed);
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let measured = AtomicU64::new(0);
     let mut tasks = JoinSet::new();
     let mut records = Vec::new();
-    // Arrival times are absolute, so timer lateness does not accumulate into a lower rate.
-    let mut next = Instant::now();
+    // Arrival times are absolute, from the start of the run, so timer lateness does not
+    // accumulate into a lower rate.
+    let mut next = ctx.run_start;
     let mut last_arrival = false;
     while !last_arrival {
         let scheduled = next;
         if let Some(g) = &gaps {
             // Never sleep past the end of the run: at a low rate the next arrival may be far off.
-            let wake = stop_at.map_or(next, |s| next.min(s));
+            let wake = window.stop_at.map_or(next, |s| next.min(s));
             if wake > Instant::now() {
                 tokio::time::sleep_until(wake.into()).await;
             }
@@ -311,7 +318,13 @@ async fn open_loop(
             Ok(p) => p,
             Err(_) => break, // never closed; nothing left to send if it were
         };
-        let Some(warmup) = admit(ctx, plan, stop_at, &measured) else {
+        // With all-at-once arrivals every request is due at the start: judge those by now.
+        let at = if gaps.is_some() {
+            scheduled
+        } else {
+            Instant::now()
+        };
+        let Some(warmup) = window.admit(at, &measured) else {
             break;
         };
         let ctx = ctx.clone();
@@ -401,5 +414,47 @@ impl Progress {
         let _ = self.stop.send(());
         let _ = self.task.await;
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(num_requests: Option<u64>) -> (Instant, Window) {
+        let start = Instant::now();
+        let w = Window {
+            measure_start: start + Duration::from_secs(1),
+            stop_at: Some(start + Duration::from_secs(3)),
+            num_requests,
+        };
+        (start, w)
+    }
+
+    #[test]
+    fn a_request_counts_in_the_part_of_the_run_it_was_due_in() {
+        let (start, w) = window(None);
+        let measured = AtomicU64::new(0);
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(w.admit(at(999), &measured), Some(true));
+        assert_eq!(w.admit(at(1000), &measured), Some(false));
+        // Due just before the end: sent even if the sender is only now getting to it.
+        assert_eq!(w.admit(at(2999), &measured), Some(false));
+        assert_eq!(w.admit(at(3000), &measured), None);
+        assert_eq!(measured.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn num_requests_bounds_the_measured_requests_only() {
+        let (start, w) = window(Some(2));
+        let measured = AtomicU64::new(0);
+        let warm = start + Duration::from_millis(10);
+        let due = start + Duration::from_millis(1500);
+        for _ in 0..5 {
+            assert_eq!(w.admit(warm, &measured), Some(true));
+        }
+        assert_eq!(w.admit(due, &measured), Some(false));
+        assert_eq!(w.admit(due, &measured), Some(false));
+        assert_eq!(w.admit(due, &measured), None);
     }
 }
