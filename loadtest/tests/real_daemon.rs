@@ -1,7 +1,8 @@
-//! A short bounded load against the real daemon: `target/release/distillery serve` on
-//! `../shared/models/tiny-llama-v512`, on 127.0.0.1 and a free port. Ignored by default (it
-//! needs the release daemon built and the test model beside the checkout; it skips loudly when
-//! either is missing): `cargo test --release -p distillery-loadtest -- --ignored`.
+//! A short bounded load against the real daemon: `distillery serve` on
+//! `../shared/models/tiny-llama-v512`, on 127.0.0.1 and a free port. The daemon binary is the
+//! one in this test's own profile directory, which `cargo test --workspace` builds; run alone
+//! (`cargo test -p distillery-loadtest`) or without the model beside the checkout, the test
+//! skips loudly.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -24,13 +25,17 @@ impl Drop for Daemon {
 
 fn paths() -> Option<(PathBuf, PathBuf)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = root.join("target/release/distillery");
+    // target/<profile>/deps/<this test> → target/<profile>/distillery
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("distillery")))
+        .unwrap_or_default();
     let model = root.join("../shared/models/tiny-llama-v512");
     if bin.is_file() && model.is_dir() {
         Some((bin, model))
     } else {
         eprintln!(
-            "SKIPPING real_daemon: needs {} (cargo build --release) and {}",
+            "SKIPPING real_daemon: needs {} (cargo test --workspace builds it) and {}",
             bin.display(),
             model.display()
         );
@@ -89,7 +94,6 @@ async fn load(url: &str, out: &Path, extra: &[&str]) -> serde_json::Value {
 }
 
 #[tokio::test]
-#[ignore = "needs target/release/distillery and ../shared/models/tiny-llama-v512"]
 async fn bounded_load_against_the_real_daemon() {
     let Some((bin, model)) = paths() else { return };
     let (_daemon, url) = start(&bin, &model);
