@@ -61,6 +61,7 @@ fn run(name: &str, max_tokens: usize) {
                 n: 1,
                 arrival: Instant::now(),
                 delivery: Delivery::AtFinish,
+                steer: None,
             })
             .collect();
         let start = Instant::now();

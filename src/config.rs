@@ -6,6 +6,8 @@
 
 use serde::Deserialize;
 
+use crate::reasoning::{EffortBudgets, ReasoningParserChoice, ReasoningSettings};
+
 /// More engine replicas than this is a typo, not a machine.
 pub const MAX_DATA_PARALLEL: usize = 256;
 
@@ -111,6 +113,37 @@ pub enum MetricsCompat {
     Vllm,
 }
 
+/// `--generation-config`: where requests' omitted sampling fields come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GenerationConfigChoice {
+    /// The model folder's `generation_config.json` (vLLM's default).
+    Auto,
+    /// OpenAI's defaults only (`vllm`, or `none`).
+    Vllm,
+    /// This folder's `generation_config.json`.
+    Folder(std::path::PathBuf),
+}
+
+impl std::str::FromStr for GenerationConfigChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "vllm" | "none" => Ok(Self::Vllm),
+            "" => Err("generation_config is auto, vllm, none or a folder".into()),
+            path => Ok(Self::Folder(path.into())),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GenerationConfigChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Everything `distillery serve` can be told, as read from `config/default.toml` (or
 /// `--config FILE`); `DISTILLERY_*` variables and flags override it field by field.
 #[derive(Clone, Debug, Deserialize)]
@@ -147,11 +180,18 @@ pub struct ServeSettings {
     /// No log line per request (`--disable-log-requests`, as vLLM names it).
     pub disable_log_requests: bool,
     pub metrics_compat: MetricsCompat,
+    pub generation_config: GenerationConfigChoice,
+    pub reasoning_parser: ReasoningParserChoice,
+    /// Reasoning tokens before the end of thinking is forced; -1 unbounded.
+    pub reasoning_budget: i64,
+    pub reasoning_budget_message: String,
+    pub reasoning_effort_budgets: EffortBudgets,
 }
 
 impl Default for ServeSettings {
     fn default() -> Self {
         let engine = EngineConfig::default();
+        let reasoning = ReasoningSettings::default();
         Self {
             model: "builtin:tiny".into(),
             served_model_name: None,
@@ -182,6 +222,11 @@ impl Default for ServeSettings {
             disable_log_requests: false,
             // Operators arrive with vLLM dashboards; the copies cost a few lines per scrape.
             metrics_compat: MetricsCompat::Vllm,
+            generation_config: GenerationConfigChoice::Auto,
+            reasoning_parser: reasoning.parser,
+            reasoning_budget: reasoning.budget,
+            reasoning_budget_message: reasoning.budget_message,
+            reasoning_effort_budgets: reasoning.effort,
         }
     }
 }
@@ -194,6 +239,7 @@ impl ServeSettings {
     /// The checks that need no model, so a bad setting fails before minutes of loading.
     pub fn validate(&self) -> Result<(), String> {
         self.engine_config().validate()?;
+        self.reasoning().validate()?;
         if self.data_parallel_size > 1 && self.device != crate::model::DeviceChoice::Cpu {
             return Err(format!(
                 "data_parallel_size {} is for CPU serving; on {} one engine batches best",
@@ -201,6 +247,15 @@ impl ServeSettings {
             ));
         }
         Ok(())
+    }
+
+    pub fn reasoning(&self) -> ReasoningSettings {
+        ReasoningSettings {
+            parser: self.reasoning_parser,
+            budget: self.reasoning_budget,
+            budget_message: self.reasoning_budget_message.clone(),
+            effort: self.reasoning_effort_budgets,
+        }
     }
 
     pub fn engine_config(&self) -> EngineConfig {
@@ -256,6 +311,25 @@ mod tests {
         assert_eq!(parsed.metrics_compat, d.metrics_compat);
         assert_eq!(parsed.device, d.device);
         assert_eq!(parsed.gpu_memory_utilization, d.gpu_memory_utilization);
+        assert_eq!(parsed.generation_config, d.generation_config);
+        assert_eq!(parsed.reasoning(), d.reasoning());
+    }
+
+    #[test]
+    fn reasoning_settings_parse_and_are_checked() {
+        let s = ServeSettings::from_toml(
+            "reasoning_parser = \"deepseek_r1\"\nreasoning_budget = 64\n\
+             reasoning_effort_budgets = \"low=8\"\ngeneration_config = \"vllm\"",
+        )
+        .unwrap();
+        assert_eq!(s.reasoning_parser, ReasoningParserChoice::DeepseekR1);
+        assert_eq!(s.reasoning().default_budget(), Some(64));
+        assert_eq!(s.reasoning_effort_budgets.low, Some(8));
+        assert_eq!(s.generation_config, GenerationConfigChoice::Vllm);
+        let s = ServeSettings::from_toml("reasoning_budget = -2").unwrap();
+        assert!(s.validate().unwrap_err().contains("reasoning_budget"));
+        assert!(ServeSettings::from_toml("reasoning_parser = \"qwen3\"").is_err());
+        assert!(ServeSettings::from_toml("reasoning_effort_budgets = \"huge=1\"").is_err());
     }
 
     #[test]

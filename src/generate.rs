@@ -45,10 +45,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let decoder = model::load_decoder(&dir, args.dtype, &args.device.open()?)?;
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir)?);
     let prompt_ids = if args.chat {
-        let messages = [ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        }];
+        let messages = [ChatMessage::new("user", args.prompt.clone())];
         let text = tokenizer.apply_chat_template(&messages, true)?;
         // Templates emit BOS themselves, as transformers' apply_chat_template assumes.
         tokenizer.encode(&text, false)?

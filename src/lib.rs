@@ -9,5 +9,6 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod reasoning;
 pub mod server;
 pub mod tokenizer;

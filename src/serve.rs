@@ -9,10 +9,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use distillery::config::KvCacheSize;
-use distillery::config::{parse_bytes, LoadFormat, LogFormat, MetricsCompat, ServeSettings};
+use distillery::config::{
+    parse_bytes, GenerationConfigChoice, LoadFormat, LogFormat, MetricsCompat, ServeSettings,
+};
 use distillery::metrics::{Metrics, MetricsOptions};
-use distillery::model::{self, builtin, source, DTypeChoice, DeviceChoice, KvCache};
-use distillery::server::{self, ServerOptions};
+use distillery::model::{
+    self, builtin, source, DTypeChoice, DeviceChoice, GenerationDefaults, KvCache,
+};
+use distillery::reasoning::{EffortBudgets, Reasoning, ReasoningParserChoice};
+use distillery::server::{self, ModelBehaviour, SamplingDefaults, ServerOptions};
 use distillery::tokenizer::Tokenizer;
 use distillery::{engine, model::Decoder};
 
@@ -104,6 +109,29 @@ pub struct ServeArgs {
     /// Also export /metrics under another server's names (vllm), or not (none) [default: vllm]
     #[arg(long, env = "DISTILLERY_METRICS_COMPAT", value_enum)]
     metrics_compat: Option<MetricsCompat>,
+    /// Sampling defaults for requests that omit them: auto (the model's
+    /// generation_config.json), vllm or none (OpenAI's), or a folder holding one [default: auto]
+    #[arg(long, env = "DISTILLERY_GENERATION_CONFIG")]
+    generation_config: Option<GenerationConfigChoice>,
+    /// Split <think>…</think> reasoning from the answer: auto (when the model has the tokens
+    /// and its template writes <think>), deepseek_r1, none [default: auto]
+    #[arg(long, env = "DISTILLERY_REASONING_PARSER", value_enum)]
+    reasoning_parser: Option<ReasoningParserChoice>,
+    /// Reasoning tokens a chat request may spend before the end of thinking is forced; -1 is
+    /// unbounded, 0 no thinking [default: -1]
+    #[arg(
+        long,
+        env = "DISTILLERY_REASONING_BUDGET",
+        allow_negative_numbers = true
+    )]
+    reasoning_budget: Option<i64>,
+    /// The text forced when a reasoning budget is spent; must contain </think> [default: "\n</think>\n\n"]
+    #[arg(long, env = "DISTILLERY_REASONING_BUDGET_MESSAGE")]
+    reasoning_budget_message: Option<String>,
+    /// The budget of each reasoning_effort, e.g. low=512,medium=2048,high=-1
+    /// [default: low=512,medium=2048,high=8192]
+    #[arg(long, env = "DISTILLERY_REASONING_EFFORT_BUDGETS", value_parser = EffortBudgets::parse)]
+    reasoning_effort_budgets: Option<EffortBudgets>,
 }
 
 impl ServeArgs {
@@ -145,6 +173,13 @@ impl ServeArgs {
             log_format,
             metrics_compat
         );
+        take!(
+            generation_config,
+            reasoning_parser,
+            reasoning_budget,
+            reasoning_budget_message,
+            reasoning_effort_budgets
+        );
         if self.served_model_name.is_some() {
             s.served_model_name = self.served_model_name.clone();
         }
@@ -180,11 +215,25 @@ impl ServeArgs {
     }
 }
 
-fn load(s: &ServeSettings) -> Result<(Decoder, Tokenizer, String)> {
+/// What `--model` resolved to.
+struct Loaded {
+    decoder: Decoder,
+    tokenizer: Tokenizer,
+    name: String,
+    /// The model folder (none for a built-in model).
+    dir: Option<PathBuf>,
+}
+
+fn load(s: &ServeSettings) -> Result<Loaded> {
     let device = s.device.open()?;
     if let Some(name) = s.model.strip_prefix(builtin::BUILTIN_PREFIX) {
         let (decoder, tokenizer) = builtin::load(name, s.dtype, &device)?;
-        return Ok((decoder, tokenizer, s.model.clone()));
+        return Ok(Loaded {
+            decoder,
+            tokenizer,
+            name: s.model.clone(),
+            dir: None,
+        });
     }
     let dir = source::resolve(&s.model, &source::HubOptions::from_env())?;
     let decoder = match s.load_format {
@@ -200,7 +249,77 @@ fn load(s: &ServeSettings) -> Result<(Decoder, Tokenizer, String)> {
     } else {
         s.model.clone()
     };
-    Ok((decoder, tokenizer, name))
+    Ok(Loaded {
+        decoder,
+        tokenizer,
+        name,
+        dir: Some(dir),
+    })
+}
+
+/// The sampling defaults `--generation-config` asks for.
+fn sampling_defaults(
+    s: &ServeSettings,
+    model_dir: Option<&std::path::Path>,
+) -> Result<SamplingDefaults> {
+    let g = match (&s.generation_config, model_dir) {
+        (GenerationConfigChoice::Vllm, _) | (GenerationConfigChoice::Auto, None) => {
+            GenerationDefaults::default()
+        }
+        (GenerationConfigChoice::Auto, Some(dir)) => GenerationDefaults::from_dir(dir)?,
+        (GenerationConfigChoice::Folder(dir), _) => {
+            anyhow::ensure!(
+                dir.join(model::generation_defaults::FILE).is_file(),
+                "--generation-config {}: no {} there",
+                dir.display(),
+                model::generation_defaults::FILE
+            );
+            GenerationDefaults::from_dir(dir)?
+        }
+    };
+    Ok(SamplingDefaults {
+        temperature: g.temperature,
+        top_p: g.top_p,
+        top_k: g.top_k,
+        min_p: g.min_p,
+        repetition_penalty: g.repetition_penalty,
+    })
+}
+
+/// The model's reasoning parser and sampling defaults, logged as they will be in force.
+fn behaviour(
+    s: &ServeSettings,
+    tokenizer: &Tokenizer,
+    model_dir: Option<&std::path::Path>,
+) -> Result<ModelBehaviour> {
+    let sampling_defaults = sampling_defaults(s, model_dir)?;
+    if sampling_defaults == SamplingDefaults::default() {
+        tracing::info!("sampling defaults: OpenAI's (temperature 1, top_p 1)");
+    } else {
+        tracing::info!(
+            defaults = %serde_json::to_string(&sampling_defaults).unwrap_or_default(),
+            "sampling defaults from the model's generation config, for requests that omit \
+             them (--generation-config vllm for OpenAI's)"
+        );
+    }
+    let reasoning = Reasoning::resolve(&s.reasoning(), tokenizer)
+        .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
+    match &reasoning {
+        Some(r) => tracing::info!(
+            parser = "deepseek_r1",
+            think_start = r.tokens().start,
+            think_end = r.tokens().end,
+            budget = r.default_budget().map_or(-1, |b| b as i64),
+            effort_budgets = %r.effort_budgets(),
+            budget_message_tokens = r.end_ids().len(),
+            "reasoning parser on: chat output is split into reasoning and content"
+        ),
+        None => tracing::info!("reasoning parser off: all output is content"),
+    }
+    Ok(ModelBehaviour {
+        reasoning,
+        sampling_defaults,
+    })
 }
 
 /// The engine's settings; on a CUDA device the KV pool is sized from
@@ -235,7 +354,13 @@ fn engine_config(s: &ServeSettings, decoder: &Decoder) -> Result<distillery::con
 }
 
 pub fn run(s: ServeSettings) -> Result<()> {
-    let (decoder, tokenizer, default_name) = load(&s)?;
+    let Loaded {
+        decoder,
+        tokenizer,
+        name: default_name,
+        dir,
+    } = load(&s)?;
+    let behaviour = behaviour(&s, &tokenizer, dir.as_deref())?;
     // An empty name (e.g. `DISTILLERY_SERVED_MODEL_NAME=` in a manifest) means "not set".
     let model_name = s
         .served_model_name
@@ -279,6 +404,7 @@ pub fn run(s: ServeSettings) -> Result<()> {
         shutdown_grace: Duration::from_secs_f64(s.shutdown_grace_secs.max(0.0)),
         cors_allow_origins: s.cors_allow_origins.clone(),
         log_requests: !s.disable_log_requests,
+        behaviour,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -52,6 +52,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> EngineRequest {
         n: 1,
         arrival: Instant::now(),
         delivery: Delivery::EachToken,
+        steer: None,
     }
 }
 

@@ -565,7 +565,7 @@ fn deepseek_r1_distill_template() {
         {"role": "tool", "content": "sunny"}
     ]);
     assert_eq!(
-        template.render_serialized(&tool_turn, true).unwrap(),
+        template.render_serialized(&tool_turn, true, None).unwrap(),
         "<｜begin▁of▁sentence｜><｜User｜>weather?<｜Assistant｜><｜tool▁calls▁begin｜>\
          <｜tool▁call▁begin｜>function<｜tool▁sep｜>get\n```json\n{\"city\": \"Paris\"}\n```\
          <｜tool▁call▁end｜><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>sunny\

@@ -128,6 +128,7 @@ impl EngineCore {
                 &req.prompt_ids,
                 req.arrival,
                 fork,
+                req.steer.as_ref(),
             ));
         }
         self.stats
@@ -334,7 +335,21 @@ fn sample_and_emit(
         }
         masked.extend_from_slice(&stop.stop_token_ids);
     }
-    let (token, logprobs) = if let Some(token) = chosen {
+    let forced = s.steering.next_forced();
+    let (token, logprobs) = if let Some(token) = forced {
+        // The model's own view of a token it did not choose, when logprobs are asked for (a
+        // device-side greedy step has no host row, but such a step never asks for them).
+        let logprobs = (req.params.logprobs.is_some() && !logits.is_empty()).then(|| {
+            row.clear();
+            row.extend_from_slice(logits);
+            let scored = s.sampler.score_forced(&req.params, row, token, scratch);
+            TokenLogprobs {
+                logprob: scored.logprob.unwrap_or(f32::NEG_INFINITY),
+                top: scored.top_logprobs,
+            }
+        });
+        (token, logprobs)
+    } else if let Some(token) = chosen {
         (token, None)
     } else if masked.is_empty() && req.params.is_plain_greedy() {
         (argmax(logits), None)
@@ -350,6 +365,7 @@ fn sample_and_emit(
     };
     s.sampler.record(token);
     s.tokens.push(token);
+    s.steering.observe(token);
     stats.generation_tokens.fetch_add(1, Relaxed);
     let first = s.timings.first_token.is_none();
     s.timings.first_token.get_or_insert(now);
@@ -367,6 +383,7 @@ fn sample_and_emit(
                 None
             },
             at: now,
+            forced: forced.is_some(),
         };
         // The first token always goes at once: it ends the request's wait in the queue,
         // which the caller bounds (admission) and times (TTFT).

@@ -18,6 +18,7 @@ pub mod sampler;
 mod scheduler;
 mod sequence;
 pub mod stats;
+pub mod steer;
 
 pub use request::{
     Delivery, EngineEvent, EngineRequest, FinishReason, StopConditions, SubmitError, Timings,
@@ -25,6 +26,7 @@ pub use request::{
 };
 pub use sampler::SamplingParams;
 pub use stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};
+pub use steer::{Steer, SteerFactory};
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};

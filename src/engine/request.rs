@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::sampler::SamplingParams;
+use super::steer::SteerFactory;
 
 /// Token-level conditions that end a choice. Stop *strings* are text and are decided where
 /// the text is made (the server's output path), which then finishes the request.
@@ -17,7 +18,7 @@ pub struct StopConditions {
     pub stop_token_ids: Vec<u32>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EngineRequest {
     pub prompt_ids: Arc<[u32]>,
     pub params: SamplingParams,
@@ -27,6 +28,21 @@ pub struct EngineRequest {
     /// When the request reached the server (TTFT and queue time count from here).
     pub arrival: Instant,
     pub delivery: Delivery,
+    /// Forced tokens ([`super::steer`]): one steer per choice, or none.
+    pub steer: Option<SteerFactory>,
+}
+
+impl std::fmt::Debug for EngineRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineRequest")
+            .field("prompt_ids", &self.prompt_ids.len())
+            .field("params", &self.params)
+            .field("stop", &self.stop)
+            .field("n", &self.n)
+            .field("delivery", &self.delivery)
+            .field("steer", &self.steer.is_some())
+            .finish()
+    }
 }
 
 /// When a choice's tokens are sent back.
@@ -90,6 +106,8 @@ pub enum EngineEvent {
         first_scheduled: Option<Instant>,
         /// When it was sampled; with [`Delivery::AtFinish`] that is earlier than it arrives.
         at: Instant,
+        /// Queued by the choice's steer rather than sampled.
+        forced: bool,
     },
     /// Choice `choice` is done; exactly one per choice.
     Finished {

@@ -10,6 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::kv_manager::SeqBlocks;
 use super::request::{Delivery, EngineEvent, StopConditions, Timings};
 use super::sampler::{SamplingParams, SequenceSampler};
+use super::steer::{SteerFactory, Steering};
 
 pub type SeqId = u64;
 
@@ -62,6 +63,8 @@ pub struct Sequence {
     pub held: Vec<EngineEvent>,
     /// Set once its `Finished` event is sent; the sequence leaves the queues at the step's end.
     pub finished: bool,
+    /// Its steer and the tokens it has queued (kept through preemption).
+    pub(super) steering: Steering,
 }
 
 impl Sequence {
@@ -72,6 +75,7 @@ impl Sequence {
         prompt: &[u32],
         arrival: Instant,
         fork_parent: Option<SeqId>,
+        steer: Option<&SteerFactory>,
     ) -> Self {
         let sampler = SequenceSampler::for_choice(&request.params, prompt, choice);
         Self {
@@ -93,6 +97,7 @@ impl Sequence {
             },
             held: Vec::new(),
             finished: false,
+            steering: Steering::new(steer, choice),
         }
     }
 

@@ -175,6 +175,9 @@ pub struct RequestMetrics {
     generation_tokens: Histogram,
     max_tokens: Histogram,
     n: Histogram,
+    reasoning_tokens_total: IntCounter,
+    reasoning_tokens: Histogram,
+    reasoning_cutoffs: IntCounter,
     disconnected: IntCounter,
     /// Indexed like [`RejectReason::ALL`].
     rejected: [IntCounter; 4],
@@ -209,6 +212,16 @@ impl RequestMetrics {
         self.generation_tokens.observe(r.generation_tokens as f64);
         self.max_tokens.observe(r.max_tokens as f64);
         self.n.observe(r.n as f64);
+    }
+
+    /// A finished choice of a reasoning model: its reasoning tokens, and whether its
+    /// thinking budget ended the thought.
+    pub fn reasoning(&self, tokens: usize, cut_off: bool) {
+        self.reasoning_tokens_total.inc_by(tokens as u64);
+        self.reasoning_tokens.observe(tokens as f64);
+        if cut_off {
+            self.reasoning_cutoffs.inc();
+        }
     }
 
     /// The client went away before its response was complete.
@@ -260,6 +273,12 @@ pub struct Metrics {
 
 fn native(suffix: &str) -> String {
     format!("{NATIVE_PREFIX}{suffix}")
+}
+
+fn counter(reg: &Registry, suffix: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::with_opts(Opts::new(native(suffix), help))?;
+    reg.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 fn histogram(
@@ -351,7 +370,24 @@ impl Metrics {
                 &reg,
                 "request_params_max_tokens",
                 "Histogram of the max_tokens request parameter.",
+                token_counts.clone(),
+            )?,
+            reasoning_tokens_total: counter(
+                &reg,
+                "reasoning_tokens_total",
+                "Reasoning tokens generated (inside <think>, the markers not counted), by \
+                 reasoning models only.",
+            )?,
+            reasoning_tokens: histogram(
+                &reg,
+                "request_reasoning_tokens",
+                "Number of reasoning tokens, per request of a reasoning model.",
                 token_counts,
+            )?,
+            reasoning_cutoffs: counter(
+                &reg,
+                "reasoning_budget_cutoffs_total",
+                "Requests whose thinking budget ran out, so that the end of thinking was forced.",
             )?,
             n: histogram(
                 &reg,

@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod dummy;
 mod error;
 mod fast_math;
+pub mod generation_defaults;
 pub mod kv_cache;
 pub mod paged_attention;
 mod rope;
@@ -25,6 +26,7 @@ pub use batch::ForwardBatch;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{argmax_rows, Decoder};
 pub use error::ModelError;
+pub use generation_defaults::GenerationDefaults;
 pub use kv_cache::KvCache;
 use rope::RopeTables;
 

@@ -19,6 +19,8 @@ mod validate;
 
 pub use error::ApiError;
 pub use metrics::step_observer;
+pub use state::ModelBehaviour;
+pub use validate::SamplingDefaults;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -60,6 +62,8 @@ pub struct ServerOptions {
     pub cors_allow_origins: Vec<String>,
     /// One log line per finished or refused request.
     pub log_requests: bool,
+    /// The model's reasoning parser and sampling defaults.
+    pub behaviour: ModelBehaviour,
 }
 
 /// Serves until SIGTERM/SIGINT, then drains: `/ready` turns 503 at once, no new connection is
@@ -93,6 +97,7 @@ pub async fn serve(
         request_log::RequestLog {
             enabled: opts.log_requests,
         },
+        opts.behaviour.clone(),
     ));
     let app = router(state.clone(), &opts);
     tracing::info!(address = %local, model = %opts.served_model_name, "listening");

@@ -17,9 +17,10 @@ use futures_util::Stream;
 
 use super::admission::QueuePermit;
 use super::error::ApiError;
-use super::protocol::{PromptTokensDetails, Usage};
+use super::protocol::{CompletionTokensDetails, PromptTokensDetails, Usage};
 use crate::engine::{ChoiceStopper, EngineEvent, FinishReason, RequestStream, Timings};
 use crate::metrics::{FinishedRequest, Metrics, RequestMetrics};
+use crate::reasoning::{Phase, ReasoningPlan, ThinkTracker, TokenRole};
 use crate::tokenizer::{IncrementalDetokenizer, StopStrings, Tokenizer};
 
 /// One generated token's logprob information, with token text.
@@ -30,11 +31,20 @@ pub struct TokenLogprob {
     pub top: Vec<(String, f32)>,
 }
 
+/// Which part of a choice's output a text belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextPart {
+    /// Inside `<think>…</think>` (only with a reasoning plan).
+    Reasoning,
+    Content,
+}
+
 #[derive(Debug)]
 pub enum OutputEvent {
     /// New text (possibly empty when only logprobs arrived) for choice `index`.
     Text {
         index: usize,
+        part: TextPart,
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
@@ -54,6 +64,8 @@ pub struct OutputOptions {
     pub metrics: Arc<Metrics>,
     /// When the request reached the server.
     pub arrival: Instant,
+    /// Split each choice into reasoning and content (chat with a reasoning parser on).
+    pub reasoning: Option<ReasoningPlan>,
 }
 
 /// One prompt of the request as the engine got it.
@@ -66,6 +78,10 @@ pub struct PromptShape {
 struct ChoiceState {
     detok: IncrementalDetokenizer,
     stops: StopStrings,
+    /// Where its tokens belong, with a reasoning plan.
+    think: Option<ThinkTracker>,
+    /// The end of its thought was forced by the budget.
+    cut_off: bool,
     logprobs: Vec<TokenLogprob>,
     finished: bool,
     prompt: usize,
@@ -78,6 +94,39 @@ struct ChoiceState {
 }
 
 impl ChoiceState {
+    /// The part its next text belongs to.
+    fn part(&self) -> TextPart {
+        match self.think.map(|t| t.phase()) {
+            Some(Phase::Thinking) => TextPart::Reasoning,
+            _ => TextPart::Content,
+        }
+    }
+
+    /// Everything its detokenizer and stop-string matcher still hold, as text, and whether
+    /// a stop string matched in it.
+    fn flush_text(&mut self) -> Result<(String, bool), ApiError> {
+        let tail = self
+            .detok
+            .finish()
+            .map_err(|e| ApiError::internal(e.to_string(), "detokenize"))?;
+        let mut outcome = self.stops.push(tail.as_deref().unwrap_or(""));
+        let stopped = outcome.stopped.is_some();
+        if !stopped {
+            outcome.emit.push_str(&self.stops.finish());
+        }
+        Ok((outcome.emit, stopped))
+    }
+
+    /// Adds its reasoning tokens to the usage and the metrics, once, when it ends.
+    fn count_reasoning(&self, usage: &mut Usage, m: &RequestMetrics) {
+        if let Some(t) = &self.think {
+            if let Some(d) = usage.completion_tokens_details.as_mut() {
+                d.reasoning_tokens += t.reasoning_tokens();
+            }
+            m.reasoning(t.reasoning_tokens(), self.cut_off);
+        }
+    }
+
     /// A token of this choice reached the server (about to be sent): TTFT for the first,
     /// the gap since the previous one otherwise.
     fn token_arrived(&mut self, now: Instant, arrival: Instant, m: &RequestMetrics) {
@@ -135,6 +184,8 @@ pub struct Outputs {
     want_logprobs: bool,
     pending: VecDeque<OutputEvent>,
     unfinished: usize,
+    stop_list: Vec<String>,
+    skip_special_tokens: bool,
     permit: Option<QueuePermit>,
     metrics: Arc<Metrics>,
     arrival: Instant,
@@ -168,6 +219,8 @@ impl Outputs {
             .map(|i| ChoiceState {
                 detok: tokenizer.detokenizer(opts.skip_special_tokens),
                 stops: StopStrings::new(opts.stops.clone()),
+                think: opts.reasoning.as_ref().map(ReasoningPlan::tracker),
+                cut_off: false,
                 logprobs: Vec::new(),
                 finished: false,
                 prompt: i / opts.n,
@@ -189,6 +242,8 @@ impl Outputs {
             n: opts.n,
             want_logprobs: opts.logprobs,
             pending: VecDeque::new(),
+            stop_list: opts.stops,
+            skip_special_tokens: opts.skip_special_tokens,
             admitted: permit.admitted(),
             permit: Some(permit),
             metrics: opts.metrics,
@@ -199,6 +254,10 @@ impl Outputs {
                 completion_tokens: 0,
                 total_tokens: prompt_tokens,
                 prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: 0 }),
+                completion_tokens_details: opts
+                    .reasoning
+                    .is_some()
+                    .then_some(CompletionTokensDetails::default()),
             },
             times: RequestTimes::default(),
             finish_reasons: Vec::new(),
@@ -239,6 +298,7 @@ impl Outputs {
                 logprobs,
                 first_scheduled,
                 at,
+                forced,
             } => {
                 // Timed when sampled: with `Delivery::AtFinish` tokens arrive together at the
                 // end, and TTFT and the gaps must still be the engine's.
@@ -271,20 +331,57 @@ impl Outputs {
                         });
                     }
                 }
-                let delta = c
-                    .detok
-                    .push(token)
-                    .map_err(|e| ApiError::internal(e.to_string(), "detokenize"))?;
-                let outcome = c.stops.push(delta.as_deref().unwrap_or(""));
-                let logprobs = std::mem::take(&mut c.logprobs);
-                if !outcome.emit.is_empty() || !logprobs.is_empty() {
-                    self.pending.push_back(OutputEvent::Text {
-                        index,
-                        text: outcome.emit,
-                        logprobs,
-                    });
+                let was = c.part();
+                let role = c
+                    .think
+                    .as_mut()
+                    .map_or(TokenRole::Content, |t| t.push(token));
+                let mut stopped = false;
+                if role == TokenRole::Marker {
+                    if was == TextPart::Reasoning && c.part() == TextPart::Content {
+                        // The thought is over: what its text still holds is reasoning, and
+                        // the answer starts with fresh text state.
+                        c.cut_off = forced;
+                        let (tail, hit) = c.flush_text()?;
+                        stopped = hit;
+                        if !tail.is_empty() {
+                            self.pending.push_back(OutputEvent::Text {
+                                index,
+                                part: TextPart::Reasoning,
+                                text: tail,
+                                logprobs: Vec::new(),
+                            });
+                        }
+                        c.detok = tokenizer.detokenizer(self.skip_special_tokens);
+                        c.stops = StopStrings::new(self.stop_list.clone());
+                    }
+                    let logprobs = std::mem::take(&mut c.logprobs);
+                    if !logprobs.is_empty() {
+                        self.pending.push_back(OutputEvent::Text {
+                            index,
+                            part: was,
+                            text: String::new(),
+                            logprobs,
+                        });
+                    }
+                } else {
+                    let delta = c
+                        .detok
+                        .push(token)
+                        .map_err(|e| ApiError::internal(e.to_string(), "detokenize"))?;
+                    let outcome = c.stops.push(delta.as_deref().unwrap_or(""));
+                    let logprobs = std::mem::take(&mut c.logprobs);
+                    if !outcome.emit.is_empty() || !logprobs.is_empty() {
+                        self.pending.push_back(OutputEvent::Text {
+                            index,
+                            part: c.part(),
+                            text: outcome.emit,
+                            logprobs,
+                        });
+                    }
+                    stopped = outcome.stopped.is_some();
                 }
-                if outcome.stopped.is_some() {
+                if stopped {
                     c.finished = true;
                     self.unfinished -= 1;
                     self.finish_reasons.push(FinishReason::Stop);
@@ -294,6 +391,7 @@ impl Outputs {
                         self.admitted,
                         self.n,
                     ));
+                    c.count_reasoning(&mut self.usage, self.metrics.requests());
                     if let Some(s) = self.stoppers.get(c.prompt) {
                         s.finish_choice(choice);
                     }
@@ -341,6 +439,7 @@ impl Outputs {
                     self.admitted,
                     self.n,
                 ));
+                c.count_reasoning(&mut self.usage, self.metrics.requests());
                 let tail = c
                     .detok
                     .finish()
@@ -353,6 +452,7 @@ impl Outputs {
                 if !outcome.emit.is_empty() {
                     self.pending.push_back(OutputEvent::Text {
                         index,
+                        part: c.part(),
                         text: outcome.emit,
                         logprobs: Vec::new(),
                     });

@@ -91,6 +91,19 @@ pub struct ChatMessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's calls, passed to the template as sent.
+    #[serde(default)]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn's answer to a call.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// An earlier answer's reasoning, as vLLM returned it (either name).
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
+    #[serde(default)]
+    pub reasoning: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -103,6 +116,14 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u32>,
     pub echo: Option<bool>,
     pub add_generation_prompt: Option<bool>,
+    /// Function tools, given to the chat template as transformers' `tools=`.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `false` leaves the reasoning out of the response (it is still generated).
+    pub include_reasoning: Option<bool>,
+    /// This request's thinking budget in tokens (0: no thinking).
+    pub max_reasoning_tokens: Option<u32>,
+    /// `low`, `medium` or `high`: a budget from `--reasoning-effort-budgets`.
+    pub reasoning_effort: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -114,6 +135,14 @@ pub struct Usage {
     pub total_tokens: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// With a reasoning parser on: how many of the completion tokens were reasoning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+pub struct CompletionTokensDetails {
+    pub reasoning_tokens: usize,
 }
 
 #[derive(Serialize, Debug, Clone, Copy, Default)]
@@ -173,7 +202,28 @@ pub struct ChatLogprobs {
 #[derive(Serialize, Debug, Clone)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when a reasoning model never finished thinking (vLLM's shape).
+    pub content: Option<String>,
+    /// Present with a reasoning parser on (unless `include_reasoning: false`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<ReasoningOut>,
+}
+
+/// The reasoning under both of vLLM's names: `reasoning_content` (older clients, litellm)
+/// and `reasoning` (vLLM's current name). The same text; `null` when there was none.
+#[derive(Serialize, Debug, Clone, Default, PartialEq)]
+pub struct ReasoningOut {
+    pub reasoning_content: Option<String>,
+    pub reasoning: Option<String>,
+}
+
+impl ReasoningOut {
+    pub fn new(text: Option<String>) -> Self {
+        Self {
+            reasoning_content: text.clone(),
+            reasoning: text,
+        }
+    }
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -200,6 +250,10 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -240,6 +294,11 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub max_model_len: usize,
+    /// What a request that omits a sampling field gets (the model's generation config).
+    pub sampling_defaults: super::validate::SamplingDefaults,
+    /// `deepseek_r1` when the output is split into reasoning and content.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_parser: Option<&'static str>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -253,6 +312,7 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
     pub messages: Option<Vec<ChatMessageIn>>,
+    pub tools: Option<Vec<serde_json::Value>>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
 }

@@ -9,12 +9,24 @@ use super::admission::Admission;
 use super::error::ApiError;
 use super::preprocess::PreprocessPool;
 use super::request_log::RequestLog;
+use super::validate::SamplingDefaults;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
+use crate::reasoning::Reasoning;
 use crate::tokenizer::Tokenizer;
+
+/// What the served model brings to every request besides its weights.
+#[derive(Clone, Debug, Default)]
+pub struct ModelBehaviour {
+    /// Its reasoning parser, when it thinks in `<think>…</think>`.
+    pub reasoning: Option<Reasoning>,
+    pub sampling_defaults: SamplingDefaults,
+}
 
 pub struct AppState {
     pub engine: EngineHandle,
+    pub reasoning: Option<Reasoning>,
+    pub sampling_defaults: SamplingDefaults,
     pub tokenizer: Arc<Tokenizer>,
     pub model_name: String,
     pub max_model_len: usize,
@@ -40,9 +52,12 @@ impl AppState {
         api_keys: Vec<String>,
         metrics: Arc<Metrics>,
         request_log: RequestLog,
+        behaviour: ModelBehaviour,
     ) -> Self {
         let limits = engine.limits();
         Self {
+            reasoning: behaviour.reasoning,
+            sampling_defaults: behaviour.sampling_defaults,
             max_model_len: limits.max_model_len,
             vocab_size: limits.vocab_size,
             engine,

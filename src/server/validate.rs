@@ -13,6 +13,23 @@ pub const MAX_N: u32 = 64;
 /// Most stop strings, as OpenAI allows.
 pub const MAX_STOPS: usize = 4;
 
+/// The model's own sampling defaults (its `generation_config.json`, unless
+/// `--generation-config` says otherwise): a request that omits a field gets the model's value,
+/// and OpenAI's only where the model has none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SamplingDefaults {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+}
+
 /// What the server needs besides the engine request.
 pub struct Prepared {
     pub params: SamplingParams,
@@ -29,6 +46,7 @@ pub fn prepare(
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
     vocab_size: usize,
+    defaults: &SamplingDefaults,
 ) -> Result<Prepared, ApiError> {
     let n = f.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
@@ -45,7 +63,7 @@ pub fn prepare(
             ));
         }
     }
-    let top_k = match f.top_k {
+    let top_k = match f.top_k.or(defaults.top_k) {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
         Some(k) => {
@@ -66,11 +84,14 @@ pub fn prepare(
         logit_bias.push((id, *v));
     }
     let params = SamplingParams {
-        temperature: f.temperature.unwrap_or(1.0),
-        top_p: f.top_p.unwrap_or(1.0),
+        temperature: f.temperature.or(defaults.temperature).unwrap_or(1.0),
+        top_p: f.top_p.or(defaults.top_p).unwrap_or(1.0),
         top_k,
-        min_p: f.min_p.unwrap_or(0.0),
-        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
+        min_p: f.min_p.or(defaults.min_p).unwrap_or(0.0),
+        repetition_penalty: f
+            .repetition_penalty
+            .or(defaults.repetition_penalty)
+            .unwrap_or(1.0),
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
         logit_bias,
@@ -159,6 +180,7 @@ impl Prepared {
             } else {
                 Delivery::AtFinish
             },
+            steer: None,
         }
     }
 }

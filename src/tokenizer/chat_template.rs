@@ -14,24 +14,51 @@ use super::TokenizerError;
 
 const NAME: &str = "chat_template";
 
+/// One message as a template sees it: the fields transformers passes through from an OpenAI
+/// message. Absent optional fields are left out (undefined to the template), as they are
+/// absent from the dict transformers renders.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    /// `None` renders as none: an assistant turn that only calls tools.
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// An earlier turn's reasoning, under both names clients use; the template decides
+    /// whether to show it (R1's drops it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
-            content: content.into(),
+            content: Some(content.into()),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+            reasoning_content: None,
+            reasoning: None,
         }
+    }
+
+    /// The content as text (empty for none).
+    pub fn text(&self) -> &str {
+        self.content.as_deref().unwrap_or("")
     }
 }
 
 /// A template compiled once and rendered many times.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: Value,
     eos_token: Value,
 }
@@ -58,9 +85,15 @@ impl ChatTemplate {
         let token = |t: Option<String>| t.map_or(Value::UNDEFINED, Value::from);
         Ok(Self {
             env,
+            source: source.to_owned(),
             bos_token: token(bos_token),
             eos_token: token(eos_token),
         })
+    }
+
+    /// The template as written (e.g. to see whether it writes `<think>`).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     pub fn render(
@@ -68,15 +101,18 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        self.render_serialized(messages, add_generation_prompt)
+        self.render_serialized(messages, add_generation_prompt, None)
     }
 
     /// Renders any serializable message list, e.g. OpenAI messages with `tool_calls`
     /// or `null` content, which [`ChatMessage`] cannot carry.
+    /// `tools` is the request's tool list, given to the template as transformers'
+    /// `tools=` (none when absent).
     pub fn render_serialized<M: Serialize + ?Sized>(
         &self,
         messages: &M,
         add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
     ) -> Result<String, TokenizerError> {
         let template = self.env.get_template(NAME)?;
         // transformers passes tools=None and documents=None explicitly, so templates
@@ -86,7 +122,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
-            tools => Value::from(()),
+            tools => tools.map_or(Value::from(()), Value::from_serialize),
             documents => Value::from(()),
         };
         Ok(template.render(ctx)?)

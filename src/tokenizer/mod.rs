@@ -222,10 +222,20 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
+        self.apply_chat_template_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// [`Self::apply_chat_template`] with the request's `tools` for the template to list.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&Json>,
+    ) -> Result<String, TokenizerError> {
         self.chat_template
             .as_ref()
             .ok_or(TokenizerError::NoChatTemplate)?
-            .render(messages, add_generation_prompt)
+            .render_serialized(messages, add_generation_prompt, tools)
     }
 
     /// A streaming detokenizer for one generated sequence.

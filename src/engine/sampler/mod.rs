@@ -184,6 +184,33 @@ impl SequenceSampler {
         }
     }
 
+    /// For a token chosen outside the sampler (a forced token): its raw logprob and the top
+    /// `k`, as [`Self::sample`] would report them had it drawn `token`. Takes the step's draw
+    /// all the same, so a seeded choice's later draws do not depend on which tokens were
+    /// forced. `logits` may be overwritten.
+    pub fn score_forced(
+        &mut self,
+        params: &SamplingParams,
+        logits: &mut [f32],
+        token: u32,
+        scratch: &mut SamplerScratch,
+    ) -> Sampled {
+        let _ = unit_interval(&mut self.rng);
+        let Some(k) = params.logprobs else {
+            return Sampled {
+                token,
+                logprob: None,
+                top_logprobs: Vec::new(),
+            };
+        };
+        let raw = RawLogprobs::new(logits, k, scratch);
+        Sampled {
+            token,
+            logprob: Some(raw.logprob(scratch.raw.get(token as usize).copied())),
+            top_logprobs: raw.top,
+        }
+    }
+
     /// Must be told each token the sequence actually emits (the penalties count them).
     pub fn record(&mut self, token: u32) {
         match self

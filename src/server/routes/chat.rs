@@ -9,11 +9,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream;
 
+use crate::reasoning::{Effort, Reasoning};
 use crate::server::error::ApiError;
-use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TokenLogprob};
+use crate::server::output::{
+    OutputEvent, OutputOptions, Outputs, PromptShape, TextPart, TokenLogprob,
+};
 use crate::server::protocol::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut,
-    ChatRequest, ChatResponse, ChatTokenLogprob, ChatTopLogprob, Content, Usage,
+    ChatRequest, ChatResponse, ChatTokenLogprob, ChatTopLogprob, Content, ReasoningOut, Usage,
 };
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
@@ -80,9 +83,66 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
             } else {
                 &m.role
             };
-            Ok(ChatMessage::new(role, content))
+            // A turn that only calls tools keeps its null content: templates test for it
+            // (`content is none`). Any other null content renders as empty text, as before.
+            let content = match (&m.content, &m.tool_calls) {
+                (None, Some(_)) => None,
+                _ => Some(content),
+            };
+            let reasoning = m.reasoning_content.clone().or_else(|| m.reasoning.clone());
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+                tool_calls: m.tool_calls.clone(),
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
+                reasoning_content: reasoning.clone(),
+                reasoning,
+            })
         })
         .collect()
+}
+
+/// The request's tools as the template's `tools` value.
+pub fn template_tools(tools: &Option<Vec<serde_json::Value>>) -> Option<serde_json::Value> {
+    tools.clone().map(serde_json::Value::Array)
+}
+
+/// The thinking budget a request asks for, checked against the served model.
+fn requested_budget(
+    req: &ChatRequest,
+    reasoning: Option<&Reasoning>,
+) -> Result<Option<usize>, ApiError> {
+    let effort = match req.reasoning_effort.as_deref() {
+        None => None,
+        Some(e) => Some(Effort::parse(e).ok_or_else(|| {
+            ApiError::invalid(
+                format!(
+                    "reasoning_effort must be one of {:?}, got {e:?}",
+                    Effort::NAMES
+                ),
+                Some("reasoning_effort"),
+            )
+        })?),
+    };
+    let Some(reasoning) = reasoning else {
+        let field = if req.max_reasoning_tokens.is_some() {
+            Some("max_reasoning_tokens")
+        } else {
+            effort.map(|_| "reasoning_effort")
+        };
+        return match field {
+            Some(f) => Err(ApiError::invalid(
+                format!(
+                    "{f} needs a reasoning model; this one has no reasoning parser (see \
+                     --reasoning-parser)"
+                ),
+                Some(f),
+            )),
+            None => Ok(None),
+        };
+    };
+    Ok(reasoning.budget_for(req.max_reasoning_tokens.map(|n| n as usize), effort))
 }
 
 /// `validate::prepare` names the completions endpoint's fields; a chat request sent
@@ -124,35 +184,58 @@ async fn handle(
         None
     };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let prepared = validate::prepare(&req.sampling, max_tokens, top, st.vocab_size)
-        .map_err(|e| chat_field_names(e, req.max_completion_tokens.is_some()))?;
+    let prepared = validate::prepare(
+        &req.sampling,
+        max_tokens,
+        top,
+        st.vocab_size,
+        &st.sampling_defaults,
+    )
+    .map_err(|e| chat_field_names(e, req.max_completion_tokens.is_some()))?;
+    let budget = requested_budget(&req, st.reasoning.as_ref())?;
+    let include_reasoning = req.include_reasoning.unwrap_or(true);
     let messages = to_template_messages(&req.messages)?;
     let echo_text = match (req.echo.unwrap_or(false), messages.last()) {
-        (true, Some(last)) if last.role == "assistant" => last.content.clone(),
+        (true, Some(last)) if last.role == "assistant" => last.text().to_string(),
         _ => String::new(),
     };
     let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
     let tokenizer = st.tokenizer.clone();
+    let tools = template_tools(&req.tools);
     // Each message also costs the template's text around it: many empty messages are not
     // small work.
-    let text_bytes = messages.iter().map(|m| m.content.len() + 64).sum();
-    let ids = st
+    let text_bytes = messages.iter().map(|m| m.text().len() + 64).sum::<usize>()
+        + tools.as_ref().map_or(0, |t| t.to_string().len());
+    let mut ids = st
         .preprocess
         .run_sized(text_bytes, move || {
-            let text = tokenizer.apply_chat_template(&messages, add_generation_prompt)?;
+            let text = tokenizer.apply_chat_template_with_tools(
+                &messages,
+                add_generation_prompt,
+                tools.as_ref(),
+            )?;
             // Templates emit BOS themselves, as transformers' apply_chat_template assumes.
             tokenizer.encode(&text, false)
         })
         .await?
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let plan = st.reasoning.as_ref().map(|r| r.plan(&ids, budget));
+    if let Some(p) = &plan {
+        ids.extend_from_slice(&p.prompt_suffix);
+    }
     let prompt_len = ids.len();
     let permit = st.admission.try_admit(prompt_len * prepared.n)?;
-    let r = prepared.engine_request(
+    let mut r = prepared.engine_request(
         Arc::from(ids),
         max_tokens.is_some(),
         st.max_model_len,
         arrival,
     );
+    r.steer = plan.as_ref().and_then(|p| p.steer.clone());
+    let shown = Shown {
+        reasoning: plan.is_some(),
+        include_reasoning,
+    };
     let shape = PromptShape {
         tokens: prompt_len,
         max_tokens: r.stop.max_tokens,
@@ -169,6 +252,7 @@ async fn handle(
             n: prepared.n,
             metrics: st.metrics.clone(),
             arrival,
+            reasoning: plan,
         },
         permit,
     );
@@ -180,9 +264,25 @@ async fn handle(
             echo_text,
             prepared.include_usage,
             arrival,
+            shown,
         ))
     } else {
-        collect(st, id, outputs, echo_text, want_logprobs, arrival).await
+        collect(st, id, outputs, echo_text, want_logprobs, arrival, shown).await
+    }
+}
+
+/// What a response shows of a reasoning model's output.
+#[derive(Clone, Copy, Debug)]
+struct Shown {
+    /// The model has a reasoning parser: the output is split.
+    reasoning: bool,
+    /// The reasoning part is sent (`include_reasoning`, default true).
+    include_reasoning: bool,
+}
+
+impl Shown {
+    fn sends_reasoning(self) -> bool {
+        self.reasoning && self.include_reasoning
     }
 }
 
@@ -213,19 +313,25 @@ async fn collect(
     echo: String,
     want_logprobs: bool,
     arrival: Instant,
+    shown: Shown,
 ) -> Result<Response, ApiError> {
     let k = outputs.num_choices();
     let mut texts = vec![echo; k];
+    let mut thoughts = vec![String::new(); k];
     let mut logprobs: Vec<Vec<ChatTokenLogprob>> = vec![Vec::new(); k];
     let mut reasons: Vec<Option<&'static str>> = vec![None; k];
     while let Some(ev) = outputs.next().await {
         match ev? {
             OutputEvent::Text {
                 index,
+                part,
                 text,
                 logprobs: lp,
             } => {
-                texts[index].push_str(&text);
+                match part {
+                    TextPart::Content => texts[index].push_str(&text),
+                    TextPart::Reasoning => thoughts[index].push_str(&text),
+                }
                 logprobs[index].extend(chat_logprobs(&lp));
             }
             OutputEvent::Finished { index, reason } => reasons[index] = Some(reason),
@@ -233,13 +339,19 @@ async fn collect(
     }
     let choices = texts
         .into_iter()
+        .zip(thoughts)
         .zip(logprobs)
         .enumerate()
-        .map(|(index, (content, lp))| ChatChoice {
+        .map(|(index, ((content, thought), lp))| ChatChoice {
             index,
             message: ChatMessageOut {
                 role: "assistant",
-                content,
+                // vLLM's shape: a reasoning model's empty answer (it never stopped thinking)
+                // is null, as is an empty thought.
+                content: (!shown.reasoning || !content.is_empty()).then_some(content),
+                reasoning: shown
+                    .sends_reasoning()
+                    .then(|| ReasoningOut::new((!thought.is_empty()).then_some(thought))),
             },
             logprobs: want_logprobs.then_some(ChatLogprobs { content: lp }),
             finish_reason: reasons[index],
@@ -269,6 +381,7 @@ struct StreamState {
     include_usage: bool,
     finished: bool,
     arrival: Instant,
+    shown: Shown,
 }
 
 impl StreamState {
@@ -299,6 +412,7 @@ impl StreamState {
             let delta = ChatDelta {
                 role: Some("assistant"),
                 content: Some(self.echo.clone()),
+                ..ChatDelta::default()
             };
             let choice = ChatChunkChoice {
                 index,
@@ -308,53 +422,67 @@ impl StreamState {
             };
             return Some(self.chunk(Some(choice), self.usage_slot()));
         }
-        match self.outputs.next().await {
-            Some(Ok(OutputEvent::Text {
-                index,
-                text,
-                logprobs,
-            })) => {
-                let lp = (!logprobs.is_empty()).then(|| ChatLogprobs {
-                    content: chat_logprobs(&logprobs),
-                });
-                let choice = ChatChunkChoice {
+        loop {
+            return match self.outputs.next().await {
+                Some(Ok(OutputEvent::Text {
                     index,
-                    delta: ChatDelta {
-                        role: None,
-                        content: Some(text),
-                    },
-                    logprobs: lp,
-                    finish_reason: None,
-                };
-                Some(self.chunk(Some(choice), self.usage_slot()))
-            }
-            Some(Ok(OutputEvent::Finished { index, reason })) => {
-                let choice = ChatChunkChoice {
-                    index,
-                    delta: ChatDelta::default(),
-                    logprobs: None,
-                    finish_reason: Some(reason),
-                };
-                Some(self.chunk(Some(choice), self.usage_slot()))
-            }
-            Some(Err(e)) => {
-                self.finished = true;
-                self.st.request_log.rejected(&self.id, &e);
-                Some(sse::error_then_done(&e.to_json()))
-            }
-            None => {
-                self.finished = true;
-                self.st.request_log.finished(
-                    &self.id,
-                    &self.outputs,
-                    self.arrival,
-                    &self.st.model_name,
-                );
-                let usage = self
-                    .include_usage
-                    .then(|| self.chunk(None, Some(Some(self.outputs.usage))));
-                Some(sse::finish(usage))
-            }
+                    part,
+                    text,
+                    logprobs,
+                })) => {
+                    let delta = match part {
+                        TextPart::Content => ChatDelta {
+                            content: Some(text),
+                            ..ChatDelta::default()
+                        },
+                        TextPart::Reasoning if self.shown.include_reasoning => ChatDelta {
+                            reasoning_content: Some(text.clone()),
+                            reasoning: Some(text),
+                            ..ChatDelta::default()
+                        },
+                        // Left out; a chunk still carries any logprobs it had.
+                        TextPart::Reasoning if logprobs.is_empty() => continue,
+                        TextPart::Reasoning => ChatDelta::default(),
+                    };
+                    let lp = (!logprobs.is_empty()).then(|| ChatLogprobs {
+                        content: chat_logprobs(&logprobs),
+                    });
+                    let choice = ChatChunkChoice {
+                        index,
+                        delta,
+                        logprobs: lp,
+                        finish_reason: None,
+                    };
+                    Some(self.chunk(Some(choice), self.usage_slot()))
+                }
+                Some(Ok(OutputEvent::Finished { index, reason })) => {
+                    let choice = ChatChunkChoice {
+                        index,
+                        delta: ChatDelta::default(),
+                        logprobs: None,
+                        finish_reason: Some(reason),
+                    };
+                    Some(self.chunk(Some(choice), self.usage_slot()))
+                }
+                Some(Err(e)) => {
+                    self.finished = true;
+                    self.st.request_log.rejected(&self.id, &e);
+                    Some(sse::error_then_done(&e.to_json()))
+                }
+                None => {
+                    self.finished = true;
+                    self.st.request_log.finished(
+                        &self.id,
+                        &self.outputs,
+                        self.arrival,
+                        &self.st.model_name,
+                    );
+                    let usage = self
+                        .include_usage
+                        .then(|| self.chunk(None, Some(Some(self.outputs.usage))));
+                    Some(sse::finish(usage))
+                }
+            };
         }
     }
 }
@@ -366,6 +494,7 @@ fn stream_response(
     echo: String,
     include_usage: bool,
     arrival: Instant,
+    shown: Shown,
 ) -> Response {
     let state = StreamState {
         st,
@@ -377,6 +506,7 @@ fn stream_response(
         include_usage,
         finished: false,
         arrival,
+        shown,
     };
     sse::response(stream::unfold(state, |mut s| async move {
         s.next_bytes().await.map(|b| (b, s))

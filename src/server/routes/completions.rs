@@ -56,6 +56,7 @@ async fn handle(
         Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
         req.logprobs,
         st.vocab_size,
+        &st.sampling_defaults,
     )?;
     let prompts: Vec<PromptIn> = match req.prompt {
         Prompt::Text(s) => vec![PromptIn::Text(s)],
@@ -131,6 +132,8 @@ async fn handle(
             n,
             metrics: st.metrics.clone(),
             arrival,
+            // Completions are raw text: the reasoning stays in it.
+            reasoning: None,
         },
         permit,
     );
@@ -180,6 +183,7 @@ async fn collect(
                 index,
                 text,
                 logprobs: lp,
+                ..
             } => {
                 if want_logprobs {
                     let part = completion_logprobs(&lp, &mut offsets[index]);
@@ -275,6 +279,7 @@ impl<F: Fn(usize) -> String> StreamState<F> {
                 index,
                 text,
                 logprobs,
+                ..
             })) => {
                 let lp = (!logprobs.is_empty())
                     .then(|| completion_logprobs(&logprobs, &mut self.offsets[index]));

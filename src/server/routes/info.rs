@@ -19,6 +19,8 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
             created: st.started,
             owned_by: "distillery",
             max_model_len: st.max_model_len,
+            sampling_defaults: st.sampling_defaults,
+            reasoning_parser: st.reasoning.as_ref().map(|_| "deepseek_r1"),
         }],
     })
 }

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::chat::to_template_messages;
+use super::chat::{template_tools, to_template_messages};
 use crate::server::error::ApiError;
 use crate::server::json;
 use crate::server::protocol::{
@@ -43,9 +43,11 @@ async fn tokenize_inner(
         (None, Some(messages)) => {
             let messages = to_template_messages(&messages)?;
             let gen = req.add_generation_prompt.unwrap_or(true);
+            let tools = template_tools(&req.tools);
             st.preprocess
                 .run(move || {
-                    let text = tokenizer.apply_chat_template(&messages, gen)?;
+                    let text =
+                        tokenizer.apply_chat_template_with_tools(&messages, gen, tools.as_ref())?;
                     tokenizer.encode(&text, false)
                 })
                 .await?
