@@ -469,3 +469,122 @@ fn at_finish_delivery_holds_tokens_until_the_choice_ends() {
         assert!(t.windows(2).all(|w| w[0] < w[1]), "sampled one step apart");
     }
 }
+
+/// Queues `then` once, right after the choice's output reaches `after` tokens.
+struct ForceAt {
+    after: usize,
+    seen: usize,
+    then: Vec<u32>,
+}
+
+impl engine::Steer for ForceAt {
+    fn observe(&mut self, _token: u32, forced: &mut std::collections::VecDeque<u32>) {
+        self.seen += 1;
+        if self.seen == self.after {
+            forced.extend(self.then.drain(..));
+        }
+    }
+}
+
+fn force_at(after: usize, then: Vec<u32>) -> engine::SteerFactory {
+    Arc::new(move |_| {
+        Box::new(ForceAt {
+            after,
+            seen: 0,
+            then: then.clone(),
+        })
+    })
+}
+
+/// Forced tokens bypass the sampler and are output like sampled ones: flagged as forced,
+/// scored with the model's own logprob, written to the KV cache (what follows them is the
+/// model's greedy continuation of the prompt with them), each choice of `n > 1` on its own,
+/// and kept through preemption by recompute.
+#[test]
+fn forced_tokens_are_emitted_scored_and_cached() {
+    let Some(dec) = decoder("tiny-llama-v512") else {
+        return;
+    };
+    let prompt = [0u32, 17, 300, 42, 9, 111];
+    let with_logprobs = |req: EngineRequest| EngineRequest {
+        params: SamplingParams {
+            logprobs: Some(5),
+            ..SamplingParams::default()
+        },
+        ..req
+    };
+    // The model's second choice at the second position: a token greedy decoding never takes.
+    let mut core = engine::build(dec.clone(), &config(256, 16, 8, 2048, true)).unwrap();
+    let mut probe = core.submit(with_logprobs(greedy(&prompt, 2))).unwrap();
+    while core.has_work() {
+        core.step();
+    }
+    let mut scored = Vec::new();
+    while let Some(ev) = probe.try_recv() {
+        if let EngineEvent::Token {
+            token, logprobs, ..
+        } = ev
+        {
+            scored.push((token, logprobs.expect("asked for")));
+        }
+    }
+    let first = scored[0].0;
+    let (runner_up, runner_up_logprob) = scored[1].1.top[1];
+    assert_ne!(runner_up, scored[1].0);
+
+    let forced = vec![runner_up, 42];
+    let mut stream = core
+        .submit(EngineRequest {
+            steer: Some(force_at(1, forced.clone())),
+            ..with_logprobs(greedy(&prompt, 6))
+        })
+        .unwrap();
+    while core.has_work() {
+        core.step();
+    }
+    let mut out = Vec::new();
+    while let Some(ev) = stream.try_recv() {
+        if let EngineEvent::Token {
+            token,
+            logprobs,
+            forced,
+            ..
+        } = ev
+        {
+            out.push((token, forced, logprobs.expect("asked for").logprob));
+        }
+    }
+    let tokens: Vec<u32> = out.iter().map(|t| t.0).collect();
+    let flags: Vec<bool> = out.iter().map(|t| t.1).collect();
+    assert_eq!(flags, [false, true, true, false, false, false]);
+    let mut fed = prompt.to_vec();
+    fed.extend([first, runner_up, 42]);
+    let mut expected = vec![first, runner_up, 42];
+    expected.extend(alone(&dec, &fed, 3));
+    assert_eq!(tokens, expected, "the continuation sees the forced tokens");
+    assert!(
+        (out[1].2 - runner_up_logprob).abs() < 1e-5,
+        "a forced token's logprob is the model's: {} vs {runner_up_logprob}",
+        out[1].2
+    );
+    assert_all_free(&core);
+
+    // n = 2 and a cache so small that sequences are preempted: the same tokens per choice.
+    let mut tight = engine::build(dec.clone(), &config(6, 4, 8, 2048, true)).unwrap();
+    let reqs = (0..4)
+        .map(|_| EngineRequest {
+            n: 2,
+            steer: Some(force_at(1, forced.clone())),
+            ..greedy(&prompt, 6)
+        })
+        .collect();
+    let logs = run_all(&mut tight, reqs);
+    assert!(
+        tight.stats().num_preemptions > 0,
+        "the cache was tight enough"
+    );
+    for log in logs {
+        assert_eq!(log.tokens, vec![expected.clone(), expected.clone()]);
+    }
+    assert_all_free(&tight);
+}

@@ -86,24 +86,65 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Deserialize, Debug, Clone)]
+/// One chat message. Only a JSON object is a message: serde's derive would also take an array
+/// as the fields in order (`["user", "hi"]`), which no client means.
+#[derive(Debug, Clone)]
 pub struct ChatMessageIn {
     pub role: String,
-    #[serde(default)]
     pub content: Option<Content>,
     /// An assistant turn's calls, passed to the template as sent.
-    #[serde(default)]
     pub tool_calls: Option<serde_json::Value>,
     /// A `tool` turn's answer to a call.
-    #[serde(default)]
     pub tool_call_id: Option<String>,
-    #[serde(default)]
     pub name: Option<String>,
     /// An earlier answer's reasoning, as vLLM returned it (either name).
-    #[serde(default)]
     pub reasoning_content: Option<String>,
-    #[serde(default)]
     pub reasoning: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessageFields {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Option<serde_json::Value>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    #[serde(default)]
+    reasoning: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ChatMessageIn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = ChatMessageFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                ChatMessageFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        let m = d.deserialize_map(Object)?;
+        Ok(Self {
+            role: m.role,
+            content: m.content,
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+            reasoning_content: m.reasoning_content,
+            reasoning: m.reasoning,
+        })
+    }
 }
 
 #[derive(Deserialize, Debug, Clone)]
