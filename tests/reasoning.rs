@@ -232,32 +232,27 @@ async fn scrape(c: &reqwest::Client, d: &Daemon) -> Scrape {
     Scrape::parse(&text).unwrap_or_else(|e| panic!("unparsable scrape: {e:?}"))
 }
 
-fn metric(s: &Scrape, name: &str) -> f64 {
+/// The first sample of `name` of the given kind (a counter's value, a histogram's count).
+fn sample(s: &Scrape, name: &str, kind: ValueType) -> f64 {
     s.metrics
         .iter()
         .find(|m| m.name == name)
         .unwrap_or_else(|| panic!("{name} missing"))
         .samples
         .iter()
-        .find(|x| x.value.value_type == ValueType::Sample)
-        .unwrap_or_else(|| panic!("{name} has no sample"))
+        .find(|x| x.value.value_type == kind)
+        .unwrap_or_else(|| panic!("{name} has no {kind:?} sample"))
         .value
         .value
         .as_f64()
 }
 
+fn metric(s: &Scrape, name: &str) -> f64 {
+    sample(s, name, ValueType::Sample)
+}
+
 fn hist_count(s: &Scrape, name: &str) -> f64 {
-    s.metrics
-        .iter()
-        .find(|m| m.name == name)
-        .unwrap_or_else(|| panic!("{name} missing"))
-        .samples
-        .iter()
-        .find(|x| x.value.value_type == ValueType::Count)
-        .unwrap_or_else(|| panic!("{name} has no count"))
-        .value
-        .value
-        .as_f64()
+    sample(s, name, ValueType::Count)
 }
 
 fn chat(messages: &[Value], extra: Value) -> Value {
@@ -520,7 +515,14 @@ async fn budgets_hold_per_choice_under_preemption_and_without_prefix_caching() {
                    "seed": seed}),
         )
     };
+    let greedy_body = |case: &ChatCase| {
+        chat(
+            &case.messages,
+            json!({"max_tokens": 24, "max_reasoning_tokens": 5, "n": 2}),
+        )
+    };
     let mut want = Vec::new();
+    let mut want_greedy = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let v = ok(
             &c,
@@ -542,13 +544,18 @@ async fn budgets_hold_per_choice_under_preemption_and_without_prefix_caching() {
         let events = stream(&c, &roomy.url("/v1/chat/completions"), &s).await;
         assert_eq!(streamed(&events, 2), got, "{}: streaming, n = 2", case.name);
         want.push(got);
+        let v = ok(&c, &roomy.url("/v1/chat/completions"), &greedy_body(case)).await;
+        want_greedy.push(choices(&v));
     }
     // 4 KiB a block here: 12 blocks, while two choices of 47 to ~85 tokens want 8 to 16.
-    let variants: [&[&str]; 2] = [
-        &["--kv-cache-memory", "48KiB"],
-        &["--no-enable-prefix-caching"],
+    // Under preemption the choices are greedy: seeded sampling after a recompute can differ
+    // from the uninterrupted run without any budget too (a known, separate issue: see the
+    // session's closing note), so it would not test the budget.
+    let variants: [(&[&str], bool); 2] = [
+        (&["--kv-cache-memory", "48KiB"], false),
+        (&["--no-enable-prefix-caching"], true),
     ];
-    for flags in variants {
+    for (flags, sampled) in variants {
         let Some(d) = Daemon::start(MODEL, flags) else {
             return;
         };
@@ -556,13 +563,17 @@ async fn budgets_hold_per_choice_under_preemption_and_without_prefix_caching() {
             .iter()
             .enumerate()
             .flat_map(|(i, case)| {
-                let want = want[i].clone();
+                let want = if sampled { &want[i] } else { &want_greedy[i] }.clone();
                 (0..3).map(move |_| (i, case.clone(), want.clone()))
             })
             .map(|(i, case, want)| {
                 let c = c.clone();
                 let url = d.url("/v1/chat/completions");
-                let b = body(&case, i as u64);
+                let b = if sampled {
+                    body(&case, i as u64)
+                } else {
+                    greedy_body(&case)
+                };
                 tokio::spawn(async move {
                     let v = ok(&c, &url, &b).await;
                     assert_eq!(choices(&v), want, "{} under {flags:?}", case.name);
@@ -572,7 +583,7 @@ async fn budgets_hold_per_choice_under_preemption_and_without_prefix_caching() {
         for t in tasks {
             t.await.expect("request task");
         }
-        if flags[0] == "--kv-cache-memory" {
+        if !sampled {
             let s = scrape(&c, &d).await;
             assert!(
                 metric(&s, "vllm:num_preemptions_total") > 0.0,

@@ -440,20 +440,12 @@ impl Outputs {
                     self.n,
                 ));
                 c.count_reasoning(&mut self.usage, self.metrics.requests());
-                let tail = c
-                    .detok
-                    .finish()
-                    .map_err(|e| ApiError::internal(e.to_string(), "detokenize"))?;
-                let mut outcome = c.stops.push(tail.as_deref().unwrap_or(""));
-                let stopped = outcome.stopped.is_some();
-                if !stopped {
-                    outcome.emit.push_str(&c.stops.finish());
-                }
-                if !outcome.emit.is_empty() {
+                let (text, stopped) = c.flush_text()?;
+                if !text.is_empty() {
                     self.pending.push_back(OutputEvent::Text {
                         index,
                         part: c.part(),
-                        text: outcome.emit,
+                        text,
                         logprobs: Vec::new(),
                     });
                 }

@@ -214,6 +214,10 @@ const DETOKENIZE: Fields = &[
 const MESSAGE: Fields = &[
     ("role", Ty::Str, Need::Required),
     ("content", Ty::Content, Need::DefaultOptional),
+    ("tool_call_id", Ty::Str, Need::DefaultOptional),
+    ("name", Ty::Str, Need::DefaultOptional),
+    ("reasoning_content", Ty::Str, Need::DefaultOptional),
+    ("reasoning", Ty::Str, Need::DefaultOptional),
 ];
 const PART: Fields = &[
     ("type", Ty::Str, Need::Required),
@@ -287,9 +291,10 @@ fn ty_ok(ty: Ty, v: &Value) -> bool {
             .as_object()
             .is_some_and(|m| m.values().all(Value::is_number)),
         Ty::StreamOptions => struct_ok(STREAM_OPTIONS, true, v),
+        // A message is an object: its sequence form (`["user", "hi"]`) is refused.
         Ty::Messages => v
             .as_array()
-            .is_some_and(|a| a.iter().all(|m| struct_ok(MESSAGE, true, m))),
+            .is_some_and(|a| a.iter().all(|m| struct_ok(MESSAGE, false, m))),
         Ty::Prompt => match v {
             Value::String(_) => true,
             Value::Array(a) => {

@@ -95,7 +95,7 @@ pub(crate) fn message() -> BoxedStrategy<Value> {
                 Value::Object(m)
             }
         ),
-        // serde also takes a struct as a sequence of its fields.
+        // The sequence form serde would take for a struct: refused, a message is an object.
         1 => (select(ROLES), weird_string()).prop_map(|(r, c)| json!([r, c])),
         1 => vec(any_json(), 0..4).prop_map(Value::Array),
         1 => any_json(),
