@@ -171,9 +171,17 @@ pub struct ServeSettings {
     pub enable_prefix_caching: bool,
     pub max_model_len: Option<usize>,
     pub data_parallel_size: usize,
-    pub tokenizer_workers: usize,
+    pub tokenizer_workers: WorkerCount,
     pub max_body_bytes: usize,
+    /// From the end of a request's headers to its body's last byte (a deadline, not an idle
+    /// timer).
     pub body_read_timeout_secs: f64,
+    /// From a request's first byte (a new connection's accept) to the end of its headers.
+    pub header_read_timeout_secs: f64,
+    /// How long a connection with nothing in flight stays open; 0 closes after each response.
+    pub keep_alive_timeout_secs: f64,
+    /// Connections held at once (further ones wait in the listen backlog).
+    pub max_connections: usize,
     pub shutdown_grace_secs: f64,
     pub cors_allow_origins: Vec<String>,
     pub log_format: LogFormat,
@@ -213,9 +221,16 @@ impl Default for ServeSettings {
             enable_prefix_caching: engine.enable_prefix_caching,
             max_model_len: None,
             data_parallel_size: engine.data_parallel_size,
-            tokenizer_workers: 1,
+            tokenizer_workers: WorkerCount::Auto,
             max_body_bytes: 4 << 20,
             body_read_timeout_secs: 30.0,
+            // Ample for any real client on any network; a slowloris socket is gone in 10 s.
+            header_read_timeout_secs: 10.0,
+            // Longer than the idle timeouts of the load balancers in front (AWS ALB 60 s), so
+            // that the balancer, not the daemon, closes an idle pooled connection: otherwise a
+            // request can be sent on a connection the daemon is just closing.
+            keep_alive_timeout_secs: 75.0,
+            max_connections: 16384,
             shutdown_grace_secs: 30.0,
             cors_allow_origins: Vec::new(),
             log_format: LogFormat::Pretty,
@@ -233,11 +248,56 @@ impl Default for ServeSettings {
 
 impl ServeSettings {
     pub fn from_toml(text: &str) -> Result<Self, String> {
+        // Numbers are checked against their ranges first, so that `max_model_len = -1` gets the
+        // same message as the flag, not serde's "expected usize".
+        let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        for n in NUMERIC_SETTINGS {
+            let value = match table.get(n.key) {
+                Some(toml::Value::Integer(i)) => Some(*i as f64),
+                Some(toml::Value::Float(f)) => Some(*f),
+                _ => None,
+            };
+            if let Some(v) = value {
+                n.check(Some(v))?;
+            }
+        }
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The value of the numeric setting `key` (see [`NUMERIC_SETTINGS`]); `None` when unset.
+    fn numeric(&self, key: &str) -> Option<f64> {
+        let v = match key {
+            "port" => self.port as f64,
+            "gpu_memory_utilization" => self.gpu_memory_utilization,
+            "max_num_seqs" => self.max_num_seqs as f64,
+            "max_num_batched_tokens" => self.max_num_batched_tokens as f64,
+            "max_waiting_requests" => self.max_waiting_requests as f64,
+            "max_queued_prompt_tokens" => self.max_queued_prompt_tokens as f64,
+            "kv_cache_memory" => self.kv_cache_memory as f64,
+            "block_size" => self.block_size as f64,
+            "max_model_len" => self.max_model_len? as f64,
+            "data_parallel_size" => self.data_parallel_size as f64,
+            "tokenizer_workers" => match self.tokenizer_workers {
+                WorkerCount::Auto => return None,
+                WorkerCount::Fixed(n) => n as f64,
+            },
+            "max_body_bytes" => self.max_body_bytes as f64,
+            "body_read_timeout_secs" => self.body_read_timeout_secs,
+            "header_read_timeout_secs" => self.header_read_timeout_secs,
+            "keep_alive_timeout_secs" => self.keep_alive_timeout_secs,
+            "max_connections" => self.max_connections as f64,
+            "shutdown_grace_secs" => self.shutdown_grace_secs,
+            "reasoning_budget" => self.reasoning_budget as f64,
+            _ => return None,
+        };
+        Some(v)
     }
 
     /// The checks that need no model, so a bad setting fails before minutes of loading.
     pub fn validate(&self) -> Result<(), String> {
+        for n in NUMERIC_SETTINGS {
+            n.check(self.numeric(n.key))?;
+        }
         self.engine_config().validate()?;
         self.reasoning().validate()?;
         if self.data_parallel_size > 1 && self.device != crate::model::DeviceChoice::Cpu {
@@ -268,6 +328,286 @@ impl ServeSettings {
             max_model_len: self.max_model_len,
             data_parallel_size: self.data_parallel_size,
         }
+    }
+}
+
+/// A setting that cannot work, found before or while the model loads: the daemon exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid settings: {0}")]
+pub struct InvalidSettings(pub String);
+
+/// Thread counts that default to what the machine has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerCount {
+    /// One per core.
+    Auto,
+    Fixed(usize),
+}
+
+impl WorkerCount {
+    pub fn resolve(self) -> usize {
+        match self {
+            Self::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Self::Fixed(n) => n,
+        }
+    }
+}
+
+impl std::str::FromStr for WorkerCount {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            n => n
+                .parse()
+                .map(Self::Fixed)
+                .map_err(|_| format!("{s:?} is neither `auto` nor a count")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(usize),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(Self::Fixed(n)),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// One numeric setting: its names (file key, flag, environment variable), the range in which
+/// it means something, and what its edge values mean.
+#[derive(Debug)]
+pub struct NumericSetting {
+    /// The config file's key.
+    pub key: &'static str,
+    /// The flag, without its dashes.
+    pub flag: &'static str,
+    pub min: f64,
+    pub max: f64,
+    /// Whole numbers only.
+    pub integer: bool,
+    /// What a special value means, for the message and the docs (empty: nothing special).
+    pub note: &'static str,
+}
+
+const DAY_SECS: f64 = 86_400.0;
+
+/// Every numeric setting of `distillery serve`, checked at start-up whichever way it was given.
+/// The upper bounds are past any machine this daemon runs on: beyond them a value is a typo
+/// (and an allocation or a timer that would abort the process).
+pub const NUMERIC_SETTINGS: &[NumericSetting] = &[
+    NumericSetting {
+        key: "port",
+        flag: "port",
+        min: 0.0,
+        max: 65535.0,
+        integer: true,
+        note: "0 picks a free port",
+    },
+    NumericSetting {
+        key: "gpu_memory_utilization",
+        flag: "gpu-memory-utilization",
+        min: 0.0,
+        max: 1.0,
+        integer: false,
+        note: "0 sizes the KV pool from kv_cache_memory",
+    },
+    NumericSetting {
+        key: "max_num_seqs",
+        flag: "max-num-seqs",
+        min: 1.0,
+        max: 65536.0,
+        integer: true,
+        note: "",
+    },
+    NumericSetting {
+        key: "max_num_batched_tokens",
+        flag: "max-num-batched-tokens",
+        min: 1.0,
+        max: 1048576.0,
+        integer: true,
+        note: "",
+    },
+    NumericSetting {
+        key: "max_waiting_requests",
+        flag: "max-waiting-requests",
+        min: 1.0,
+        max: 16777216.0,
+        integer: true,
+        note: "",
+    },
+    NumericSetting {
+        key: "max_queued_prompt_tokens",
+        flag: "max-queued-prompt-tokens",
+        min: 1.0,
+        max: 4294967296.0,
+        integer: true,
+        note: "",
+    },
+    NumericSetting {
+        key: "kv_cache_memory",
+        flag: "kv-cache-memory",
+        min: 65536.0,
+        max: 17592186044416.0,
+        integer: true,
+        note: "bytes, at most 16 TiB and never more than the machine's memory on the CPU",
+    },
+    NumericSetting {
+        key: "block_size",
+        flag: "block-size",
+        min: 1.0,
+        max: 256.0,
+        integer: true,
+        note: "a power of two",
+    },
+    NumericSetting {
+        key: "max_model_len",
+        flag: "max-model-len",
+        min: 1.0,
+        max: 16777216.0,
+        integer: true,
+        note: "at most the model's max_position_embeddings",
+    },
+    NumericSetting {
+        key: "data_parallel_size",
+        flag: "data-parallel-size",
+        min: 1.0,
+        max: MAX_DATA_PARALLEL as f64,
+        integer: true,
+        note: "",
+    },
+    NumericSetting {
+        key: "tokenizer_workers",
+        flag: "tokenizer-workers",
+        min: 1.0,
+        max: 1024.0,
+        integer: true,
+        note: "or auto: one per core",
+    },
+    NumericSetting {
+        key: "max_body_bytes",
+        flag: "max-body-bytes",
+        min: 1024.0,
+        max: 1073741824.0,
+        integer: true,
+        note: "",
+    },
+    NumericSetting {
+        key: "body_read_timeout_secs",
+        flag: "body-read-timeout",
+        min: 0.001,
+        max: DAY_SECS,
+        integer: false,
+        note: "",
+    },
+    NumericSetting {
+        key: "header_read_timeout_secs",
+        flag: "header-read-timeout",
+        min: 0.001,
+        max: DAY_SECS,
+        integer: false,
+        note: "",
+    },
+    NumericSetting {
+        key: "keep_alive_timeout_secs",
+        flag: "keep-alive-timeout",
+        min: 0.0,
+        max: DAY_SECS,
+        integer: false,
+        note: "0 closes a connection after each response",
+    },
+    NumericSetting {
+        key: "max_connections",
+        flag: "max-connections",
+        min: 1.0,
+        max: 1048576.0,
+        integer: true,
+        note: "lowered to what the open-files limit allows",
+    },
+    NumericSetting {
+        key: "shutdown_grace_secs",
+        flag: "shutdown-grace",
+        min: 0.0,
+        max: DAY_SECS,
+        integer: false,
+        note: "0 exits at once",
+    },
+    NumericSetting {
+        key: "reasoning_budget",
+        flag: "reasoning-budget",
+        min: -1.0,
+        max: 16777216.0,
+        integer: true,
+        note: "-1 is unbounded, 0 no thinking",
+    },
+];
+
+impl NumericSetting {
+    pub fn named(key: &str) -> Option<&'static NumericSetting> {
+        NUMERIC_SETTINGS.iter().find(|n| n.key == key)
+    }
+
+    pub fn env(&self) -> String {
+        format!(
+            "DISTILLERY_{}",
+            self.flag.replace('-', "_").to_ascii_uppercase()
+        )
+    }
+
+    fn range(&self) -> String {
+        let kind = if self.integer {
+            "an integer"
+        } else {
+            "a number"
+        };
+        let note = if self.note.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", self.note)
+        };
+        format!("{kind} from {} to {}{note}", self.min, self.max)
+    }
+
+    /// The error for `given`, naming every way to set it.
+    pub fn refuse(&self, given: &str) -> String {
+        format!(
+            "{} = {given} is refused: it must be {} (flag --{}, environment {}, config \
+             file key {})",
+            self.key,
+            self.range(),
+            self.flag,
+            self.env(),
+            self.key
+        )
+    }
+
+    fn check(&self, value: Option<f64>) -> Result<(), String> {
+        let Some(v) = value else { return Ok(()) };
+        let whole = !self.integer || v.fract() == 0.0;
+        if v.is_finite() && whole && v >= self.min && v <= self.max {
+            return Ok(());
+        }
+        Err(self.refuse(&v.to_string()))
+    }
+
+    /// Parses a flag's or variable's text with `parse` and checks its range.
+    pub fn parse_with<T>(
+        &self,
+        text: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+        as_f64: impl Fn(&T) -> f64,
+    ) -> Result<T, String> {
+        let refuse = || self.refuse(text.trim());
+        let v = parse(text.trim()).map_err(|_| refuse())?;
+        self.check(Some(as_f64(&v))).map_err(|_| refuse())?;
+        Ok(v)
     }
 }
 
@@ -313,6 +653,12 @@ mod tests {
         assert_eq!(parsed.gpu_memory_utilization, d.gpu_memory_utilization);
         assert_eq!(parsed.generation_config, d.generation_config);
         assert_eq!(parsed.reasoning(), d.reasoning());
+        assert_eq!(parsed.tokenizer_workers, d.tokenizer_workers);
+        assert_eq!(parsed.header_read_timeout_secs, d.header_read_timeout_secs);
+        assert_eq!(parsed.body_read_timeout_secs, d.body_read_timeout_secs);
+        assert_eq!(parsed.keep_alive_timeout_secs, d.keep_alive_timeout_secs);
+        assert_eq!(parsed.max_connections, d.max_connections);
+        assert_eq!(parsed.shutdown_grace_secs, d.shutdown_grace_secs);
     }
 
     #[test]
@@ -326,16 +672,16 @@ mod tests {
         assert_eq!(s.reasoning().default_budget(), Some(64));
         assert_eq!(s.reasoning_effort_budgets.low, Some(8));
         assert_eq!(s.generation_config, GenerationConfigChoice::Vllm);
-        let s = ServeSettings::from_toml("reasoning_budget = -2").unwrap();
-        assert!(s.validate().unwrap_err().contains("reasoning_budget"));
+        let e = ServeSettings::from_toml("reasoning_budget = -2").unwrap_err();
+        assert!(e.contains("reasoning_budget"), "{e}");
         assert!(ServeSettings::from_toml("reasoning_parser = \"qwen3\"").is_err());
         assert!(ServeSettings::from_toml("reasoning_effort_budgets = \"huge=1\"").is_err());
     }
 
     #[test]
     fn replica_counts_are_checked_before_any_model_is_loaded() {
-        let s = ServeSettings::from_toml("data_parallel_size = 0").unwrap();
-        assert!(s.validate().unwrap_err().contains("data_parallel_size"));
+        let e = ServeSettings::from_toml("data_parallel_size = 0").unwrap_err();
+        assert!(e.contains("data_parallel_size"), "{e}");
         let s = ServeSettings::from_toml("data_parallel_size = 2\ndevice = \"cuda\"").unwrap();
         assert!(s.validate().unwrap_err().contains("CPU"));
         let s = ServeSettings::from_toml("data_parallel_size = 2").unwrap();
@@ -358,6 +704,41 @@ mod tests {
         assert_eq!(parse_bytes("2GB").unwrap(), 2_000_000_000);
         assert_eq!(parse_bytes("1024").unwrap(), 1024);
         assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn every_numeric_setting_is_read_and_its_defaults_are_in_range() {
+        let mut s = ServeSettings {
+            max_model_len: Some(4096),
+            tokenizer_workers: WorkerCount::Fixed(2),
+            ..ServeSettings::default()
+        };
+        for n in NUMERIC_SETTINGS {
+            assert!(
+                s.numeric(n.key).is_some(),
+                "{} is not read by numeric()",
+                n.key
+            );
+        }
+        assert_eq!(s.validate(), Ok(()));
+        // Out of range, in the file or after the merge, each names all three ways to set it.
+        s.max_connections = 0;
+        let e = s.validate().unwrap_err();
+        for name in [
+            "--max-connections",
+            "DISTILLERY_MAX_CONNECTIONS",
+            "key max_connections",
+        ] {
+            assert!(e.contains(name), "{e} does not name {name}");
+        }
+        let e = ServeSettings::from_toml("shutdown_grace_secs = -1.0").unwrap_err();
+        assert!(e.contains("--shutdown-grace"), "{e}");
+        let e = ServeSettings::from_toml("max_model_len = 0").unwrap_err();
+        assert!(e.contains("DISTILLERY_MAX_MODEL_LEN"), "{e}");
+        let s = ServeSettings::from_toml("tokenizer_workers = \"auto\"").unwrap();
+        assert_eq!(s.tokenizer_workers, WorkerCount::Auto);
+        let s = ServeSettings::from_toml("tokenizer_workers = 3").unwrap();
+        assert_eq!(s.tokenizer_workers, WorkerCount::Fixed(3));
     }
 
     #[test]

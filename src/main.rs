@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use distillery::config::LogFormat;
+use distillery::config::{InvalidSettings, LogFormat};
 
 mod gen_model;
 mod generate;
@@ -36,6 +36,13 @@ enum Command {
     GenModel(gen_model::GenModelArgs),
 }
 
+/// Prints why the settings cannot work and exits with [`EXIT_BAD_SETTINGS`], so supervisors
+/// and CI tell a configuration error from a crash.
+fn refuse_settings(e: &anyhow::Error) -> ! {
+    eprintln!("error: {e:#}");
+    std::process::exit(EXIT_BAD_SETTINGS)
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -59,13 +66,21 @@ fn set_op_threads(engine_replicas: usize) {
     }
 }
 
+/// Exit status for settings that cannot work, as clap uses for a bad flag.
+const EXIT_BAD_SETTINGS: i32 = 2;
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
-            let settings = args.settings()?;
+            let settings = args.settings().unwrap_or_else(|e| refuse_settings(&e));
             set_op_threads(settings.data_parallel_size);
             init_logging(settings.log_format);
-            serve::run(settings)
+            serve::run(settings).map_err(|e| {
+                if e.downcast_ref::<InvalidSettings>().is_some() {
+                    refuse_settings(&e)
+                }
+                e
+            })
         }
         Command::Generate(args) => {
             set_op_threads(1);

@@ -10,14 +10,15 @@ use clap::Args;
 
 use distillery::config::KvCacheSize;
 use distillery::config::{
-    parse_bytes, GenerationConfigChoice, LoadFormat, LogFormat, MetricsCompat, ServeSettings,
+    parse_bytes, GenerationConfigChoice, InvalidSettings, LoadFormat, LogFormat, MetricsCompat,
+    NumericSetting, ServeSettings, WorkerCount,
 };
 use distillery::metrics::{Metrics, MetricsOptions};
 use distillery::model::{
     self, builtin, source, DTypeChoice, DeviceChoice, GenerationDefaults, KvCache,
 };
 use distillery::reasoning::{EffortBudgets, Reasoning, ReasoningParserChoice};
-use distillery::server::{self, ModelBehaviour, SamplingDefaults, ServerOptions};
+use distillery::server::{self, ConnectionLimits, ModelBehaviour, SamplingDefaults, ServerOptions};
 use distillery::tokenizer::Tokenizer;
 use distillery::{engine, model::Decoder};
 
@@ -37,7 +38,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTILLERY_HOST")]
     host: Option<String>,
     /// [default: 8000; 0 picks a free port]
-    #[arg(long, env = "DISTILLERY_PORT")]
+    #[arg(long, env = "DISTILLERY_PORT", value_parser = checked::<u16>("port"))]
     port: Option<u16>,
     /// An accepted bearer key; repeat for several (env: comma-separated).
     #[arg(long = "api-key", env = "DISTILLERY_API_KEYS", value_delimiter = ',')]
@@ -50,27 +51,27 @@ pub struct ServeArgs {
     device: Option<DeviceChoice>,
     /// On CUDA: fraction of the GPU's memory to use; the KV pool gets what the weights and
     /// activations leave (0: size it from --kv-cache-memory) [default: 0.9]
-    #[arg(long, env = "DISTILLERY_GPU_MEMORY_UTILIZATION")]
+    #[arg(long, env = "DISTILLERY_GPU_MEMORY_UTILIZATION", value_parser = checked::<f64>("gpu_memory_utilization"))]
     gpu_memory_utilization: Option<f64>,
     #[arg(long, env = "DISTILLERY_LOAD_FORMAT", value_enum)]
     load_format: Option<LoadFormat>,
     /// Sequences in one engine step [default: 256]
-    #[arg(long, env = "DISTILLERY_MAX_NUM_SEQS")]
+    #[arg(long, env = "DISTILLERY_MAX_NUM_SEQS", value_parser = checked::<usize>("max_num_seqs"))]
     max_num_seqs: Option<usize>,
     /// Tokens in one engine step [default: 2048]
-    #[arg(long, env = "DISTILLERY_MAX_NUM_BATCHED_TOKENS")]
+    #[arg(long, env = "DISTILLERY_MAX_NUM_BATCHED_TOKENS", value_parser = checked::<usize>("max_num_batched_tokens"))]
     max_num_batched_tokens: Option<usize>,
     /// Requests waiting for their first token before new ones get 503 [default: 1024]
-    #[arg(long, env = "DISTILLERY_MAX_WAITING_REQUESTS")]
+    #[arg(long, env = "DISTILLERY_MAX_WAITING_REQUESTS", value_parser = checked::<usize>("max_waiting_requests"))]
     max_waiting_requests: Option<usize>,
     /// Prompt tokens waiting before new requests get 503 [default: 1048576]
-    #[arg(long, env = "DISTILLERY_MAX_QUEUED_PROMPT_TOKENS")]
+    #[arg(long, env = "DISTILLERY_MAX_QUEUED_PROMPT_TOKENS", value_parser = checked::<usize>("max_queued_prompt_tokens"))]
     max_queued_prompt_tokens: Option<usize>,
     /// KV cache budget, e.g. 1GiB or 536870912 [default: 1GiB]
-    #[arg(long, env = "DISTILLERY_KV_CACHE_MEMORY", value_parser = parse_bytes)]
+    #[arg(long, env = "DISTILLERY_KV_CACHE_MEMORY", value_parser = bytes("kv_cache_memory"))]
     kv_cache_memory: Option<usize>,
     /// Tokens per KV block [default: 8]
-    #[arg(long, env = "DISTILLERY_BLOCK_SIZE")]
+    #[arg(long, env = "DISTILLERY_BLOCK_SIZE", value_parser = checked::<usize>("block_size"))]
     block_size: Option<usize>,
     /// No log line per request (metrics still count them); for thousands of requests a second
     #[arg(long, env = "DISTILLERY_DISABLE_LOG_REQUESTS",
@@ -82,20 +83,41 @@ pub struct ServeArgs {
     #[arg(long, overrides_with = "enable_prefix_caching")]
     no_enable_prefix_caching: bool,
     /// Context limit [default: the model's max_position_embeddings]
-    #[arg(long, env = "DISTILLERY_MAX_MODEL_LEN")]
+    #[arg(long, env = "DISTILLERY_MAX_MODEL_LEN", value_parser = checked::<usize>("max_model_len"))]
     max_model_len: Option<usize>,
     /// Engine replicas on the CPU, each with its own thread, scheduler and share of the KV
     /// budget; one per core suits small models [default: 1]
-    #[arg(long, env = "DISTILLERY_DATA_PARALLEL_SIZE")]
+    #[arg(long, env = "DISTILLERY_DATA_PARALLEL_SIZE", value_parser = checked::<usize>("data_parallel_size"))]
     data_parallel_size: Option<usize>,
-    /// Threads for template rendering and tokenization [default: 1]
-    #[arg(long, env = "DISTILLERY_TOKENIZER_WORKERS")]
-    tokenizer_workers: Option<usize>,
+    /// Threads for template rendering and tokenization: auto (one per core) or a count; long
+    /// prompts never take every thread [default: auto]
+    #[arg(long, env = "DISTILLERY_TOKENIZER_WORKERS", value_parser = workers())]
+    tokenizer_workers: Option<WorkerCount>,
     /// Largest request body; bigger gets 413 [default: 4194304]
-    #[arg(long, env = "DISTILLERY_MAX_BODY_BYTES", value_parser = parse_bytes)]
+    #[arg(long, env = "DISTILLERY_MAX_BODY_BYTES", value_parser = bytes("max_body_bytes"))]
     max_body_bytes: Option<usize>,
+    /// Seconds from the end of a request's headers to the last byte of its body; slower
+    /// uploads get 408 [default: 30]
+    #[arg(long, env = "DISTILLERY_BODY_READ_TIMEOUT", allow_negative_numbers = true,
+          value_parser = checked::<f64>("body_read_timeout_secs"))]
+    body_read_timeout: Option<f64>,
+    /// Seconds from a request's first byte (a new connection's accept) to the end of its
+    /// headers; slower connections are closed [default: 10]
+    #[arg(long, env = "DISTILLERY_HEADER_READ_TIMEOUT", allow_negative_numbers = true,
+          value_parser = checked::<f64>("header_read_timeout_secs"))]
+    header_read_timeout: Option<f64>,
+    /// Seconds an idle keep-alive connection stays open; 0 closes after each response
+    /// [default: 75]
+    #[arg(long, env = "DISTILLERY_KEEP_ALIVE_TIMEOUT", allow_negative_numbers = true,
+          value_parser = checked::<f64>("keep_alive_timeout_secs"))]
+    keep_alive_timeout: Option<f64>,
+    /// Connections held at once; more wait in the listen backlog (lowered to what the
+    /// open-files limit allows) [default: 16384]
+    #[arg(long, env = "DISTILLERY_MAX_CONNECTIONS", allow_negative_numbers = true,
+          value_parser = checked::<usize>("max_connections"))]
+    max_connections: Option<usize>,
     /// Seconds in-flight requests may run after SIGTERM [default: 30]
-    #[arg(long, env = "DISTILLERY_SHUTDOWN_GRACE")]
+    #[arg(long, env = "DISTILLERY_SHUTDOWN_GRACE", value_parser = checked::<f64>("shutdown_grace_secs"))]
     shutdown_grace: Option<f64>,
     /// A CORS origin to allow (`*` for any); repeatable.
     #[arg(
@@ -122,7 +144,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "DISTILLERY_REASONING_BUDGET",
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = checked::<i64>("reasoning_budget")
     )]
     reasoning_budget: Option<i64>,
     /// The text forced when a reasoning budget is spent; must contain </think> [default: "\n</think>\n\n"]
@@ -140,9 +163,9 @@ impl ServeArgs {
         let mut s = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
+                    .map_err(|e| InvalidSettings(format!("reading {}: {e}", path.display())))?;
                 ServeSettings::from_toml(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                    .map_err(|e| InvalidSettings(format!("{}: {e}", path.display())))?
             }
             None => ServeSettings::default(),
         };
@@ -170,6 +193,7 @@ impl ServeArgs {
             data_parallel_size,
             tokenizer_workers,
             max_body_bytes,
+            max_connections,
             log_format,
             metrics_compat
         );
@@ -186,8 +210,15 @@ impl ServeArgs {
         if self.max_model_len.is_some() {
             s.max_model_len = self.max_model_len;
         }
-        if let Some(g) = self.shutdown_grace {
-            s.shutdown_grace_secs = g;
+        for (flag, key) in [
+            (self.shutdown_grace, &mut s.shutdown_grace_secs),
+            (self.body_read_timeout, &mut s.body_read_timeout_secs),
+            (self.header_read_timeout, &mut s.header_read_timeout_secs),
+            (self.keep_alive_timeout, &mut s.keep_alive_timeout_secs),
+        ] {
+            if let Some(v) = flag {
+                *key = v;
+            }
         }
         if !self.api_keys.is_empty() {
             s.api_keys = self.api_keys.clone();
@@ -209,9 +240,67 @@ impl ServeArgs {
                 s.enable_prefix_caching = matches!(v.as_str(), "1" | "true" | "yes" | "on");
             }
         }
-        s.validate()
-            .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
+        s.validate().map_err(InvalidSettings)?;
         Ok(s)
+    }
+}
+
+/// A numeric flag's parser: the value and its range checked as the config file's are, with a
+/// message naming the flag, the variable and the file key.
+fn checked<T>(key: &'static str) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + Copy + Into<NumericValue> + Send + Sync + 'static,
+{
+    move |text: &str| match NumericSetting::named(key) {
+        Some(n) => n.parse_with(
+            text,
+            |t| t.parse::<T>().map_err(|_| String::new()),
+            |v| (*v).into().0,
+        ),
+        None => text
+            .trim()
+            .parse::<T>()
+            .map_err(|_| format!("{text:?}: not a number")),
+    }
+}
+
+/// A byte size flag (`512MiB`, `2GB`, bytes), range-checked.
+fn bytes(key: &'static str) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync {
+    move |text: &str| match NumericSetting::named(key) {
+        Some(n) => n.parse_with(text, parse_bytes, |v| *v as f64),
+        None => parse_bytes(text),
+    }
+}
+
+/// `auto` or a range-checked count.
+fn workers() -> impl Fn(&str) -> Result<WorkerCount, String> + Clone + Send + Sync {
+    move |text: &str| match text.trim().parse::<WorkerCount>() {
+        Ok(WorkerCount::Auto) => Ok(WorkerCount::Auto),
+        _ => checked::<usize>("tokenizer_workers")(text).map(WorkerCount::Fixed),
+    }
+}
+
+/// A flag's value as the range table compares it.
+struct NumericValue(f64);
+
+impl From<usize> for NumericValue {
+    fn from(v: usize) -> Self {
+        Self(v as f64)
+    }
+}
+impl From<u16> for NumericValue {
+    fn from(v: u16) -> Self {
+        Self(v as f64)
+    }
+}
+impl From<i64> for NumericValue {
+    fn from(v: i64) -> Self {
+        Self(v as f64)
+    }
+}
+impl From<f64> for NumericValue {
+    fn from(v: f64) -> Self {
+        Self(v)
     }
 }
 
@@ -302,8 +391,7 @@ fn behaviour(
              them (--generation-config vllm for OpenAI's)"
         );
     }
-    let reasoning = Reasoning::resolve(&s.reasoning(), tokenizer)
-        .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
+    let reasoning = Reasoning::resolve(&s.reasoning(), tokenizer).map_err(InvalidSettings)?;
     match &reasoning {
         Some(r) => tracing::info!(
             parser = "deepseek_r1",
@@ -320,6 +408,38 @@ fn behaviour(
         reasoning,
         sampling_defaults,
     })
+}
+
+/// The settings whose range depends on the model or the machine.
+fn check_against_model(s: &ServeSettings, decoder: &Decoder) -> Result<(), InvalidSettings> {
+    let max_pos = decoder.config().max_position_embeddings;
+    if let Some(len) = s.max_model_len.filter(|&l| l > max_pos) {
+        return Err(InvalidSettings(format!(
+            "max_model_len = {len} is more than the model's max_position_embeddings ({max_pos}) \
+             (flag --max-model-len, environment DISTILLERY_MAX_MODEL_LEN, config file key \
+             max_model_len)"
+        )));
+    }
+    let on_cpu = model::device_memory(decoder.device()).is_none();
+    if let Some(total) = on_cpu.then(physical_memory).flatten() {
+        if s.kv_cache_memory as u64 > total {
+            return Err(InvalidSettings(format!(
+                "kv_cache_memory = {} is more than this machine's memory ({total} bytes) (flag \
+                 --kv-cache-memory, environment DISTILLERY_KV_CACHE_MEMORY, config file key \
+                 kv_cache_memory)",
+                s.kv_cache_memory
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), where it can be read.
+fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The engine's settings; on a CUDA device the KV pool is sized from
@@ -367,6 +487,7 @@ pub fn run(s: ServeSettings) -> Result<()> {
         .clone()
         .filter(|n| !n.trim().is_empty())
         .unwrap_or(default_name);
+    check_against_model(&s, &decoder)?;
     let engine_config = engine_config(&s, &decoder)?;
     let mut cores = engine::build_replicas(decoder, &engine_config)?;
     // Built here, before the engine threads start, so that they record their steps into the
@@ -398,10 +519,16 @@ pub fn run(s: ServeSettings) -> Result<()> {
         api_keys: s.api_keys.clone(),
         max_waiting_requests: s.max_waiting_requests,
         max_queued_prompt_tokens: s.max_queued_prompt_tokens,
-        tokenizer_workers: s.tokenizer_workers,
+        tokenizer_workers: s.tokenizer_workers.resolve(),
         max_body_bytes: s.max_body_bytes,
-        body_read_timeout: Duration::from_secs_f64(s.body_read_timeout_secs.max(0.001)),
-        shutdown_grace: Duration::from_secs_f64(s.shutdown_grace_secs.max(0.0)),
+        // validate() bounded every one of these to a day.
+        body_read_timeout: Duration::from_secs_f64(s.body_read_timeout_secs),
+        connections: ConnectionLimits {
+            header_read_timeout: Duration::from_secs_f64(s.header_read_timeout_secs),
+            keep_alive_timeout: Duration::from_secs_f64(s.keep_alive_timeout_secs),
+            max_connections: s.max_connections,
+        },
+        shutdown_grace: Duration::from_secs_f64(s.shutdown_grace_secs),
         cors_allow_origins: s.cors_allow_origins.clone(),
         log_requests: !s.disable_log_requests,
         behaviour,

@@ -129,6 +129,14 @@ pub struct LiveFigures {
     pub cached_free_blocks: u64,
     /// Prompt tokens of requests admitted but not yet at their first token.
     pub queued_prompt_tokens: u64,
+    /// Tokenization jobs waiting for a thread.
+    pub tokenizer_jobs_queued: u64,
+    /// Tokenization jobs dropped unrun because their client had gone.
+    pub tokenizer_jobs_abandoned: u64,
+    /// HTTP connections open now.
+    pub http_connections_open: u64,
+    /// Connections closed at their header or keep-alive deadline.
+    pub http_connections_timed_out: u64,
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     pub preemptions: u64,
@@ -550,6 +558,18 @@ impl Metrics {
             &[],
             l.queued_prompt_tokens as f64,
         )?;
+        gauge(
+            "tokenizer_jobs_queued",
+            "Template and tokenization jobs waiting for a thread.",
+            &[],
+            l.tokenizer_jobs_queued as f64,
+        )?;
+        gauge(
+            "http_connections_open",
+            "HTTP connections open now.",
+            &[],
+            l.http_connections_open as f64,
+        )?;
         let blocks_help = "KV cache blocks by state: used (held by sequences), cached (free but \
                            holding reusable prefix content), free (empty).";
         let outright_free = l.free_blocks.saturating_sub(l.cached_free_blocks);
@@ -572,6 +592,18 @@ impl Metrics {
             out.extend(c.collect());
             prometheus::Result::Ok(())
         };
+        counter(
+            "tokenizer_jobs_abandoned_total",
+            "Tokenization jobs dropped before they ran because their client had gone.",
+            &[],
+            l.tokenizer_jobs_abandoned,
+        )?;
+        counter(
+            "http_connections_timed_out_total",
+            "Connections closed for sending no complete headers, or staying idle, in time.",
+            &[],
+            l.http_connections_timed_out,
+        )?;
         counter(
             "prompt_tokens_total",
             "Number of prefill tokens processed.",

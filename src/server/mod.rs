@@ -5,6 +5,8 @@
 //! only through [`crate::engine::EngineHandle`] and reads its events.
 
 mod admission;
+mod body;
+mod connection;
 mod error;
 mod json;
 mod metrics;
@@ -32,16 +34,16 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::tokenizer::Tokenizer;
 use admission::Admission;
+use body::BodyLimits;
+pub use connection::ConnectionLimits;
 use preprocess::PreprocessPool;
 use state::AppState;
 
@@ -56,7 +58,10 @@ pub struct ServerOptions {
     pub max_queued_prompt_tokens: usize,
     pub tokenizer_workers: usize,
     pub max_body_bytes: usize,
+    /// From the end of a request's headers to the last byte of its body.
     pub body_read_timeout: Duration,
+    /// Header deadline, keep-alive idle time and the bound on open connections.
+    pub connections: ConnectionLimits,
     pub shutdown_grace: Duration,
     /// Origins allowed by CORS; empty disables CORS, `*` allows any.
     pub cors_allow_origins: Vec<String>,
@@ -67,8 +72,9 @@ pub struct ServerOptions {
 }
 
 /// Serves until SIGTERM/SIGINT, then drains: `/ready` turns 503 at once, no new connection is
-/// accepted, in-flight requests get up to `shutdown_grace` to finish. `metrics` is the set the
-/// engine's step observer already records into (see [`step_observer`]).
+/// accepted, connections with no request in flight are closed, in-flight requests get up to
+/// `shutdown_grace` to finish. `metrics` is the set the engine's step observer already records
+/// into (see [`step_observer`]).
 pub async fn serve(
     opts: ServerOptions,
     engine: EngineHandle,
@@ -104,27 +110,26 @@ pub async fn serve(
     // Tests and supervisors read this line to learn the port when --port 0 was asked.
     println!("distillery listening on http://{local}");
 
-    let drain_state = state.clone();
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
-        wait_for_signal().await;
-        drain_state.draining.store(true, Ordering::Relaxed);
-        tracing::info!("shutdown signal: draining, no new connections");
-        let _ = drained_tx.send(());
+    let limits = ConnectionLimits {
+        max_connections: connection::fit_to_descriptors(opts.connections.max_connections),
+        ..opts.connections
     };
-    let server = axum::serve(
-        listener.tap_io(|tcp| {
-            // Without it a keep-alive response can stall ~40 ms on delayed ACKs.
-            let _ = tcp.set_nodelay(true);
-        }),
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(connection::serve(
+        listener,
         app,
-    )
-    .with_graceful_shutdown(shutdown);
-    let server = tokio::spawn(async move { server.await });
-    let _ = drained_rx.await;
+        limits,
+        state.connections.clone(),
+        drain_rx,
+    ));
+    wait_for_signal().await;
+    state.draining.store(true, Ordering::Relaxed);
+    tracing::info!(
+        "shutdown signal: draining; connections with no request in flight are closed now"
+    );
+    let _ = drain_tx.send(true);
     match tokio::time::timeout(opts.shutdown_grace, server).await {
-        Ok(Ok(Ok(()))) => tracing::info!("drained; exiting"),
-        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Ok(())) => tracing::info!("drained; exiting"),
         Ok(Err(e)) => return Err(anyhow::anyhow!("server task failed: {e}")),
         Err(_) => tracing::warn!(
             grace_s = opts.shutdown_grace.as_secs_f64(),
@@ -193,7 +198,13 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
         .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(opts.max_body_bytes))
-        .layer(RequestBodyTimeoutLayer::new(opts.body_read_timeout))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(BodyLimits {
+                max_bytes: opts.max_body_bytes,
+                deadline: opts.body_read_timeout,
+            }),
+            body::receive,
+        ))
         .layer(middleware::from_fn(request_id))
         // Outermost, so it sees each response as it leaves, whichever layer produced it.
         .layer(middleware::from_fn_with_state(

@@ -37,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub request_log: RequestLog,
     pub draining: AtomicBool,
+    /// Open connections and those closed at a deadline, for `/metrics`.
+    pub connections: Arc<super::connection::ConnectionStats>,
     pub started: u64,
     next_id: AtomicU64,
 }
@@ -69,6 +71,7 @@ impl AppState {
             metrics,
             request_log,
             draining: AtomicBool::new(false),
+            connections: Arc::default(),
             started: unix_now(),
             next_id: AtomicU64::new(rand::random::<u32>() as u64),
         }

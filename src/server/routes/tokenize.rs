@@ -30,6 +30,8 @@ async fn tokenize_inner(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = json::body(body)?;
+    // The body's size stands for the work: it holds the prompt or the messages.
+    let size = body.len();
     let req: TokenizeRequest = json::parse(&body)?;
     st.check_model(req.model.as_deref())?;
     let tokenizer = st.tokenizer.clone();
@@ -37,7 +39,7 @@ async fn tokenize_inner(
         (Some(prompt), None) => {
             let special = req.add_special_tokens.unwrap_or(true);
             st.preprocess
-                .run(move || tokenizer.encode(&prompt, special))
+                .run(size, move || tokenizer.encode(&prompt, special))
                 .await?
         }
         (None, Some(messages)) => {
@@ -45,7 +47,7 @@ async fn tokenize_inner(
             let gen = req.add_generation_prompt.unwrap_or(true);
             let tools = template_tools(&req.tools);
             st.preprocess
-                .run(move || {
+                .run(size, move || {
                     let text =
                         tokenizer.apply_chat_template_with_tools(&messages, gen, tools.as_ref())?;
                     tokenizer.encode(&text, false)
@@ -74,6 +76,7 @@ pub async fn detokenize(
 ) -> Response {
     let run = async {
         let body = json::body(body)?;
+        let size = body.len();
         let req: DetokenizeRequest = json::parse(&body)?;
         st.check_model(req.model.as_deref())?;
         if let Some(&t) = req.tokens.iter().find(|&&t| t as usize >= st.vocab_size) {
@@ -88,7 +91,7 @@ pub async fn detokenize(
         let tokenizer = st.tokenizer.clone();
         let prompt = st
             .preprocess
-            .run(move || tokenizer.decode(&req.tokens, false))
+            .run(size, move || tokenizer.decode(&req.tokens, false))
             .await?
             .map_err(|e| ApiError::invalid(e.to_string(), Some("tokens")))?;
         Ok(Json(DetokenizeResponse { prompt }).into_response())

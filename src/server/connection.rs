@@ -1,0 +1,413 @@
+//! The accept loop and each connection's patience: how long a client may take to send its
+//! headers, how long an idle keep-alive connection stays open, how many connections the daemon
+//! holds at once, and which connections a drain closes at once.
+//!
+//! Owns sockets and their timing; knows nothing of routes or bodies (the body deadline and the
+//! size limit are [`super::body`]'s). A request counts as *in flight* from the moment its body
+//! has been received ([`ConnHandle::admit`]) until its response body is done: only such
+//! requests hold a connection open through a drain or past a deadline.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tower::ServiceExt;
+
+/// Descriptors kept free of connections: the model files, the tokenizer, log and metric
+/// reads, and the listener itself.
+const RESERVED_FDS: u64 = 256;
+
+/// The connection layer's settings, resolved from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// From a connection's first byte of a request (or its accept) to the end of the headers.
+    pub header_read_timeout: Duration,
+    /// How long a connection with nothing in flight waits for its next request; zero closes it
+    /// after each response.
+    pub keep_alive_timeout: Duration,
+    /// Connections held at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+/// Counts for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    open: AtomicU64,
+    timed_out: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Connections open now.
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed because they sent no complete headers, or stayed idle, in time.
+    pub fn timed_out(&self) -> u64 {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+}
+
+/// What one connection is doing, shared between its task, its socket and its requests.
+#[derive(Debug)]
+pub struct ConnState {
+    opened: Instant,
+    /// Requests whose headers are in and whose response has not begun.
+    receiving: AtomicUsize,
+    /// Requests admitted (body received) whose response body is not done.
+    active: AtomicUsize,
+    /// Milliseconds after `opened` when the current wait for headers began; `NONE` when no
+    /// header bytes are pending (idle, or a request in progress).
+    headers_since: AtomicU64,
+    /// Milliseconds after `opened` when the last response ended.
+    idle_since: AtomicU64,
+    /// Wakes the connection's task to recompute its deadline.
+    changed: Notify,
+}
+
+const NONE: u64 = u64::MAX;
+
+impl ConnState {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            opened: Instant::now(),
+            receiving: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            // A fresh connection owes its first request's headers from the start: a socket that
+            // never sends a byte is closed at the header deadline too.
+            headers_since: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn busy(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0 || self.receiving.load(Ordering::Acquire) > 0
+    }
+
+    /// Bytes arrived: if nothing was in progress they begin the next request's headers.
+    fn bytes_read(&self) {
+        if !self.busy() && self.headers_since.load(Ordering::Relaxed) == NONE {
+            self.headers_since.store(self.now_ms(), Ordering::Relaxed);
+            self.changed.notify_one();
+        }
+    }
+
+    /// When the connection must be closed if nothing changes before; `None`: no deadline.
+    fn deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
+        if self.busy() {
+            return None;
+        }
+        let since = self.headers_since.load(Ordering::Relaxed);
+        let (from, wait) = if since != NONE {
+            (since, limits.header_read_timeout)
+        } else {
+            (
+                self.idle_since.load(Ordering::Relaxed),
+                limits.keep_alive_timeout,
+            )
+        };
+        Some(self.opened + Duration::from_millis(from) + wait)
+    }
+}
+
+/// A connection's state as its requests see it (a request extension).
+#[derive(Clone, Debug)]
+pub struct ConnHandle(Arc<ConnState>);
+
+impl ConnHandle {
+    /// The request's body is in: from now on it is in flight until the returned guard (held by
+    /// the response body) is dropped.
+    pub fn admit(&self) -> InFlight {
+        self.0.active.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.0.clone())
+    }
+}
+
+/// A request in flight on its connection.
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let s = &self.0;
+        s.idle_since.store(s.now_ms(), Ordering::Relaxed);
+        s.active.fetch_sub(1, Ordering::AcqRel);
+        s.changed.notify_one();
+    }
+}
+
+/// Headers received, response not yet begun.
+struct Receiving(Arc<ConnState>);
+
+impl Receiving {
+    fn start(s: &Arc<ConnState>) -> Self {
+        s.receiving.fetch_add(1, Ordering::AcqRel);
+        s.headers_since.store(NONE, Ordering::Relaxed);
+        Self(s.clone())
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        let s = &self.0;
+        s.idle_since.store(s.now_ms(), Ordering::Relaxed);
+        s.receiving.fetch_sub(1, Ordering::AcqRel);
+        s.changed.notify_one();
+    }
+}
+
+/// The socket, telling its connection's state when bytes arrive.
+struct Watched {
+    tcp: TcpStream,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.state.bytes_read();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+}
+
+/// The number of connections `wanted` fits in the descriptors this process may open, after
+/// raising its soft limit to the hard one; logged when it had to be lowered.
+pub fn fit_to_descriptors(wanted: usize) -> usize {
+    let Some(limit) = raise_fd_limit() else {
+        return wanted;
+    };
+    let fit = limit.saturating_sub(RESERVED_FDS).max(1) as usize;
+    if fit < wanted {
+        tracing::warn!(
+            max_connections = wanted,
+            open_files_limit = limit,
+            using = fit,
+            "--max-connections is more than the open-files limit allows; raise `ulimit -n` to \
+             hold that many"
+        );
+        return fit;
+    }
+    wanted
+}
+
+#[cfg(unix)]
+fn raise_fd_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit that outlives the call; getrlimit only writes
+    // it and has no other effect.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit for the call's duration; raising the soft limit up
+        // to the hard one is always permitted and touches only this process.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    Some(lim.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+fn raise_fd_limit() -> Option<u64> {
+    None
+}
+
+/// Accepts connections until `drain` turns true, then closes every connection with nothing in
+/// flight at once and lets the others finish their requests. Resolves when the last
+/// connection has closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    stats: Arc<ConnectionStats>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    // Keep-alive off closes after each response; otherwise our own idle deadline applies.
+    builder
+        .http1()
+        .keep_alive(!limits.keep_alive_timeout.is_zero());
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Each connection task holds a sender; the channel closes when the last one ends.
+    let (alive, mut all_closed) = mpsc::channel::<()>(1);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = drain.wait_for(|d| *d) => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.wait_for(|d| *d) => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _peer)) => tcp,
+            Err(e) => {
+                // Out of descriptors or a connection reset before accept: neither stops the
+                // server; a short pause lets descriptors come back.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Without it a keep-alive response can stall ~40 ms on delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let task = Connection {
+            builder: builder.clone(),
+            app: app.clone(),
+            limits,
+            drain: drain.clone(),
+        };
+        let alive = alive.clone();
+        let stats = stats.clone();
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if task.run(tcp).await == Ended::TimedOut {
+                stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            }
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+            drop(alive);
+        });
+    }
+    drop(listener);
+    drop(alive);
+    let _ = all_closed.recv().await;
+}
+
+/// Why a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// By the client, an error, or after its last response.
+    Closed,
+    /// At its header or idle deadline.
+    TimedOut,
+    /// By the drain, with nothing in flight.
+    Drained,
+}
+
+struct Connection {
+    builder: Arc<Builder<TokioExecutor>>,
+    app: Router,
+    limits: ConnectionLimits,
+    drain: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn run(mut self, tcp: TcpStream) -> Ended {
+        let state = ConnState::new();
+        let io = TokioIo::new(Watched {
+            tcp,
+            state: state.clone(),
+        });
+        let app = self.app.clone();
+        let st = state.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let receiving = Receiving::start(&st);
+            let mut req = req.map(Body::new);
+            req.extensions_mut().insert(ConnHandle(st.clone()));
+            let app = app.clone();
+            async move {
+                let res = app.oneshot(req).await;
+                drop(receiving);
+                res
+            }
+        });
+        let conn = self.builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let mut draining = *self.drain.borrow();
+        loop {
+            if draining && state.active.load(Ordering::Acquire) == 0 {
+                // Idle, half-sent headers or a half-received body: nothing admitted to wait
+                // for. Dropping the connection closes the socket.
+                return Ended::Drained;
+            }
+            let deadline = state.deadline(&self.limits);
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return Ended::Closed;
+                }
+                _ = sleep => {
+                    if state.deadline(&self.limits).is_some_and(|d| d <= Instant::now()) {
+                        tracing::debug!("closing a connection past its header or idle deadline");
+                        return Ended::TimedOut;
+                    }
+                }
+                _ = state.changed.notified() => {}
+                _ = self.drain.wait_for(|d| *d), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
