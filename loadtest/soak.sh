@@ -18,6 +18,9 @@
 #   --max-concurrency N   the maximum-rate measurement's closed loop (default 64)
 #   --max-duration D      its length (default 20s)
 #   --out DIR             where the logs, reports and rss.csv go (default: a new temp dir)
+#   --slowloris N         also keep N sockets sending headers one byte a second, plus N/5 silent
+#                         ones, for the whole soak (loadtest/slowloris.py); the soak then also
+#                         fails if the daemon did not close them at its header deadline
 #
 # Needs target/release/distillery and target/release/distillery-loadtest
 # (`cargo build --release --workspace`), curl and python3. Exits non-zero on a failed request,
@@ -38,6 +41,7 @@ rss_warmup=60
 max_concurrency=64
 max_duration=20s
 out=""
+slowloris=0
 serve_extra=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -50,6 +54,7 @@ while [ $# -gt 0 ]; do
     --max-concurrency) max_concurrency=$2; shift 2 ;;
     --max-duration) max_duration=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --slowloris) slowloris=$2; shift 2 ;;
     --) shift; serve_extra=("$@"); break ;;
     *) die "unknown option $1" ;;
   esac
@@ -71,8 +76,10 @@ mkdir -p "$out"
   >"$out/daemon.stdout" 2>"$out/daemon.log" &
 pid=$!
 load_pid=""
+slow_pid=""
 cleanup() {
   [ -n "$load_pid" ] && kill "$load_pid" 2>/dev/null || true
+  [ -n "$slow_pid" ] && kill "$slow_pid" 2>/dev/null || true
   kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -118,6 +125,12 @@ echo "elapsed_s,rss_kb" >"$out/rss.csv"
 idle_rss=$(rss_kb)
 echo "0,$idle_rss" >>"$out/rss.csv"
 start_rss=""
+if [ "$slowloris" -gt 0 ]; then
+  python3 loadtest/slowloris.py "${url#http://}" --sockets "$slowloris" --silent $(( slowloris / 5 )) \
+    >"$out/slowloris.json" 2>"$out/slowloris.log" &
+  slow_pid=$!
+  echo "soak: $slowloris slowloris sockets and $(( slowloris / 5 )) silent ones beside the load"
+fi
 started=$(date +%s)
 "$load_bin" --url "$url" --scenario "$scenario" --request-rate "$rate" --duration "$duration" \
   --no-progress --summary-only --output "$out/soak.json" >"$out/soak.txt" 2>&1 &
@@ -146,6 +159,11 @@ done
 load_status=0
 wait "$load_pid" || load_status=$?
 load_pid=""
+if [ -n "$slow_pid" ]; then
+  kill -TERM "$slow_pid" 2>/dev/null || true
+  wait "$slow_pid" 2>/dev/null || true
+  slow_pid=""
+fi
 end_rss=$(rss_kb)
 echo "$(( $(date +%s) - started )),$end_rss" >>"$out/rss.csv"
 [ "$end_rss" -gt "$max_rss" ] && max_rss=$end_rss
@@ -177,6 +195,13 @@ if [ "$total" != "?" ] && [ $(( free + cached )) != "$total" ]; then
   echo "FAIL: free $free + cached $cached blocks is not all $total blocks" >&2; fail=1
 fi
 
+slow_report="none"
+if [ "$slowloris" -gt 0 ]; then
+  slow_report=$(cat "$out/slowloris.json" 2>/dev/null || echo "{}")
+  closed=$(json_field "$out/slowloris.json" '["closed_by_server"]' 2>/dev/null || echo 0)
+  [ "$closed" -gt 0 ] || { echo "FAIL: the daemon closed no slowloris socket" >&2; fail=1; }
+fi
+
 growth=$(python3 -c "print(round(100.0 * ($end_rss - $start_rss) / $start_rss, 1))")
 if python3 -c "import sys; sys.exit(0 if $growth <= $max_growth else 1)"; then :; else
   echo "FAIL: RSS grew ${growth}% (limit ${max_growth}%)" >&2; fail=1
@@ -190,5 +215,6 @@ echo "start RSS:        $start_rss kB (after ${rss_warmup}s of load)"
 echo "end RSS:          $end_rss kB (${growth}%; peak $max_rss kB)"
 echo "KV blocks at end: used $used, free $free, cached $cached, total $total"
 echo "requests at end:  running $running, waiting $waiting"
+echo "slowloris:        $slow_report"
 if [ "$fail" = 0 ]; then echo "PASS"; else echo "FAIL"; fi
 exit "$fail"

@@ -454,10 +454,11 @@ pub const NUMERIC_SETTINGS: &[NumericSetting] = &[
     NumericSetting {
         key: "kv_cache_memory",
         flag: "kv-cache-memory",
-        min: 65536.0,
+        min: 1.0,
         max: 17592186044416.0,
         integer: true,
-        note: "bytes, at most 16 TiB and never more than the machine's memory on the CPU",
+        note: "bytes: at least one KV block per replica, at most 16 TiB and, on the CPU, the \
+               machine's memory",
     },
     NumericSetting {
         key: "block_size",

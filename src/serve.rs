@@ -421,6 +421,17 @@ fn check_against_model(s: &ServeSettings, decoder: &Decoder) -> Result<(), Inval
         )));
     }
     let on_cpu = model::device_memory(decoder.device()).is_none();
+    let per_replica = s.kv_cache_memory / s.data_parallel_size.max(1);
+    let blocks =
+        KvCache::blocks_for_budget(decoder.config(), s.block_size, decoder.dtype(), per_replica);
+    if on_cpu && blocks == 0 {
+        return Err(InvalidSettings(format!(
+            "kv_cache_memory = {} holds no KV block of {} tokens for each of the {} replicas \
+             (flag --kv-cache-memory, environment DISTILLERY_KV_CACHE_MEMORY, config file key \
+             kv_cache_memory)",
+            s.kv_cache_memory, s.block_size, s.data_parallel_size
+        )));
+    }
     if let Some(total) = on_cpu.then(physical_memory).flatten() {
         if s.kv_cache_memory as u64 > total {
             return Err(InvalidSettings(format!(

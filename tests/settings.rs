@@ -168,7 +168,11 @@ fn limits_that_need_the_model_or_the_machine_exit_2_too() {
     // builtin:tiny has 2048 positions; the machine has less than 16 TiB.
     for (args, names) in [
         (vec!["--max-model-len", "4096"], "--max-model-len"),
-        (vec!["--kv-cache-memory", "15TiB"], "--kv-cache-memory"),
+        (
+            vec!["--kv-cache-memory", "16492674416640"],
+            "--kv-cache-memory",
+        ),
+        (vec!["--kv-cache-memory", "100"], "--kv-cache-memory"),
     ] {
         let mut cmd = distillery_command();
         cmd.arg("serve")
