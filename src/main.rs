@@ -75,11 +75,10 @@ fn main() -> Result<()> {
             let settings = args.settings().unwrap_or_else(|e| refuse_settings(&e));
             set_op_threads(settings.data_parallel_size);
             init_logging(settings.log_format);
-            serve::run(settings).map_err(|e| {
+            serve::run(settings).inspect_err(|e| {
                 if e.downcast_ref::<InvalidSettings>().is_some() {
-                    refuse_settings(&e)
+                    refuse_settings(e)
                 }
-                e
             })
         }
         Command::Generate(args) => {

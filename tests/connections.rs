@@ -625,3 +625,34 @@ async fn tokenization_for_clients_that_left_does_not_delay_the_next_prompt() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_begun_on_a_kept_alive_connection_have_the_header_deadline_not_the_idle_one() {
+    let Some(d) = Daemon::start(&["--header-read-timeout", "2", "--keep-alive-timeout", "60"])
+    else {
+        return;
+    };
+    let mut s = TcpStream::connect(d.addr()).await.expect("connect");
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.expect("response");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Idle for a while (under the idle timeout), then half a request's headers.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let begun = Instant::now();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nX-Half: ")
+        .await
+        .expect("half a header");
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+    let took = begun.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection was not closed: {closed:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1900) && took <= Duration::from_secs(3),
+        "closed {took:?} after its headers began, expected the 2 s header timeout"
+    );
+}

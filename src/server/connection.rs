@@ -8,7 +8,7 @@
 //! requests hold a connection open through a drain or past a deadline.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -38,6 +38,18 @@ pub struct ConnectionLimits {
     pub keep_alive_timeout: Duration,
     /// Connections held at once; further ones wait in the listen backlog.
     pub max_connections: usize,
+}
+
+impl ConnectionLimits {
+    /// How often a connection's task looks at its state: often enough that no deadline, which
+    /// begins without waking it, is missed.
+    fn recheck_every(&self) -> Duration {
+        if self.keep_alive_timeout.is_zero() {
+            self.header_read_timeout
+        } else {
+            self.header_read_timeout.min(self.keep_alive_timeout)
+        }
+    }
 }
 
 /// Counts for `/metrics`.
@@ -72,7 +84,11 @@ pub struct ConnState {
     headers_since: AtomicU64,
     /// Milliseconds after `opened` when the last response ended.
     idle_since: AtomicU64,
-    /// Wakes the connection's task to recompute its deadline.
+    /// The drain has begun: the task wants to hear when the last request ends.
+    draining: AtomicBool,
+    /// Wakes the connection's task during a drain. Outside one nothing wakes it: it looks
+    /// again at least once per header or keep-alive timeout, the shortest a deadline can be
+    /// from the moment it begins, so no request pays for a wake-up.
     changed: Notify,
 }
 
@@ -88,6 +104,7 @@ impl ConnState {
             // never sends a byte is closed at the header deadline too.
             headers_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -104,7 +121,6 @@ impl ConnState {
     fn bytes_read(&self) {
         if !self.busy() && self.headers_since.load(Ordering::Relaxed) == NONE {
             self.headers_since.store(self.now_ms(), Ordering::Relaxed);
-            self.changed.notify_one();
         }
     }
 
@@ -147,8 +163,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let s = &self.0;
         s.idle_since.store(s.now_ms(), Ordering::Relaxed);
-        s.active.fetch_sub(1, Ordering::AcqRel);
-        s.changed.notify_one();
+        if s.active.fetch_sub(1, Ordering::AcqRel) == 1 && s.draining.load(Ordering::Acquire) {
+            s.changed.notify_one();
+        }
     }
 }
 
@@ -168,7 +185,6 @@ impl Drop for Receiving {
         let s = &self.0;
         s.idle_since.store(s.now_ms(), Ordering::Relaxed);
         s.receiving.fetch_sub(1, Ordering::AcqRel);
-        s.changed.notify_one();
     }
 }
 
@@ -261,6 +277,8 @@ fn raise_fd_limit() -> Option<u64> {
             lim = raised;
         }
     }
+    // rlim_t is u64 on 64-bit Linux, not on every unix.
+    #[allow(clippy::unnecessary_cast)]
     Some(lim.rlim_cur as u64)
 }
 
@@ -382,13 +400,13 @@ impl Connection {
                 // for. Dropping the connection closes the socket.
                 return Ended::Drained;
             }
-            let deadline = state.deadline(&self.limits);
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            // Header bytes may begin, or the last response end, without waking this task:
+            // looking again within the shorter of the two timeouts catches either in time.
+            let look_again = Instant::now() + self.limits.recheck_every();
+            let wake = state
+                .deadline(&self.limits)
+                .map_or(look_again, |d| d.min(look_again));
+            let sleep = tokio::time::sleep_until(wake.into());
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
@@ -405,6 +423,7 @@ impl Connection {
                 _ = state.changed.notified() => {}
                 _ = self.drain.wait_for(|d| *d), if !draining => {
                     draining = true;
+                    state.draining.store(true, Ordering::Release);
                     conn.as_mut().graceful_shutdown();
                 }
             }
