@@ -15,8 +15,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::scrape::value;
 use futures_util::StreamExt;
-use prom_text_format_parser::{Scrape, ValueType};
+use prom_text_format_parser::Scrape;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -259,35 +260,7 @@ fn client() -> reqwest::Client {
 }
 
 async fn scrape(c: &reqwest::Client, d: &Daemon) -> Scrape {
-    let text = c
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("the /metrics body");
-    Scrape::parse(&text).unwrap_or_else(|e| panic!("unparsable scrape: {e:?}\n{text}"))
-}
-
-/// The value of the sample of `name` carrying all of `labels`.
-fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    s.metrics
-        .iter()
-        .find(|m| m.name == name)
-        .unwrap_or_else(|| panic!("{name} missing from the scrape"))
-        .samples
-        .iter()
-        .find(|x| {
-            x.value.value_type == ValueType::Sample
-                && labels
-                    .iter()
-                    .all(|(k, v)| x.labels.iter().any(|l| l.key == *k && l.value == *v))
-        })
-        .unwrap_or_else(|| panic!("{name}{labels:?} missing"))
-        .value
-        .value
-        .as_f64()
+    common::scrape::scrape(c, &d.url("")).await
 }
 
 /// `num_gpu_blocks` of `distillery:cache_config_info`: every block the cache has.

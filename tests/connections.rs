@@ -12,7 +12,6 @@ mod common;
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use prom_text_format_parser::{Scrape, ValueType};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,6 +19,7 @@ use tokio::net::TcpStream;
 
 use common::daemon::{distillery_command, DaemonProcess};
 use common::models_dir;
+use common::scrape::{scrape, value};
 
 const MODEL: &str = "tiny-random-qwen2";
 
@@ -71,31 +71,8 @@ impl Daemon {
         }
     }
 
-    async fn scrape(&self) -> Scrape {
-        let text = client()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("the /metrics body");
-        Scrape::parse(&text).unwrap_or_else(|e| panic!("unparsable scrape: {e:?}"))
-    }
-
     async fn metric(&self, name: &str) -> f64 {
-        let s = self.scrape().await;
-        s.metrics
-            .iter()
-            .find(|m| m.name == name)
-            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-            .samples
-            .iter()
-            .find(|x| x.value.value_type == ValueType::Sample)
-            .unwrap_or_else(|| panic!("{name} has no sample"))
-            .value
-            .value
-            .as_f64()
+        value(&scrape(&client(), &self.process.base).await, name, &[])
     }
 }
 
@@ -606,9 +583,10 @@ async fn tokenization_for_clients_that_left_does_not_delay_the_next_prompt() {
          ({:?} after they began)",
         started.elapsed()
     );
-    // One 3 MB job may still be running on the other core when the short prompt arrives.
+    // One 3 MB job may still be running on the other core when the short prompt arrives; the
+    // 100 ms is scheduling noise on a shared 2-core machine (the bug this catches is seconds).
     assert!(
-        after <= alone * 2 + Duration::from_millis(250),
+        after <= alone * 2 + Duration::from_millis(100),
         "the 2 KB prompt took {after:?} after the departed clients, {alone:?} alone"
     );
     // The departed clients' queued jobs were dropped, not run.

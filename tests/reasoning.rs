@@ -221,38 +221,15 @@ async fn complete_ids(c: &reqwest::Client, d: &Daemon, ids: &[u32], max_tokens: 
 }
 
 async fn scrape(c: &reqwest::Client, d: &Daemon) -> Scrape {
-    let text = c
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("body");
-    Scrape::parse(&text).unwrap_or_else(|e| panic!("unparsable scrape: {e:?}"))
-}
-
-/// The first sample of `name` of the given kind (a counter's value, a histogram's count).
-fn sample(s: &Scrape, name: &str, kind: ValueType) -> f64 {
-    s.metrics
-        .iter()
-        .find(|m| m.name == name)
-        .unwrap_or_else(|| panic!("{name} missing"))
-        .samples
-        .iter()
-        .find(|x| x.value.value_type == kind)
-        .unwrap_or_else(|| panic!("{name} has no {kind:?} sample"))
-        .value
-        .value
-        .as_f64()
+    common::scrape::scrape(c, &d.url("")).await
 }
 
 fn metric(s: &Scrape, name: &str) -> f64 {
-    sample(s, name, ValueType::Sample)
+    common::scrape::value(s, name, &[])
 }
 
 fn hist_count(s: &Scrape, name: &str) -> f64 {
-    sample(s, name, ValueType::Count)
+    common::scrape::sample(s, name, &[], ValueType::Count)
 }
 
 fn chat(messages: &[Value], extra: Value) -> Value {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
@@ -37,6 +37,7 @@ pub struct BodyLimits {
 pub async fn receive(State(limits): State<Arc<BodyLimits>>, req: Request, next: Next) -> Response {
     let conn = req.extensions().get::<ConnHandle>().cloned();
     let (parts, body) = req.into_parts();
+    let version = parts.version;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -54,33 +55,36 @@ pub async fn receive(State(limits): State<Arc<BodyLimits>>, req: Request, next: 
         if !expects && len <= DISCARD_LIMIT as u64 {
             let _ = tokio::time::timeout_at(deadline, discard(body, DISCARD_LIMIT)).await;
         }
-        return closing(too_large(limits.max_bytes));
+        return closing(too_large(limits.max_bytes), version);
     }
     let bytes = match tokio::time::timeout_at(deadline, collect(body, limits.max_bytes)).await {
         Ok(Ok(b)) => b,
         Ok(Err(Collect::TooLarge(rest))) => {
             let _ = tokio::time::timeout_at(deadline, discard(rest, DISCARD_LIMIT)).await;
-            return closing(too_large(limits.max_bytes));
+            return closing(too_large(limits.max_bytes), version);
         }
         // The client broke off: there is no one to answer, but the response must be one.
         Ok(Err(Collect::Failed(e))) => {
-            return closing(ApiError::invalid(
-                format!("the request body could not be read: {e}"),
-                None,
-            ))
+            return closing(
+                ApiError::invalid(format!("the request body could not be read: {e}"), None),
+                version,
+            )
         }
         Err(_) => {
-            return closing(ApiError {
-                status: StatusCode::REQUEST_TIMEOUT,
-                message: format!(
-                    "the request body did not arrive within {:.1} s (--body-read-timeout)",
-                    limits.deadline.as_secs_f64()
-                ),
-                kind: "invalid_request_error",
-                param: None,
-                code: Some("request_timeout"),
-                retry_after: None,
-            })
+            return closing(
+                ApiError {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    message: format!(
+                        "the request body did not arrive within {:.1} s (--body-read-timeout)",
+                        limits.deadline.as_secs_f64()
+                    ),
+                    kind: "invalid_request_error",
+                    param: None,
+                    code: Some("request_timeout"),
+                    retry_after: None,
+                },
+                version,
+            )
         }
     };
     let in_flight = conn.as_ref().map(ConnHandle::admit);
@@ -108,11 +112,14 @@ fn too_large(limit: usize) -> ApiError {
     e
 }
 
-/// The error, with the connection closed after it: what is left of the body is not read.
-fn closing(e: ApiError) -> Response {
+/// The error, with an HTTP/1 connection closed after it: what is left of the body is not
+/// read. (HTTP/2 has no such header; hyper resets just the stream.)
+fn closing(e: ApiError, version: Version) -> Response {
     let mut res = e.into_response();
-    res.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    if version < Version::HTTP_2 {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     res
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod scrape;
 
 use serde::Deserialize;
 use std::path::PathBuf;
