@@ -298,6 +298,13 @@ impl ServeSettings {
         for n in NUMERIC_SETTINGS {
             n.check(self.numeric(n.key))?;
         }
+        // 0 turns keep-alive off; a few milliseconds would be a typo that wakes every
+        // connection's task a thousand times a second.
+        if self.keep_alive_timeout_secs > 0.0 && self.keep_alive_timeout_secs < MIN_TIMEOUT_SECS {
+            if let Some(n) = NumericSetting::named("keep_alive_timeout_secs") {
+                return Err(n.refuse(&self.keep_alive_timeout_secs.to_string()));
+            }
+        }
         self.engine_config().validate()?;
         self.reasoning().validate()?;
         if self.data_parallel_size > 1 && self.device != crate::model::DeviceChoice::Cpu {
@@ -398,6 +405,8 @@ pub struct NumericSetting {
 }
 
 const DAY_SECS: f64 = 86_400.0;
+/// Shorter deadlines than this are typos: no client sends its headers in less.
+const MIN_TIMEOUT_SECS: f64 = 0.1;
 
 /// Every numeric setting of `distillery serve`, checked at start-up whichever way it was given.
 /// The upper bounds are past any machine this daemon runs on: beyond them a value is a typo
@@ -503,7 +512,7 @@ pub const NUMERIC_SETTINGS: &[NumericSetting] = &[
     NumericSetting {
         key: "body_read_timeout_secs",
         flag: "body-read-timeout",
-        min: 0.001,
+        min: MIN_TIMEOUT_SECS,
         max: DAY_SECS,
         integer: false,
         note: "",
@@ -511,7 +520,7 @@ pub const NUMERIC_SETTINGS: &[NumericSetting] = &[
     NumericSetting {
         key: "header_read_timeout_secs",
         flag: "header-read-timeout",
-        min: 0.001,
+        min: MIN_TIMEOUT_SECS,
         max: DAY_SECS,
         integer: false,
         note: "",
@@ -522,7 +531,7 @@ pub const NUMERIC_SETTINGS: &[NumericSetting] = &[
         min: 0.0,
         max: DAY_SECS,
         integer: false,
-        note: "0 closes a connection after each response",
+        note: "0 closes a connection after each response; otherwise at least 0.1",
     },
     NumericSetting {
         key: "max_connections",
@@ -734,6 +743,10 @@ mod tests {
         }
         let e = ServeSettings::from_toml("shutdown_grace_secs = -1.0").unwrap_err();
         assert!(e.contains("--shutdown-grace"), "{e}");
+        let s = ServeSettings::from_toml("keep_alive_timeout_secs = 0.001").unwrap();
+        assert!(s.validate().unwrap_err().contains("--keep-alive-timeout"));
+        let e = ServeSettings::from_toml("header_read_timeout_secs = 0.01").unwrap_err();
+        assert!(e.contains("--header-read-timeout"), "{e}");
         let e = ServeSettings::from_toml("max_model_len = 0").unwrap_err();
         assert!(e.contains("DISTILLERY_MAX_MODEL_LEN"), "{e}");
         let s = ServeSettings::from_toml("tokenizer_workers = \"auto\"").unwrap();

@@ -634,3 +634,117 @@ async fn headers_begun_on_a_kept_alive_connection_have_the_header_deadline_not_t
         "closed {took:?} after its headers began, expected the 2 s header timeout"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_does_not_cut_a_response_still_leaving_the_socket() {
+    let Some(mut d) = Daemon::start(&["--shutdown-grace", "60"]) else {
+        return;
+    };
+    // A client with a tiny receive window, so that a large answer cannot leave the daemon's
+    // socket until the client reads it. (On loopback the kernel's send queue may take the
+    // whole answer; the case where hyper itself still holds bytes needs answers of megabytes
+    // and is covered by the `writing` flag's reasoning in connection.rs, not reproduced here.)
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let addr: std::net::SocketAddr = d.addr().parse().expect("address");
+    let mut s = sock.connect(addr).await.expect("connect");
+    let body = json!({"prompt": "Hello", "max_tokens": 600, "ignore_eos": true, "temperature": 0,
+                      "logprobs": 5, "n": 8})
+    .to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("headers");
+    s.write_all(body.as_bytes()).await.expect("body");
+    // The engine has finished it: the whole answer is now with hyper and the socket.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = scrape(&client(), &d.process.base).await;
+        let done = value(
+            &s,
+            "distillery:request_success_total",
+            &[("finished_reason", "length")],
+        );
+        if done >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request never finished");
+    }
+    d.sigterm();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got))
+        .await
+        .expect("the answer never ended")
+        .expect("read");
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let declared: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("a Content-Length");
+    assert!(
+        declared > 300_000,
+        "the answer is only {declared} bytes: it no longer fills the socket"
+    );
+    assert_eq!(body.len(), declared, "the answer was cut short");
+    let v: Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("the answer was cut ({} bytes): {e}", body.len()));
+    assert_eq!(v["usage"]["completion_tokens"], 4800, "{}", v["usage"]);
+    let status = d.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_streams_finish_through_a_drain() {
+    const TOKENS: u64 = 150;
+    let Some(mut d) = Daemon::start(&["--shutdown-grace", "60"]) else {
+        return;
+    };
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("h2 client");
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        let mut r = h2
+            .post(d.url("/v1/completions"))
+            .json(
+                &json!({"prompt": "Hello", "max_tokens": TOKENS, "ignore_eos": true,
+                          "temperature": 0, "stream": true,
+                          "stream_options": {"include_usage": true}}),
+            )
+            .send()
+            .await
+            .expect("h2 stream");
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        let first = r
+            .chunk()
+            .await
+            .expect("first chunk")
+            .expect("a first chunk");
+        streams.push((r, first));
+    }
+    d.sigterm();
+    for (i, (mut r, first)) in streams.into_iter().enumerate() {
+        let mut text = String::from_utf8_lossy(&first).into_owned();
+        while let Some(chunk) = r.chunk().await.expect("h2 stream chunk") {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "h2 stream {i} cut short"
+        );
+    }
+    let status = d.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+}

@@ -21,12 +21,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tower::ServiceExt;
 
 /// Descriptors kept free of connections: the model files, the tokenizer, log and metric
 /// reads, and the listener itself.
 const RESERVED_FDS: u64 = 256;
+
+/// No connection's task looks at its deadlines more often than this, whatever the settings.
+const MIN_RECHECK: Duration = Duration::from_millis(100);
 
 /// The connection layer's settings, resolved from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -44,10 +47,19 @@ impl ConnectionLimits {
     /// How often a connection's task looks at its state: often enough that no deadline, which
     /// begins without waking it, is missed.
     fn recheck_every(&self) -> Duration {
+        self.header_read_timeout
+            .min(self.idle_wait())
+            .max(MIN_RECHECK)
+    }
+
+    /// How long a connection with nothing in flight waits for its next request. Without
+    /// keep-alive hyper closes after each response itself; the header timeout then only
+    /// bounds a client that never reads its response's end.
+    fn idle_wait(&self) -> Duration {
         if self.keep_alive_timeout.is_zero() {
             self.header_read_timeout
         } else {
-            self.header_read_timeout.min(self.keep_alive_timeout)
+            self.keep_alive_timeout
         }
     }
 }
@@ -84,12 +96,12 @@ pub struct ConnState {
     headers_since: AtomicU64,
     /// Milliseconds after `opened` when the last response ended.
     idle_since: AtomicU64,
-    /// The drain has begun: the task wants to hear when the last request ends.
-    draining: AtomicBool,
-    /// Wakes the connection's task during a drain. Outside one nothing wakes it: it looks
-    /// again at least once per header or keep-alive timeout, the shortest a deadline can be
-    /// from the moment it begins, so no request pays for a wake-up.
-    changed: Notify,
+    /// The socket refused the last write: a response is still going out even if its body is
+    /// done (hyper drops a body once its last bytes are buffered, before they are sent).
+    writing: AtomicBool,
+    /// HTTP/2: bytes on an idle connection are as likely PINGs and WINDOW_UPDATEs as a new
+    /// request, so they do not start a header deadline.
+    h2: AtomicBool,
 }
 
 const NONE: u64 = u64::MAX;
@@ -104,8 +116,8 @@ impl ConnState {
             // never sends a byte is closed at the header deadline too.
             headers_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
-            draining: AtomicBool::new(false),
-            changed: Notify::new(),
+            writing: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
         })
     }
 
@@ -114,13 +126,28 @@ impl ConnState {
     }
 
     fn busy(&self) -> bool {
-        self.active.load(Ordering::Acquire) > 0 || self.receiving.load(Ordering::Acquire) > 0
+        self.in_flight() || self.receiving.load(Ordering::Acquire) > 0
+    }
+
+    /// A request admitted and not done, or a response still leaving the socket.
+    fn in_flight(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0 || self.writing.load(Ordering::Relaxed)
     }
 
     /// Bytes arrived: if nothing was in progress they begin the next request's headers.
     fn bytes_read(&self) {
-        if !self.busy() && self.headers_since.load(Ordering::Relaxed) == NONE {
+        if !self.h2.load(Ordering::Relaxed)
+            && !self.busy()
+            && self.headers_since.load(Ordering::Relaxed) == NONE
+        {
             self.headers_since.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    fn wrote(&self, refused: bool) {
+        // Most writes succeed: store only on a change, so the line stays in cache.
+        if self.writing.load(Ordering::Relaxed) != refused {
+            self.writing.store(refused, Ordering::Relaxed);
         }
     }
 
@@ -133,10 +160,7 @@ impl ConnState {
         let (from, wait) = if since != NONE {
             (since, limits.header_read_timeout)
         } else {
-            (
-                self.idle_since.load(Ordering::Relaxed),
-                limits.keep_alive_timeout,
-            )
+            (self.idle_since.load(Ordering::Relaxed), limits.idle_wait())
         };
         Some(self.opened + Duration::from_millis(from) + wait)
     }
@@ -163,9 +187,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let s = &self.0;
         s.idle_since.store(s.now_ms(), Ordering::Relaxed);
-        if s.active.fetch_sub(1, Ordering::AcqRel) == 1 && s.draining.load(Ordering::Acquire) {
-            s.changed.notify_one();
-        }
+        s.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -215,7 +237,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let r = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.state.wrote(r.is_pending());
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.tcp).poll_flush(cx)
@@ -228,7 +252,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.state.wrote(r.is_pending());
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.tcp.is_write_vectored()
@@ -337,13 +363,12 @@ pub async fn serve(
             drain: drain.clone(),
         };
         let alive = alive.clone();
-        let stats = stats.clone();
-        stats.open.fetch_add(1, Ordering::Relaxed);
+        let open = OpenConnection::new(stats.clone());
         tokio::spawn(async move {
             if task.run(tcp).await == Ended::TimedOut {
-                stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                open.0.timed_out.fetch_add(1, Ordering::Relaxed);
             }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
+            drop(open);
             drop(permit);
             drop(alive);
         });
@@ -351,6 +376,23 @@ pub async fn serve(
     drop(listener);
     drop(alive);
     let _ = all_closed.recv().await;
+}
+
+/// One open connection in the gauge, given back however its task ends (a panic in a handler
+/// unwinds it too).
+struct OpenConnection(Arc<ConnectionStats>);
+
+impl OpenConnection {
+    fn new(stats: Arc<ConnectionStats>) -> Self {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a connection ended.
@@ -381,6 +423,9 @@ impl Connection {
         let app = self.app.clone();
         let st = state.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            if req.version() == axum::http::Version::HTTP_2 {
+                st.h2.store(true, Ordering::Relaxed);
+            }
             let receiving = Receiving::start(&st);
             let mut req = req.map(Body::new);
             req.extensions_mut().insert(ConnHandle(st.clone()));
@@ -393,13 +438,10 @@ impl Connection {
         });
         let conn = self.builder.serve_connection(io, service);
         tokio::pin!(conn);
-        let mut draining = *self.drain.borrow();
+        // Already set when the connection came in just as the drain began: the branch below
+        // then fires at once.
+        let mut draining = false;
         loop {
-            if draining && state.active.load(Ordering::Acquire) == 0 {
-                // Idle, half-sent headers or a half-received body: nothing admitted to wait
-                // for. Dropping the connection closes the socket.
-                return Ended::Drained;
-            }
             // Header bytes may begin, or the last response end, without waking this task:
             // looking again within the shorter of the two timeouts catches either in time.
             let look_again = Instant::now() + self.limits.recheck_every();
@@ -420,10 +462,15 @@ impl Connection {
                         return Ended::TimedOut;
                     }
                 }
-                _ = state.changed.notified() => {}
                 _ = self.drain.wait_for(|d| *d), if !draining => {
                     draining = true;
-                    state.draining.store(true, Ordering::Release);
+                    if !state.in_flight() {
+                        // Idle, half-sent headers or a half-received body: nothing admitted
+                        // to wait for. Dropping the connection closes the socket.
+                        return Ended::Drained;
+                    }
+                    // hyper finishes what is in flight (and flushes it), then closes: HTTP/1
+                    // after the response, HTTP/2 after GOAWAY once its streams are done.
                     conn.as_mut().graceful_shutdown();
                 }
             }
