@@ -442,25 +442,9 @@ async fn sigterm_closes_slow_sockets_at_once_and_lets_streams_finish() {
         return;
     };
     let c = client();
-    let mut streams = Vec::new();
-    for _ in 0..20 {
-        let mut r = c
-            .post(d.url("/v1/completions"))
-            .json(
-                &json!({"prompt": "Hello", "max_tokens": TOKENS, "ignore_eos": true,
-                          "temperature": 0, "stream": true,
-                          "stream_options": {"include_usage": true}}),
-            )
-            .send()
-            .await
-            .expect("stream");
+    let streams = open_streams(&c, &d, 20, TOKENS).await;
+    for (r, _) in &streams {
         assert_eq!(r.status(), StatusCode::OK);
-        let first = r
-            .chunk()
-            .await
-            .expect("first chunk")
-            .expect("a first chunk");
-        streams.push((r, first));
     }
     let (head, dribble) = slow_header();
     let mark = Instant::now();
@@ -493,24 +477,66 @@ async fn sigterm_closes_slow_sockets_at_once_and_lets_streams_finish() {
             closed.saturating_sub(term)
         );
     }
-    for (i, (mut r, first)) in streams.into_iter().enumerate() {
-        let mut text = String::from_utf8_lossy(&first).into_owned();
-        while let Some(chunk) = r.chunk().await.expect("stream chunk") {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        assert!(
-            text.trim_end().ends_with("data: [DONE]"),
-            "stream {i} cut short"
+    for (i, (r, first)) in streams.into_iter().enumerate() {
+        let text = finish_stream(&format!("stream {i}"), r, first).await;
+        assert_eq!(
+            completion_tokens(&text),
+            Some(TOKENS),
+            "stream {i} did not finish"
         );
-        let usage = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find_map(|v| v["usage"]["completion_tokens"].as_u64());
-        assert_eq!(usage, Some(TOKENS), "stream {i} did not finish its tokens");
     }
     let status = d.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "{status}");
+}
+
+/// `n` streaming completions of `tokens` tokens each, every one past its first chunk.
+async fn open_streams(
+    c: &reqwest::Client,
+    d: &Daemon,
+    n: usize,
+    tokens: u64,
+) -> Vec<(reqwest::Response, bytes::Bytes)> {
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        let mut r = c
+            .post(d.url("/v1/completions"))
+            .json(
+                &json!({"prompt": "Hello", "max_tokens": tokens, "ignore_eos": true,
+                          "temperature": 0, "stream": true,
+                          "stream_options": {"include_usage": true}}),
+            )
+            .send()
+            .await
+            .expect("a stream");
+        let first = r
+            .chunk()
+            .await
+            .expect("first chunk")
+            .expect("a first chunk");
+        streams.push((r, first));
+    }
+    streams
+}
+
+/// Reads a stream to its end; it must end with `[DONE]`.
+async fn finish_stream(what: &str, mut r: reqwest::Response, first: bytes::Bytes) -> String {
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = r.chunk().await.expect("stream chunk") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "{what} cut short"
+    );
+    text
+}
+
+/// `usage.completion_tokens` of a finished stream's usage chunk.
+fn completion_tokens(sse: &str) -> Option<u64> {
+    sse.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v["usage"]["completion_tokens"].as_u64())
 }
 
 /// Text the tokenizer cannot shortcut: varied words, no long runs of one word.
@@ -714,35 +740,17 @@ async fn http2_streams_finish_through_a_drain() {
         .timeout(Duration::from_secs(60))
         .build()
         .expect("h2 client");
-    let mut streams = Vec::new();
-    for _ in 0..5 {
-        let mut r = h2
-            .post(d.url("/v1/completions"))
-            .json(
-                &json!({"prompt": "Hello", "max_tokens": TOKENS, "ignore_eos": true,
-                          "temperature": 0, "stream": true,
-                          "stream_options": {"include_usage": true}}),
-            )
-            .send()
-            .await
-            .expect("h2 stream");
+    let streams = open_streams(&h2, &d, 5, TOKENS).await;
+    for (r, _) in &streams {
         assert_eq!(r.version(), reqwest::Version::HTTP_2);
-        let first = r
-            .chunk()
-            .await
-            .expect("first chunk")
-            .expect("a first chunk");
-        streams.push((r, first));
     }
     d.sigterm();
-    for (i, (mut r, first)) in streams.into_iter().enumerate() {
-        let mut text = String::from_utf8_lossy(&first).into_owned();
-        while let Some(chunk) = r.chunk().await.expect("h2 stream chunk") {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        assert!(
-            text.trim_end().ends_with("data: [DONE]"),
-            "h2 stream {i} cut short"
+    for (i, (r, first)) in streams.into_iter().enumerate() {
+        let text = finish_stream(&format!("h2 stream {i}"), r, first).await;
+        assert_eq!(
+            completion_tokens(&text),
+            Some(TOKENS),
+            "h2 stream {i} did not finish"
         );
     }
     let status = d.wait_exit(Duration::from_secs(30)).await;
