@@ -8,6 +8,9 @@ use serde::Deserialize;
 
 use crate::reasoning::{EffortBudgets, ReasoningParserChoice, ReasoningSettings};
 
+mod numeric;
+pub use numeric::{NumericSetting, NUMERIC_SETTINGS};
+
 /// More engine replicas than this is a typo, not a machine.
 pub const MAX_DATA_PARALLEL: usize = 256;
 
@@ -264,46 +267,10 @@ impl ServeSettings {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// The value of the numeric setting `key` (see [`NUMERIC_SETTINGS`]); `None` when unset.
-    fn numeric(&self, key: &str) -> Option<f64> {
-        let v = match key {
-            "port" => self.port as f64,
-            "gpu_memory_utilization" => self.gpu_memory_utilization,
-            "max_num_seqs" => self.max_num_seqs as f64,
-            "max_num_batched_tokens" => self.max_num_batched_tokens as f64,
-            "max_waiting_requests" => self.max_waiting_requests as f64,
-            "max_queued_prompt_tokens" => self.max_queued_prompt_tokens as f64,
-            "kv_cache_memory" => self.kv_cache_memory as f64,
-            "block_size" => self.block_size as f64,
-            "max_model_len" => self.max_model_len? as f64,
-            "data_parallel_size" => self.data_parallel_size as f64,
-            "tokenizer_workers" => match self.tokenizer_workers {
-                WorkerCount::Auto => return None,
-                WorkerCount::Fixed(n) => n as f64,
-            },
-            "max_body_bytes" => self.max_body_bytes as f64,
-            "body_read_timeout_secs" => self.body_read_timeout_secs,
-            "header_read_timeout_secs" => self.header_read_timeout_secs,
-            "keep_alive_timeout_secs" => self.keep_alive_timeout_secs,
-            "max_connections" => self.max_connections as f64,
-            "shutdown_grace_secs" => self.shutdown_grace_secs,
-            "reasoning_budget" => self.reasoning_budget as f64,
-            _ => return None,
-        };
-        Some(v)
-    }
-
     /// The checks that need no model, so a bad setting fails before minutes of loading.
     pub fn validate(&self) -> Result<(), String> {
         for n in NUMERIC_SETTINGS {
             n.check(self.numeric(n.key))?;
-        }
-        // 0 turns keep-alive off; a few milliseconds would be a typo that wakes every
-        // connection's task a thousand times a second.
-        if self.keep_alive_timeout_secs > 0.0 && self.keep_alive_timeout_secs < MIN_TIMEOUT_SECS {
-            if let Some(n) = NumericSetting::named("keep_alive_timeout_secs") {
-                return Err(n.refuse(&self.keep_alive_timeout_secs.to_string()));
-            }
         }
         self.engine_config().validate()?;
         self.reasoning().validate()?;
@@ -385,239 +352,6 @@ impl<'de> Deserialize<'de> for WorkerCount {
             Raw::Count(n) => Ok(Self::Fixed(n)),
             Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
         }
-    }
-}
-
-/// One numeric setting: its names (file key, flag, environment variable), the range in which
-/// it means something, and what its edge values mean.
-#[derive(Debug)]
-pub struct NumericSetting {
-    /// The config file's key.
-    pub key: &'static str,
-    /// The flag, without its dashes.
-    pub flag: &'static str,
-    pub min: f64,
-    pub max: f64,
-    /// Whole numbers only.
-    pub integer: bool,
-    /// What a special value means, for the message and the docs (empty: nothing special).
-    pub note: &'static str,
-}
-
-const DAY_SECS: f64 = 86_400.0;
-/// Shorter deadlines than this are typos: no client sends its headers in less.
-const MIN_TIMEOUT_SECS: f64 = 0.1;
-
-/// Every numeric setting of `distillery serve`, checked at start-up whichever way it was given.
-/// The upper bounds are past any machine this daemon runs on: beyond them a value is a typo
-/// (and an allocation or a timer that would abort the process).
-pub const NUMERIC_SETTINGS: &[NumericSetting] = &[
-    NumericSetting {
-        key: "port",
-        flag: "port",
-        min: 0.0,
-        max: 65535.0,
-        integer: true,
-        note: "0 picks a free port",
-    },
-    NumericSetting {
-        key: "gpu_memory_utilization",
-        flag: "gpu-memory-utilization",
-        min: 0.0,
-        max: 1.0,
-        integer: false,
-        note: "0 sizes the KV pool from kv_cache_memory",
-    },
-    NumericSetting {
-        key: "max_num_seqs",
-        flag: "max-num-seqs",
-        min: 1.0,
-        max: 65536.0,
-        integer: true,
-        note: "",
-    },
-    NumericSetting {
-        key: "max_num_batched_tokens",
-        flag: "max-num-batched-tokens",
-        min: 1.0,
-        max: 1048576.0,
-        integer: true,
-        note: "",
-    },
-    NumericSetting {
-        key: "max_waiting_requests",
-        flag: "max-waiting-requests",
-        min: 1.0,
-        max: 16777216.0,
-        integer: true,
-        note: "",
-    },
-    NumericSetting {
-        key: "max_queued_prompt_tokens",
-        flag: "max-queued-prompt-tokens",
-        min: 1.0,
-        max: 4294967296.0,
-        integer: true,
-        note: "",
-    },
-    NumericSetting {
-        key: "kv_cache_memory",
-        flag: "kv-cache-memory",
-        min: 1.0,
-        max: 17592186044416.0,
-        integer: true,
-        note: "bytes: at least one KV block per replica, at most 16 TiB and, on the CPU, the \
-               machine's memory",
-    },
-    NumericSetting {
-        key: "block_size",
-        flag: "block-size",
-        min: 1.0,
-        max: 256.0,
-        integer: true,
-        note: "a power of two",
-    },
-    NumericSetting {
-        key: "max_model_len",
-        flag: "max-model-len",
-        min: 1.0,
-        max: 16777216.0,
-        integer: true,
-        note: "at most the model's max_position_embeddings",
-    },
-    NumericSetting {
-        key: "data_parallel_size",
-        flag: "data-parallel-size",
-        min: 1.0,
-        max: MAX_DATA_PARALLEL as f64,
-        integer: true,
-        note: "",
-    },
-    NumericSetting {
-        key: "tokenizer_workers",
-        flag: "tokenizer-workers",
-        min: 1.0,
-        max: 1024.0,
-        integer: true,
-        note: "or auto: one per core",
-    },
-    NumericSetting {
-        key: "max_body_bytes",
-        flag: "max-body-bytes",
-        min: 1024.0,
-        max: 1073741824.0,
-        integer: true,
-        note: "",
-    },
-    NumericSetting {
-        key: "body_read_timeout_secs",
-        flag: "body-read-timeout",
-        min: MIN_TIMEOUT_SECS,
-        max: DAY_SECS,
-        integer: false,
-        note: "",
-    },
-    NumericSetting {
-        key: "header_read_timeout_secs",
-        flag: "header-read-timeout",
-        min: MIN_TIMEOUT_SECS,
-        max: DAY_SECS,
-        integer: false,
-        note: "",
-    },
-    NumericSetting {
-        key: "keep_alive_timeout_secs",
-        flag: "keep-alive-timeout",
-        min: 0.0,
-        max: DAY_SECS,
-        integer: false,
-        note: "0 closes a connection after each response; otherwise at least 0.1",
-    },
-    NumericSetting {
-        key: "max_connections",
-        flag: "max-connections",
-        min: 1.0,
-        max: 1048576.0,
-        integer: true,
-        note: "lowered to what the open-files limit allows",
-    },
-    NumericSetting {
-        key: "shutdown_grace_secs",
-        flag: "shutdown-grace",
-        min: 0.0,
-        max: DAY_SECS,
-        integer: false,
-        note: "0 exits at once",
-    },
-    NumericSetting {
-        key: "reasoning_budget",
-        flag: "reasoning-budget",
-        min: -1.0,
-        max: 16777216.0,
-        integer: true,
-        note: "-1 is unbounded, 0 no thinking",
-    },
-];
-
-impl NumericSetting {
-    pub fn named(key: &str) -> Option<&'static NumericSetting> {
-        NUMERIC_SETTINGS.iter().find(|n| n.key == key)
-    }
-
-    pub fn env(&self) -> String {
-        format!(
-            "DISTILLERY_{}",
-            self.flag.replace('-', "_").to_ascii_uppercase()
-        )
-    }
-
-    fn range(&self) -> String {
-        let kind = if self.integer {
-            "an integer"
-        } else {
-            "a number"
-        };
-        let note = if self.note.is_empty() {
-            String::new()
-        } else {
-            format!("; {}", self.note)
-        };
-        format!("{kind} from {} to {}{note}", self.min, self.max)
-    }
-
-    /// The error for `given`, naming every way to set it.
-    pub fn refuse(&self, given: &str) -> String {
-        format!(
-            "{} = {given} is refused: it must be {} (flag --{}, environment {}, config \
-             file key {})",
-            self.key,
-            self.range(),
-            self.flag,
-            self.env(),
-            self.key
-        )
-    }
-
-    fn check(&self, value: Option<f64>) -> Result<(), String> {
-        let Some(v) = value else { return Ok(()) };
-        let whole = !self.integer || v.fract() == 0.0;
-        if v.is_finite() && whole && v >= self.min && v <= self.max {
-            return Ok(());
-        }
-        Err(self.refuse(&v.to_string()))
-    }
-
-    /// Parses a flag's or variable's text with `parse` and checks its range.
-    pub fn parse_with<T>(
-        &self,
-        text: &str,
-        parse: impl Fn(&str) -> Result<T, String>,
-        as_f64: impl Fn(&T) -> f64,
-    ) -> Result<T, String> {
-        let refuse = || self.refuse(text.trim());
-        let v = parse(text.trim()).map_err(|_| refuse())?;
-        self.check(Some(as_f64(&v))).map_err(|_| refuse())?;
-        Ok(v)
     }
 }
 
@@ -743,8 +477,10 @@ mod tests {
         }
         let e = ServeSettings::from_toml("shutdown_grace_secs = -1.0").unwrap_err();
         assert!(e.contains("--shutdown-grace"), "{e}");
-        let s = ServeSettings::from_toml("keep_alive_timeout_secs = 0.001").unwrap();
-        assert!(s.validate().unwrap_err().contains("--keep-alive-timeout"));
+        let e = ServeSettings::from_toml("keep_alive_timeout_secs = 0.001").unwrap_err();
+        assert!(e.contains("--keep-alive-timeout"), "{e}");
+        let s = ServeSettings::from_toml("keep_alive_timeout_secs = 0").unwrap();
+        assert_eq!(s.validate(), Ok(()), "0 turns keep-alive off");
         let e = ServeSettings::from_toml("header_read_timeout_secs = 0.01").unwrap_err();
         assert!(e.contains("--header-read-timeout"), "{e}");
         let e = ServeSettings::from_toml("max_model_len = 0").unwrap_err();

@@ -38,7 +38,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DISTILLERY_HOST")]
     host: Option<String>,
     /// [default: 8000; 0 picks a free port]
-    #[arg(long, env = "DISTILLERY_PORT", value_parser = checked::<u16>("port"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_PORT", value_parser = checked::<u16>("port"))]
     port: Option<u16>,
     /// An accepted bearer key; repeat for several (env: comma-separated).
     #[arg(long = "api-key", env = "DISTILLERY_API_KEYS", value_delimiter = ',')]
@@ -51,27 +51,27 @@ pub struct ServeArgs {
     device: Option<DeviceChoice>,
     /// On CUDA: fraction of the GPU's memory to use; the KV pool gets what the weights and
     /// activations leave (0: size it from --kv-cache-memory) [default: 0.9]
-    #[arg(long, env = "DISTILLERY_GPU_MEMORY_UTILIZATION", value_parser = checked::<f64>("gpu_memory_utilization"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_GPU_MEMORY_UTILIZATION", value_parser = checked::<f64>("gpu_memory_utilization"))]
     gpu_memory_utilization: Option<f64>,
     #[arg(long, env = "DISTILLERY_LOAD_FORMAT", value_enum)]
     load_format: Option<LoadFormat>,
     /// Sequences in one engine step [default: 256]
-    #[arg(long, env = "DISTILLERY_MAX_NUM_SEQS", value_parser = checked::<usize>("max_num_seqs"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_MAX_NUM_SEQS", value_parser = checked::<usize>("max_num_seqs"))]
     max_num_seqs: Option<usize>,
     /// Tokens in one engine step [default: 2048]
-    #[arg(long, env = "DISTILLERY_MAX_NUM_BATCHED_TOKENS", value_parser = checked::<usize>("max_num_batched_tokens"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_MAX_NUM_BATCHED_TOKENS", value_parser = checked::<usize>("max_num_batched_tokens"))]
     max_num_batched_tokens: Option<usize>,
     /// Requests waiting for their first token before new ones get 503 [default: 1024]
-    #[arg(long, env = "DISTILLERY_MAX_WAITING_REQUESTS", value_parser = checked::<usize>("max_waiting_requests"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_MAX_WAITING_REQUESTS", value_parser = checked::<usize>("max_waiting_requests"))]
     max_waiting_requests: Option<usize>,
     /// Prompt tokens waiting before new requests get 503 [default: 1048576]
-    #[arg(long, env = "DISTILLERY_MAX_QUEUED_PROMPT_TOKENS", value_parser = checked::<usize>("max_queued_prompt_tokens"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_MAX_QUEUED_PROMPT_TOKENS", value_parser = checked::<usize>("max_queued_prompt_tokens"))]
     max_queued_prompt_tokens: Option<usize>,
     /// KV cache budget, e.g. 1GiB or 536870912 [default: 1GiB]
-    #[arg(long, env = "DISTILLERY_KV_CACHE_MEMORY", value_parser = bytes("kv_cache_memory"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_KV_CACHE_MEMORY", value_parser = bytes("kv_cache_memory"))]
     kv_cache_memory: Option<usize>,
     /// Tokens per KV block [default: 8]
-    #[arg(long, env = "DISTILLERY_BLOCK_SIZE", value_parser = checked::<usize>("block_size"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_BLOCK_SIZE", value_parser = checked::<usize>("block_size"))]
     block_size: Option<usize>,
     /// No log line per request (metrics still count them); for thousands of requests a second
     #[arg(long, env = "DISTILLERY_DISABLE_LOG_REQUESTS",
@@ -83,18 +83,18 @@ pub struct ServeArgs {
     #[arg(long, overrides_with = "enable_prefix_caching")]
     no_enable_prefix_caching: bool,
     /// Context limit [default: the model's max_position_embeddings]
-    #[arg(long, env = "DISTILLERY_MAX_MODEL_LEN", value_parser = checked::<usize>("max_model_len"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_MAX_MODEL_LEN", value_parser = checked::<usize>("max_model_len"))]
     max_model_len: Option<usize>,
     /// Engine replicas on the CPU, each with its own thread, scheduler and share of the KV
     /// budget; one per core suits small models [default: 1]
-    #[arg(long, env = "DISTILLERY_DATA_PARALLEL_SIZE", value_parser = checked::<usize>("data_parallel_size"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_DATA_PARALLEL_SIZE", value_parser = checked::<usize>("data_parallel_size"))]
     data_parallel_size: Option<usize>,
     /// Threads for template rendering and tokenization: auto (one per core) or a count; long
     /// prompts never take every thread [default: auto]
-    #[arg(long, env = "DISTILLERY_TOKENIZER_WORKERS", value_parser = workers())]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_TOKENIZER_WORKERS", value_parser = workers())]
     tokenizer_workers: Option<WorkerCount>,
     /// Largest request body; bigger gets 413 [default: 4194304]
-    #[arg(long, env = "DISTILLERY_MAX_BODY_BYTES", value_parser = bytes("max_body_bytes"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_MAX_BODY_BYTES", value_parser = bytes("max_body_bytes"))]
     max_body_bytes: Option<usize>,
     /// Seconds from the end of a request's headers to the last byte of its body; slower
     /// uploads get 408 [default: 30]
@@ -117,7 +117,7 @@ pub struct ServeArgs {
           value_parser = checked::<usize>("max_connections"))]
     max_connections: Option<usize>,
     /// Seconds in-flight requests may run after SIGTERM [default: 30]
-    #[arg(long, env = "DISTILLERY_SHUTDOWN_GRACE", value_parser = checked::<f64>("shutdown_grace_secs"))]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_SHUTDOWN_GRACE", value_parser = checked::<f64>("shutdown_grace_secs"))]
     shutdown_grace: Option<f64>,
     /// A CORS origin to allow (`*` for any); repeatable.
     #[arg(

@@ -70,7 +70,8 @@ fn run(
     let file = dir.join(format!("{key}.toml"));
     match way {
         Way::Flag => {
-            cmd.arg(format!("--{flag}={value}"));
+            // The spaced form, as people type it: a negative value must not read as a flag.
+            cmd.arg(format!("--{flag}")).arg(value);
         }
         Way::Env => {
             cmd.env(env_name(flag), value);
