@@ -155,7 +155,9 @@ impl PreprocessPool {
                 q.short.push_back(job);
             }
         }
-        self.shared.work.notify_all();
+        // Any waiting thread can take what was pushed (a long job only when the lane has room,
+        // which holds for every thread alike): waking one is enough.
+        self.shared.work.notify_one();
         rx.await
             .map_err(|_| ApiError::overloaded("the tokenization worker stopped"))
     }
@@ -220,7 +222,7 @@ fn worker(s: &Shared) {
         if long {
             q.long_running -= 1;
             // Another thread may be waiting for the long lane to open.
-            s.work.notify_all();
+            s.work.notify_one();
         }
     }
 }
