@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode, Version};
+use axum::http::{header, HeaderValue, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
@@ -72,17 +72,10 @@ pub async fn receive(State(limits): State<Arc<BodyLimits>>, req: Request, next: 
         }
         Err(_) => {
             return closing(
-                ApiError {
-                    status: StatusCode::REQUEST_TIMEOUT,
-                    message: format!(
-                        "the request body did not arrive within {:.1} s (--body-read-timeout)",
-                        limits.deadline.as_secs_f64()
-                    ),
-                    kind: "invalid_request_error",
-                    param: None,
-                    code: Some("request_timeout"),
-                    retry_after: None,
-                },
+                ApiError::body_timeout(format!(
+                    "the request body did not arrive within {:.1} s (--body-read-timeout)",
+                    limits.deadline.as_secs_f64()
+                )),
                 version,
             )
         }
@@ -103,13 +96,9 @@ pub async fn receive(State(limits): State<Arc<BodyLimits>>, req: Request, next: 
 }
 
 fn too_large(limit: usize) -> ApiError {
-    let mut e = ApiError::invalid(
-        format!("the request body is larger than the limit of {limit} bytes (--max-body-bytes)"),
-        None,
-    );
-    e.status = StatusCode::PAYLOAD_TOO_LARGE;
-    e.code = Some("request_too_large");
-    e
+    ApiError::too_large(format!(
+        "the request body is larger than the limit of {limit} bytes (--max-body-bytes)"
+    ))
 }
 
 /// The error, with an HTTP/1 connection closed after it: what is left of the body is not

@@ -94,6 +94,30 @@ impl ApiError {
         }
     }
 
+    /// A body over `--max-body-bytes`.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+            retry_after: None,
+        }
+    }
+
+    /// A body not received within `--body-read-timeout`.
+    pub fn body_timeout(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after: None,
+        }
+    }
+
     pub fn not_found(path: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,

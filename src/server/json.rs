@@ -11,11 +11,11 @@ use super::error::ApiError;
 /// size limit).
 pub fn body(read: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     read.map_err(|r| {
+        if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::too_large(r.body_text());
+        }
         let mut e = ApiError::invalid(r.body_text(), None);
         e.status = r.status();
-        if e.status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            e.code = Some("request_too_large");
-        }
         e
     })
 }
