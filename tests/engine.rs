@@ -75,6 +75,7 @@ fn drain(stream: &mut RequestStream, log: &mut Log) {
             }
             EngineEvent::Finished { reason, .. } => log.finishes.push(reason),
             EngineEvent::Error { .. } => log.errors += 1,
+            EngineEvent::PromptLogprobs { .. } => {}
         }
     }
 }
@@ -390,6 +391,7 @@ fn replicas_share_the_load_and_agree_with_a_single_engine() {
                 EngineEvent::Token { token, .. } => tokens.push(token),
                 EngineEvent::Finished { .. } => finishes += 1,
                 EngineEvent::Error { message } => panic!("engine error: {message}"),
+                EngineEvent::PromptLogprobs { .. } => {}
             }
         }
         assert_eq!(finishes, 1);
@@ -436,6 +438,7 @@ fn at_finish_delivery_holds_tokens_until_the_choice_ends() {
             let choice = match &ev {
                 EngineEvent::Token { choice, .. } | EngineEvent::Finished { choice, .. } => *choice,
                 EngineEvent::Error { message } => panic!("{message}"),
+                EngineEvent::PromptLogprobs { .. } => continue,
             };
             counts[choice] += 1;
             events.push(ev);
@@ -461,6 +464,7 @@ fn at_finish_delivery_holds_tokens_until_the_choice_ends() {
             }
             EngineEvent::Finished { .. } => finished += 1,
             EngineEvent::Error { message } => panic!("{message}"),
+            EngineEvent::PromptLogprobs { .. } => {}
         }
     }
     assert_eq!(finished, 2);
@@ -586,5 +590,134 @@ fn forced_tokens_are_emitted_scored_and_cached() {
     for log in logs {
         assert_eq!(log.tokens, vec![expected.clone(), expected.clone()]);
     }
+    assert_all_free(&tight);
+}
+
+/// Per scored position: the token, its logprob and the top ids of the row that scored it.
+type Scores = Vec<(u32, f32, Vec<u32>)>;
+
+/// Runs `reqs` to the end; per request its prompt scores (one event at most, before any
+/// token) and its tokens.
+fn scores_of(
+    core: &mut EngineCore,
+    reqs: Vec<EngineRequest>,
+) -> (Vec<Option<Scores>>, Vec<Vec<u32>>) {
+    let mut streams: Vec<RequestStream> = reqs
+        .into_iter()
+        .map(|r| core.submit(r).expect("admitted"))
+        .collect();
+    let mut out: Vec<Option<Scores>> = vec![None; streams.len()];
+    let mut tokens = vec![Vec::new(); streams.len()];
+    loop {
+        let more = core.has_work();
+        if more {
+            core.step();
+        }
+        for (i, s) in streams.iter_mut().enumerate() {
+            while let Some(ev) = s.try_recv() {
+                match ev {
+                    EngineEvent::PromptLogprobs { scored, .. } => {
+                        assert!(out[i].is_none(), "request {i}: scores sent twice");
+                        assert!(tokens[i].is_empty(), "scores come before tokens");
+                        let row = |p: &engine::PromptLogprob| {
+                            (p.token, p.logprob, p.top.iter().map(|t| t.0).collect())
+                        };
+                        out[i] = Some(scored.iter().map(row).collect());
+                    }
+                    EngineEvent::Token { token, .. } => tokens[i].push(token),
+                    EngineEvent::Error { message } => panic!("{message}"),
+                    EngineEvent::Finished { .. } => {}
+                }
+            }
+        }
+        if !more {
+            return (out, tokens);
+        }
+    }
+}
+
+/// `params.prompt_logprobs`: every prompt token after the first is scored once, in order, by
+/// the row before it — the same alone in one chunk, in small chunks, and under preemption
+/// beside requests that score nothing (whose outputs stay the goldens). The scores agree with
+/// transformers: a golden's prompt followed by its greedy continuation is scored with each
+/// continuation token as its position's top-1.
+#[test]
+fn prompt_scores_survive_chunking_and_preemption_and_match_the_goldens() {
+    let (Some(dec), Some(golden)) = (decoder("tiny-llama-v512"), golden("tiny-llama-v512")) else {
+        return;
+    };
+    let scored = |prompt: &[u32]| {
+        let mut r = greedy(prompt, 1);
+        r.params.prompt_logprobs = Some(2);
+        r
+    };
+    let case = &golden.cases[0];
+    let full: Vec<u32> = case
+        .prompt_ids
+        .iter()
+        .chain(&case.generated_ids)
+        .copied()
+        .collect();
+    let mut one_chunk = engine::build(dec.clone(), &config(256, 16, 4, 4096, true)).unwrap();
+    let (reference, _) = scores_of(&mut one_chunk, vec![scored(&full)]);
+    let reference = reference[0].clone().expect("scored");
+    assert_eq!(reference.len(), full.len() - 1);
+    for (pos, (token, lp, top)) in reference.iter().enumerate() {
+        assert_eq!(*token, full[pos + 1]);
+        assert!(*lp <= 0.0);
+        if pos + 1 >= case.prompt_ids.len() {
+            let step = pos + 1 - case.prompt_ids.len();
+            assert_eq!(
+                top[0], case.generated_ids[step],
+                "continuation token {step} is top-1"
+            );
+        }
+    }
+    assert_all_free(&one_chunk);
+    // The same in chunks of 8 tokens, with the same prompt cached by the first run: the
+    // scored request skips the cache and computes (and scores) every position.
+    let mut chunked = engine::build(dec.clone(), &config(256, 16, 4, 8, true)).unwrap();
+    let _ = run_all(&mut chunked, vec![greedy(&full, 1)]);
+    let (again, _) = scores_of(&mut chunked, vec![scored(&full)]);
+    let close = |a: &Scores, b: &Scores, what: &str| {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.0, y.0, "{what}");
+            assert!((x.1 - y.1).abs() < 1e-4, "{what}: {} vs {}", x.1, y.1);
+        }
+    };
+    close(&again[0].clone().expect("scored"), &reference, "chunked");
+    // Under preemption, beside the goldens' requests (which score nothing).
+    let biggest = golden
+        .cases
+        .iter()
+        .map(|c| c.prompt_ids.len() + 32)
+        .chain([full.len() + 1])
+        .max()
+        .unwrap_or(0);
+    let blocks = biggest.div_ceil(16) + 2;
+    let mut tight = engine::build(dec, &config(blocks, 16, 16, 64, true)).unwrap();
+    let mut reqs: Vec<EngineRequest> = golden
+        .cases
+        .iter()
+        .map(|c| greedy(&c.prompt_ids, 32))
+        .collect();
+    reqs.insert(1, scored(&full));
+    let (out, tokens) = scores_of(&mut tight, reqs);
+    assert!(
+        tight.stats().num_preemptions > 0,
+        "the test must actually preempt"
+    );
+    close(&out[1].clone().expect("scored"), &reference, "preempted");
+    let others: Vec<&Vec<u32>> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, t)| t)
+        .collect();
+    for (c, t) in golden.cases.iter().zip(others) {
+        assert_eq!(t, &c.generated_ids, "{}", c.name);
+    }
+    assert!(out.iter().enumerate().all(|(i, o)| (i == 1) == o.is_some()));
     assert_all_free(&tight);
 }

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::device_sampling;
 use super::kv_manager::KvManager;
 use super::request::{Delivery, EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
-use super::sampler::{argmax, SamplerScratch};
+use super::sampler::{argmax, score_prompt_token, SamplerScratch};
 use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
 use super::sequence::{RequestShared, Sequence};
 use super::stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};
@@ -195,14 +195,18 @@ impl EngineCore {
             let range = s.num_computed..s.num_computed + sch.num_tokens;
             self.batch
                 .push_sequence(&s.tokens[range], s.num_computed, &s.blocks.table, bs);
+            if s.prompt_scores.is_some() && s.is_prefilling() {
+                self.batch.score_every_token_of_last();
+            }
         }
         let logits = self.decoder.forward(&self.batch, &self.cache)?;
         let vocab = logits.dim(1)?;
         // On a GPU with an all-greedy step, only the chosen ids come back (empty `all` below).
         let device_ids = device_sampling::greedy_ids(&logits, || {
-            self.scheduled
-                .iter()
-                .all(|sch| device_sampling::takes_raw_argmax(&self.scheduler.running[sch.index]))
+            self.batch.every_token.is_empty()
+                && self.scheduled.iter().all(|sch| {
+                    device_sampling::takes_raw_argmax(&self.scheduler.running[sch.index])
+                })
         })?;
         let logits = match (&device_ids, logits.device()) {
             (Some(_), _) | (None, Device::Cpu) => logits,
@@ -211,8 +215,17 @@ impl EngineCore {
         let mut body = |all: &[f32]| {
             let now = Instant::now();
             *forward_done = Some(now);
-            for (row, sch) in self.scheduled.iter().enumerate() {
+            let mut next_row = 0;
+            for (i, sch) in self.scheduled.iter().enumerate() {
                 let s = &mut self.scheduler.running[sch.index];
+                let rows = self.batch.logit_rows_of(i);
+                let first_row = next_row;
+                next_row += rows;
+                let row = next_row - 1;
+                if rows > 1 && device_ids.is_none() {
+                    let run = &all[first_row * vocab..next_row * vocab];
+                    score_prompt(s, run, vocab, &mut self.scratch);
+                }
                 let computed_prompt = s
                     .prompt_len
                     .saturating_sub(s.num_computed)
@@ -225,6 +238,17 @@ impl EngineCore {
                     .register_full_blocks(&mut s.blocks, &s.tokens, s.num_computed);
                 if s.num_computed < s.tokens.len() {
                     continue; // mid-prefill: no token yet
+                }
+                if let Some(scored) = s.prompt_scores.take() {
+                    s.request.send(EngineEvent::PromptLogprobs {
+                        first: s.tokens[0],
+                        scored,
+                    });
+                }
+                if s.request.stop.max_tokens == 0 {
+                    // Only the prompt was asked for (echo with `max_tokens: 0`).
+                    finish(s, FinishReason::Length, None, &self.stats);
+                    continue;
                 }
                 let (logits, chosen) = match &device_ids {
                     Some(ids) => (&[][..], Some(ids[row])),
@@ -399,18 +423,41 @@ fn sample_and_emit(
     } else {
         return;
     };
+    finish(s, reason, is_stop_token.then_some(token), stats);
+}
+
+/// Ends `s`: counts the finish, then sends its held tokens and its `Finished` event.
+fn finish(s: &mut Sequence, reason: FinishReason, stop_token: Option<u32>, stats: &EngineStats) {
     s.finished = true;
     count_finish(stats, reason);
+    let req = s.request.clone();
     for event in s.held.drain(..) {
         req.send(event);
     }
     req.send(EngineEvent::Finished {
         choice: s.choice,
         reason,
-        stop_token: is_stop_token.then_some(token),
+        stop_token,
         prompt_tokens: s.prompt_len,
         completion_tokens: s.output_len(),
         cached_prompt_tokens: s.cached_prompt_tokens,
         timings: s.timings,
     });
+}
+
+/// Scores the prompt tokens that `run` (this step's rows of `s`, one per token computed)
+/// predicts: row `j` is position `num_computed + j`, whose logits score the token after it.
+/// Positions already scored before a preemption are skipped.
+fn score_prompt(s: &mut Sequence, run: &[f32], vocab: usize, scratch: &mut SamplerScratch) {
+    let k = s.request.params.prompt_logprobs.unwrap_or(0);
+    let Some(scores) = s.prompt_scores.as_mut() else {
+        return;
+    };
+    for (j, row) in run.chunks_exact(vocab).enumerate() {
+        let next = s.num_computed + j + 1;
+        if next >= s.prompt_len || next != scores.len() + 1 {
+            continue;
+        }
+        scores.push(score_prompt_token(row, s.tokens[next], k, scratch));
+    }
 }

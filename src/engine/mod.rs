@@ -21,8 +21,8 @@ pub mod stats;
 pub mod steer;
 
 pub use request::{
-    Delivery, EngineEvent, EngineRequest, FinishReason, StopConditions, SubmitError, Timings,
-    TokenLogprobs,
+    Delivery, EngineEvent, EngineRequest, FinishReason, PromptLogprob, StopConditions, SubmitError,
+    Timings, TokenLogprobs,
 };
 pub use sampler::SamplingParams;
 pub use stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};

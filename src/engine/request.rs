@@ -93,8 +93,25 @@ pub struct TokenLogprobs {
     pub top: Vec<(u32, f32)>,
 }
 
+/// One prompt token scored by the model, from the row of the position before it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// 1 for the row's most likely token.
+    pub rank: u32,
+    pub top: Vec<(u32, f32)>,
+}
+
 #[derive(Clone, Debug)]
 pub enum EngineEvent {
+    /// With `prompt_logprobs`: every prompt token after the first, in order; sent once per
+    /// request, before its first token.
+    PromptLogprobs {
+        /// The prompt's first token, which nothing scores.
+        first: u32,
+        scored: Vec<PromptLogprob>,
+    },
     /// A generated token of choice `choice`, to be shown to the client.
     Token {
         choice: usize,

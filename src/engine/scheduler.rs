@@ -89,7 +89,8 @@ impl Scheduler {
             let Some(mut seq) = self.waiting.remove(pos) else {
                 break;
             };
-            if seq.num_computed == 0 {
+            // A prompt being scored is computed whole: a cached block has K/V but no logits.
+            if seq.num_computed == 0 && !seq.scores_prompt() {
                 let (hit, miss) = self.claim_cached(&mut seq, kv);
                 if miss.is_some_and(|h| inflight.contains(&h)) {
                     kv.unclaim(&mut seq.blocks, seq.tokens.len(), hit);

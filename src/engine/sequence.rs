@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::kv_manager::SeqBlocks;
-use super::request::{Delivery, EngineEvent, StopConditions, Timings};
+use super::request::{Delivery, EngineEvent, PromptLogprob, StopConditions, Timings};
 use super::sampler::{SamplingParams, SequenceSampler};
 use super::steer::{SteerFactory, Steering};
 
@@ -65,6 +65,9 @@ pub struct Sequence {
     pub finished: bool,
     /// Its steer and the tokens it has queued (kept through preemption).
     pub(super) steering: Steering,
+    /// With `prompt_logprobs`: the prompt's tokens scored so far (position 1 onwards), kept
+    /// through preemption so recomputed positions are not scored twice; taken when sent.
+    pub prompt_scores: Option<Vec<PromptLogprob>>,
 }
 
 impl Sequence {
@@ -78,6 +81,9 @@ impl Sequence {
         steer: Option<&SteerFactory>,
     ) -> Self {
         let sampler = SequenceSampler::for_choice(&request.params, prompt, choice);
+        // The first choice scores the prompt; the others share its blocks.
+        let prompt_scores = (choice == 0 && request.params.prompt_logprobs.is_some())
+            .then(|| Vec::with_capacity(prompt.len()));
         Self {
             id,
             choice,
@@ -98,6 +104,7 @@ impl Sequence {
             held: Vec::new(),
             finished: false,
             steering: Steering::new(steer, choice),
+            prompt_scores,
         }
     }
 
@@ -112,5 +119,10 @@ impl Sequence {
 
     pub fn is_prefilling(&self) -> bool {
         self.num_computed < self.prompt_len
+    }
+
+    /// Scores its prompt: every prompt token is computed (no prefix-cache hit) and gets logits.
+    pub fn scores_prompt(&self) -> bool {
+        self.prompt_scores.is_some()
     }
 }

@@ -23,6 +23,9 @@ pub struct ForwardBatch {
     pub max_blocks: usize,
     /// Return logits for every token rather than only each sequence's last one.
     pub all_logits: bool,
+    /// Sequences (ascending indices) that get a row of logits for every token of their run,
+    /// not only the last: a prompt being scored. The others pay nothing for them.
+    pub every_token: Vec<usize>,
 }
 
 impl ForwardBatch {
@@ -35,6 +38,40 @@ impl ForwardBatch {
         self.block_tables.clear();
         self.max_blocks = 0;
         self.all_logits = false;
+        self.every_token.clear();
+    }
+
+    /// Marks the sequence pushed last as one whose every token gets logits.
+    pub fn score_every_token_of_last(&mut self) {
+        if let Some(last) = self.num_seqs().checked_sub(1) {
+            self.every_token.push(last);
+        }
+    }
+
+    /// How many rows of logits sequence `i` gets: its run's length, or one.
+    pub fn logit_rows_of(&self, i: usize) -> usize {
+        if self.all_logits || self.every_token.binary_search(&i).is_ok() {
+            (self.query_start[i + 1] - self.query_start[i]) as usize
+        } else {
+            1
+        }
+    }
+
+    /// The token rows that get logits, in order; `None` for every row.
+    pub fn logit_rows(&self) -> Option<Vec<u32>> {
+        if self.all_logits {
+            return None;
+        }
+        let mut rows = Vec::with_capacity(self.num_seqs() + self.num_tokens());
+        let mut marked = self.every_token.iter().peekable();
+        for (i, w) in self.query_start.windows(2).enumerate() {
+            if marked.next_if_eq(&&i).is_some() {
+                rows.extend(w[0]..w[1]);
+            } else {
+                rows.push(w[1] - 1);
+            }
+        }
+        Some(rows)
     }
 
     pub fn num_seqs(&self) -> usize {
@@ -160,5 +197,23 @@ mod tests {
         assert_eq!(b.context_lens, vec![1, 6]);
         b.validate(40, 4).unwrap();
         assert!(b.validate(36, 4).is_err());
+    }
+
+    #[test]
+    fn a_scored_sequence_gets_every_row_and_the_others_their_last() {
+        let mut b = ForwardBatch::default();
+        b.push_sequence(&[1, 2], 0, &[0], 4);
+        b.push_sequence(&[3, 4, 5], 0, &[1], 4);
+        b.score_every_token_of_last();
+        b.push_sequence(&[6], 2, &[2], 4);
+        assert_eq!(b.logit_rows(), Some(vec![1, 2, 3, 4, 5]));
+        assert_eq!(
+            (0..3).map(|i| b.logit_rows_of(i)).collect::<Vec<_>>(),
+            vec![1, 3, 1]
+        );
+        b.all_logits = true;
+        assert_eq!(b.logit_rows(), None);
+        b.clear();
+        assert!(b.every_token.is_empty());
     }
 }

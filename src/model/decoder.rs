@@ -166,8 +166,9 @@ impl Decoder {
         }
     }
 
-    /// Runs the batch, writing its K/V into `cache`. Returns f32 logits `[S, vocab]` for each
-    /// sequence's last token, or `[T, vocab]` for every token when `batch.all_logits`.
+    /// Runs the batch, writing its K/V into `cache`. Returns f32 logits for each sequence's
+    /// last token, every token of the sequences in `batch.every_token`, or every token of
+    /// all when `batch.all_logits` (rows in batch order: [`ForwardBatch::logit_rows`]).
     pub fn forward(&self, batch: &ForwardBatch, cache: &KvCache) -> Result<Tensor, ModelError> {
         batch.validate(cache.num_slots(), cache.block_size())?;
         let max_pos = self.config.max_position_embeddings;
@@ -226,12 +227,12 @@ impl Decoder {
             let gated = swiglu(&layer.gate_up.forward(&h)?)?;
             x = (&x + layer.down.forward(&gated)?)?;
         }
-        let x = if batch.all_logits {
-            x
-        } else {
-            let last: Vec<u32> = batch.query_start[1..].iter().map(|&e| e - 1).collect();
-            let last = Tensor::from_vec(last, batch.num_seqs(), &self.device)?;
-            x.index_select(&last, 0)?
+        let x = match batch.logit_rows() {
+            None => x,
+            Some(rows) => {
+                let n = rows.len();
+                x.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?
+            }
         };
         let x = rms_norm(&x, &self.norm, eps)?;
         let logits = x.matmul(&self.lm_head.t()?)?;

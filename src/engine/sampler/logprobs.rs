@@ -7,6 +7,7 @@
 
 use super::row::{max_of, sum_f64, weight, BLOCK};
 use super::SamplerScratch;
+use crate::engine::request::PromptLogprob;
 
 /// vLLM v1's default "raw" logprobs: log_softmax of the row as the model gave it. The row is
 /// copied to `scratch.raw` so the chosen token's value survives the in-place processing.
@@ -59,6 +60,28 @@ impl RawLogprobs {
             }
             _ => f32::NEG_INFINITY,
         }
+    }
+}
+
+/// A prompt token's raw logprob given the row that predicted it, its rank in that row (1 is
+/// the most likely; ties share the better rank, as vLLM counts), and the top `k` of the row.
+pub fn score_prompt_token(
+    logits: &[f32],
+    token: u32,
+    k: usize,
+    scratch: &mut SamplerScratch,
+) -> PromptLogprob {
+    let raw = RawLogprobs::new(logits, k, scratch);
+    let own = logits.get(token as usize).copied();
+    let rank = match own {
+        Some(l) if !l.is_nan() => 1 + logits.iter().filter(|&&v| v > l).count() as u32,
+        _ => logits.len() as u32,
+    };
+    PromptLogprob {
+        token,
+        logprob: raw.logprob(own),
+        rank,
+        top: raw.top,
     }
 }
 

@@ -23,6 +23,7 @@ mod truncation;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use logprobs::score_prompt_token;
 use logprobs::RawLogprobs;
 pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS};
 pub use row::argmax;

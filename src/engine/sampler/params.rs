@@ -37,6 +37,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// `Some(k)`: return the chosen token's logprob and the top `k` (`k <= 20`).
     pub logprobs: Option<usize>,
+    /// `Some(k)`: also score every prompt token but the first, with the top `k` of each
+    /// position (vLLM's `prompt_logprobs`; `echo` with `logprobs` asks for the same).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -52,6 +55,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             seed: None,
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -140,10 +144,13 @@ impl SamplingParams {
                 (-LOGIT_BIAS_LIMIT..=LOGIT_BIAS_LIMIT).contains(&b)
             })?;
         }
-        if let Some(k) = self.logprobs {
-            if k > MAX_LOGPROBS {
+        for (field, k) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if let Some(k) = k.filter(|&k| k > MAX_LOGPROBS) {
                 return Err(SamplingError::OutOfRange {
-                    field: "logprobs",
+                    field,
                     allowed: "in [0, 20]",
                     got: k.to_string(),
                 });

@@ -565,6 +565,7 @@ fn params_strategy() -> impl Strategy<Value = SamplingParams> {
                 logit_bias: bias,
                 seed: Some(seed),
                 logprobs: lp,
+                prompt_logprobs: None,
             },
         )
 }
