@@ -407,6 +407,7 @@ fn behaviour(
     Ok(ModelBehaviour {
         reasoning,
         sampling_defaults,
+        model_root: s.model.clone(),
     })
 }
 

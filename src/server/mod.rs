@@ -8,6 +8,7 @@ mod admission;
 mod body;
 mod connection;
 mod error;
+mod fields;
 mod json;
 mod metrics;
 mod output;
@@ -177,6 +178,7 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
         .route("/completions", post(routes::completions::completions))
         .route("/chat/completions", post(routes::chat::chat_completions))
         .route("/models", get(routes::info::models))
+        .route("/models/{id}", get(routes::info::model))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -184,6 +186,7 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
     let tokenize = Router::new()
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
+        .route("/tokenizer_info", get(routes::info::tokenizer_info))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -271,6 +274,9 @@ async fn request_id(req: Request, next: Next) -> Response {
         .map(str::to_string)
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
     let span = tracing::info_span!("http", request_id = %id);
+    let mut req = req;
+    req.extensions_mut()
+        .insert(request_log::RequestId(Arc::from(id.as_str())));
     let mut res = {
         let _guard = span.enter();
         tracing::debug!(method = %req.method(), path = %req.uri().path(), "request");

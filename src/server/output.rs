@@ -18,17 +18,45 @@ use futures_util::Stream;
 use super::admission::QueuePermit;
 use super::error::ApiError;
 use super::protocol::{CompletionTokensDetails, PromptTokensDetails, Usage};
-use crate::engine::{ChoiceStopper, EngineEvent, FinishReason, RequestStream, Timings};
+use crate::engine::{
+    ChoiceStopper, EngineEvent, FinishReason, PromptLogprob, RequestStream, Timings,
+};
 use crate::metrics::{FinishedRequest, Metrics, RequestMetrics};
 use crate::reasoning::{Phase, ReasoningPlan, ThinkTracker, TokenRole};
 use crate::tokenizer::{IncrementalDetokenizer, StopStrings, Tokenizer};
 
-/// One generated token's logprob information, with token text.
+/// A token as a response names it: its id, its text alone, and its own bytes (which for a
+/// token ending inside a UTF-8 character are not its text's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenShown {
+    pub id: u32,
+    pub text: String,
+    pub bytes: Vec<u8>,
+}
+
+impl TokenShown {
+    pub fn of(tokenizer: &Tokenizer, id: u32) -> Self {
+        Self {
+            id,
+            text: tokenizer.decode(&[id], false).unwrap_or_default(),
+            bytes: tokenizer.token_bytes(id),
+        }
+    }
+}
+
+/// One token's logprob information: a generated token, or a prompt token when scored.
 #[derive(Clone, Debug)]
 pub struct TokenLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    pub token: TokenShown,
+    /// `None` only for a prompt's first token (nothing predicts it).
+    pub logprob: Option<f32>,
+    /// Its rank in the row that scored it (1: the most likely); prompt tokens only.
+    pub rank: Option<u32>,
+    /// Characters of the choice's generated text (of the prompt's text, for a prompt token)
+    /// before this token's own: skipped special tokens add none.
+    pub offset: usize,
+    /// The row's most likely tokens, best first (ties: lower id first).
+    pub top: Vec<(TokenShown, f32)>,
 }
 
 /// Which part of a choice's output a text belongs to.
@@ -51,6 +79,12 @@ pub enum OutputEvent {
     Finished {
         index: usize,
         reason: &'static str,
+    },
+    /// Prompt `prompt`'s tokens, each scored (the first has no logprob), before any text of
+    /// its choices; only when the request scores its prompt.
+    Prompt {
+        prompt: usize,
+        tokens: Vec<TokenLogprob>,
     },
 }
 
@@ -88,6 +122,8 @@ struct ChoiceState {
     shape: PromptShape,
     /// Tokens generated so far, a final EOS/stop token included.
     tokens: usize,
+    /// Characters its detokenizer has produced (before stop strings hold any back).
+    text_chars: usize,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     first_scheduled: Option<Instant>,
@@ -226,6 +262,7 @@ impl Outputs {
                 prompt: i / opts.n,
                 shape: prompts[i / opts.n],
                 tokens: 0,
+                text_chars: 0,
                 first_token: None,
                 last_token: None,
                 first_scheduled: None,
@@ -323,11 +360,16 @@ impl Outputs {
                 self.usage.total_tokens += 1;
                 if want_logprobs {
                     if let Some(lp) = logprobs {
-                        let text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
                         c.logprobs.push(TokenLogprob {
-                            token: text(token),
-                            logprob: lp.logprob,
-                            top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect(),
+                            token: TokenShown::of(tokenizer, token),
+                            logprob: Some(lp.logprob),
+                            rank: None,
+                            offset: c.text_chars,
+                            top: lp
+                                .top
+                                .iter()
+                                .map(|&(id, l)| (TokenShown::of(tokenizer, id), l))
+                                .collect(),
                         });
                     }
                 }
@@ -369,6 +411,7 @@ impl Outputs {
                         .detok
                         .push(token)
                         .map_err(|e| ApiError::internal(e.to_string(), "detokenize"))?;
+                    c.text_chars += delta.as_deref().map_or(0, |d| d.chars().count());
                     let outcome = c.stops.push(delta.as_deref().unwrap_or(""));
                     let logprobs = std::mem::take(&mut c.logprobs);
                     if !outcome.emit.is_empty() || !logprobs.is_empty() {
@@ -411,8 +454,11 @@ impl Outputs {
             } => {
                 let now = Instant::now();
                 let index = prompt * self.n + choice;
-                if let Some(d) = self.usage.prompt_tokens_details.as_mut() {
-                    d.cached_tokens += cached_prompt_tokens;
+                // Per prompt, once: the other choices share the first one's blocks.
+                if choice == 0 {
+                    if let Some(d) = self.usage.prompt_tokens_details.as_mut() {
+                        d.cached_tokens += cached_prompt_tokens;
+                    }
                 }
                 self.times.engine = Some(timings);
                 let Some(c) = self.choices.get_mut(index) else {
@@ -453,11 +499,52 @@ impl Outputs {
                 self.pending
                     .push_back(OutputEvent::Finished { index, reason });
             }
+            EngineEvent::PromptLogprobs { first, scored } => {
+                self.pending.push_back(OutputEvent::Prompt {
+                    prompt,
+                    tokens: self.prompt_tokens(first, &scored)?,
+                });
+            }
             EngineEvent::Error { message } => {
                 return Err(ApiError::internal(message, "engine"));
             }
         }
         Ok(())
+    }
+}
+
+impl Outputs {
+    /// A scored prompt as the client sees it, with each token's character offset in the
+    /// prompt's text (special tokens kept, as the echoed text keeps them).
+    fn prompt_tokens(
+        &self,
+        first: u32,
+        scored: &[PromptLogprob],
+    ) -> Result<Vec<TokenLogprob>, ApiError> {
+        let tk = &self.tokenizer;
+        let mut detok = tk.detokenizer(false);
+        let mut chars = 0;
+        let mut out = Vec::with_capacity(scored.len() + 1);
+        let ids = std::iter::once((first, None)).chain(scored.iter().map(|p| (p.token, Some(p))));
+        for (id, p) in ids {
+            out.push(TokenLogprob {
+                token: TokenShown::of(tk, id),
+                logprob: p.map(|p| p.logprob),
+                rank: p.map(|p| p.rank),
+                offset: chars,
+                top: p.map_or_else(Vec::new, |p| {
+                    p.top
+                        .iter()
+                        .map(|&(id, l)| (TokenShown::of(tk, id), l))
+                        .collect()
+                }),
+            });
+            let delta = detok
+                .push(id)
+                .map_err(|e| ApiError::internal(e.to_string(), "detokenize"))?;
+            chars += delta.as_deref().map_or(0, |d| d.chars().count());
+        }
+        Ok(out)
     }
 }
 

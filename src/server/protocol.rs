@@ -1,5 +1,6 @@
-//! OpenAI's wire types as OpenAI and vLLM accept and return them. Unknown request fields are
-//! ignored (as OpenAI does); a wrong type is an error naming the field (see `json.rs`).
+//! OpenAI's wire types as OpenAI and vLLM accept and return them. A wrong type is an error
+//! naming the field (see `json.rs`). Fields with no member here land in each request's `other`
+//! map, where `fields.rs` refuses those that would change the answer and lets the rest be.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -34,6 +35,9 @@ impl StopSpec {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
+    /// vLLM's: usage (so far) on every chunk, not only at the end.
+    #[serde(default)]
+    pub continuous_usage_stats: bool,
 }
 
 /// Sampling fields shared by both endpoints.
@@ -46,7 +50,8 @@ pub struct SamplingFields {
     pub n: Option<u32>,
     pub stop: Option<StopSpec>,
     pub stop_token_ids: Option<Vec<u32>>,
-    pub seed: Option<u64>,
+    /// Any signed 64-bit integer (vLLM's range); its bits seed the generator.
+    pub seed: Option<i64>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
@@ -66,8 +71,17 @@ pub struct CompletionRequest {
     /// Completions: how many top logprobs per token (0..=20).
     pub logprobs: Option<u32>,
     pub echo: Option<bool>,
+    /// vLLM's: the top-N logprobs of every prompt token (`choices[].prompt_logprobs`).
+    pub prompt_logprobs: Option<u32>,
+    /// Sample this many and return the `n` with the highest cumulative logprob.
+    pub best_of: Option<u32>,
+    /// Whether the tokenizer adds its special tokens (BOS) to a text prompt (default true).
+    pub add_special_tokens: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every other field, for `fields::check` (after the flattened sampling fields took theirs).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Message content: a string, or text parts.
@@ -165,8 +179,20 @@ pub struct ChatRequest {
     pub max_reasoning_tokens: Option<u32>,
     /// `low`, `medium` or `high`: a budget from `--reasoning-effort-budgets`.
     pub reasoning_effort: Option<String>,
+    /// vLLM's: the top-N logprobs of every prompt token (top-level `prompt_logprobs`).
+    pub prompt_logprobs: Option<u32>,
+    /// Leave the last (assistant) message open and continue it, instead of starting a new
+    /// turn; needs `add_generation_prompt: false`.
+    pub continue_final_message: Option<bool>,
+    /// Extra variables for the chat template (e.g. `enable_thinking`).
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Whether the tokenizer adds special tokens to the rendered prompt (default false: the
+    /// template writes them, as vLLM assumes).
+    pub add_special_tokens: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Serialize, Debug, Clone, Copy, Default)]
@@ -191,13 +217,78 @@ pub struct PromptTokensDetails {
     pub cached_tokens: usize,
 }
 
-/// Completions-style logprobs (`logprobs` integer).
+/// Completions-style logprobs (`logprobs` integer). An echoed prompt's first token has a
+/// `null` logprob and `null` top logprobs, as OpenAI and vLLM send it.
 #[derive(Serialize, Debug, Clone, Default)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<HashMap<String, f32>>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<TopLogprobMap>>,
+    /// Characters (not bytes) of the returned text before each token.
     pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    pub fn extend(&mut self, more: Self) {
+        self.tokens.extend(more.tokens);
+        self.token_logprobs.extend(more.token_logprobs);
+        self.top_logprobs.extend(more.top_logprobs);
+        self.text_offset.extend(more.text_offset);
+    }
+}
+
+/// `{token text: logprob}` best first. Tokens whose text is the same are merged, keeping the
+/// best logprob (a JSON object cannot hold a key twice).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobMap(pub Vec<(String, f32)>);
+
+impl TopLogprobMap {
+    /// From entries already ordered best first.
+    pub fn from_ordered(entries: impl IntoIterator<Item = (String, f32)>) -> Self {
+        let mut out: Vec<(String, f32)> = Vec::new();
+        for (text, lp) in entries {
+            if !out.iter().any(|(t, _)| *t == text) {
+                out.push((text, lp));
+            }
+        }
+        Self(out)
+    }
+}
+
+impl Serialize for TopLogprobMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token, `null` for the first, else the token itself
+/// and the top N, keyed by token id, in rank order.
+pub type PromptLogprobs = Vec<Option<PromptLogprobMap>>;
+
+#[derive(Debug, Clone, Default)]
+pub struct PromptLogprobMap(pub Vec<(u32, PromptLogprobEntry)>);
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct PromptLogprobEntry {
+    pub logprob: f32,
+    pub rank: u32,
+    pub decoded_token: String,
+}
+
+impl Serialize for PromptLogprobMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(&k.to_string(), v)?;
+        }
+        m.end()
+    }
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -206,6 +297,8 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -283,6 +376,8 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Serialize, Debug, Clone, Default)]
@@ -312,9 +407,13 @@ pub struct ChatChunk {
     pub created: u64,
     pub model: String,
     pub choices: Vec<ChatChunkChoice>,
-    /// Present (as null until the last chunk) only with `stream_options.include_usage`.
+    /// Present only with `stream_options.include_usage`: null until the last chunk, or the
+    /// usage so far on every chunk with `continuous_usage_stats`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// On the first chunk, with `prompt_logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -334,6 +433,9 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// What the model was loaded from (vLLM: the model path or hub id).
+    pub root: String,
+    pub parent: Option<String>,
     pub max_model_len: usize,
     /// What a request that omits a sampling field gets (the model's generation config).
     pub sampling_defaults: super::validate::SamplingDefaults,
@@ -374,4 +476,21 @@ pub struct DetokenizeRequest {
 #[derive(Serialize, Debug, Clone)]
 pub struct DetokenizeResponse {
     pub prompt: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TopLogprobMap;
+
+    #[test]
+    fn top_logprobs_keep_their_order_and_merge_equal_texts_by_the_best() {
+        let m = TopLogprobMap::from_ordered([
+            ("b".to_string(), -0.5),
+            ("a".to_string(), -1.0),
+            ("b".to_string(), -2.0),
+            ("c".to_string(), -3.0),
+        ]);
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"{"b":-0.5,"a":-1.0,"c":-3.0}"#);
+    }
 }

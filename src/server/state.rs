@@ -21,12 +21,15 @@ pub struct ModelBehaviour {
     /// Its reasoning parser, when it thinks in `<think>…</think>`.
     pub reasoning: Option<Reasoning>,
     pub sampling_defaults: SamplingDefaults,
+    /// What the model was loaded from (a folder or a hub id), as `/v1/models` shows it.
+    pub model_root: String,
 }
 
 pub struct AppState {
     pub engine: EngineHandle,
     pub reasoning: Option<Reasoning>,
     pub sampling_defaults: SamplingDefaults,
+    pub model_root: String,
     pub tokenizer: Arc<Tokenizer>,
     pub model_name: String,
     pub max_model_len: usize,
@@ -60,6 +63,7 @@ impl AppState {
         Self {
             reasoning: behaviour.reasoning,
             sampling_defaults: behaviour.sampling_defaults,
+            model_root: behaviour.model_root,
             max_model_len: limits.max_model_len,
             vocab_size: limits.vocab_size,
             engine,

@@ -39,15 +39,33 @@ pub struct Prepared {
     pub skip_special_tokens: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// Usage on every chunk (needs `include_usage`).
+    pub continuous_usage: bool,
+}
+
+/// What a request asks to see of the model's scores.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Scores {
+    /// Top-N logprobs of each generated token.
+    pub logprobs: Option<u32>,
+    /// Top-N logprobs of each prompt token (and the prompt token's own).
+    pub prompt_logprobs: Option<u32>,
+    /// `max_tokens: 0` is allowed: the prompt alone is wanted (completions' `echo`).
+    pub prompt_only: bool,
 }
 
 pub fn prepare(
     f: &SamplingFields,
     max_tokens: Option<u32>,
-    logprobs: Option<u32>,
+    scores: Scores,
     vocab_size: usize,
     defaults: &SamplingDefaults,
 ) -> Result<Prepared, ApiError> {
+    let Scores {
+        logprobs,
+        prompt_logprobs,
+        prompt_only,
+    } = scores;
     let n = f.n.unwrap_or(1);
     if n == 0 || n > MAX_N {
         return Err(ApiError::invalid(
@@ -55,11 +73,11 @@ pub fn prepare(
             Some("n"),
         ));
     }
-    if let Some(lp) = logprobs {
-        if lp > 20 {
+    for (field, v) in [("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)] {
+        if let Some(lp) = v.filter(|&lp| lp > 20) {
             return Err(ApiError::invalid(
-                format!("logprobs must be at most 20, got {lp}"),
-                Some("logprobs"),
+                format!("{field} must be at most 20, got {lp}"),
+                Some(field),
             ));
         }
     }
@@ -95,8 +113,10 @@ pub fn prepare(
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
         logit_bias,
-        seed: f.seed,
+        // The seed's bits: -1 and u64::MAX seed the same generator.
+        seed: f.seed.map(|s| s as u64),
         logprobs: logprobs.map(|l| l as usize),
+        prompt_logprobs: prompt_logprobs.map(|l| l as usize),
     };
     params
         .validate(vocab_size)
@@ -123,9 +143,9 @@ pub fn prepare(
         ));
     }
     let max_tokens = max_tokens.map(|m| m as usize);
-    if max_tokens == Some(0) {
+    if max_tokens == Some(0) && !prompt_only {
         return Err(ApiError::invalid(
-            "max_tokens must be at least 1",
+            "max_tokens must be at least 1 (0 only with echo, for the prompt alone)",
             Some("max_tokens"),
         ));
     }
@@ -150,6 +170,10 @@ pub fn prepare(
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
         stream: f.stream.unwrap_or(false),
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        continuous_usage: f
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage && o.continuous_usage_stats),
     })
 }
 

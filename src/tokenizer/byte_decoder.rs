@@ -131,6 +131,13 @@ impl ByteDecoder {
     pub fn is_on(&self) -> bool {
         self.on.load(Ordering::Relaxed)
     }
+
+    /// One id's own bytes (possibly part of a UTF-8 character); `None` beyond the table.
+    pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
+        let id = id as usize;
+        let (start, end) = (*self.offsets.get(id)?, *self.offsets.get(id + 1)?);
+        Some(&self.bytes[start as usize..end as usize])
+    }
 }
 
 /// GPT-2's byte-to-character map, inverted: printable Latin-1 bytes stand for themselves and

@@ -114,6 +114,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&serde_json::Value>,
     ) -> Result<String, TokenizerError> {
+        self.render_with(messages, add_generation_prompt, tools, None)
+    }
+
+    /// [`Self::render_serialized`] with extra template variables (a request's
+    /// `chat_template_kwargs`); the standard ones win over an extra of the same name.
+    pub fn render_with<M: Serialize + ?Sized>(
+        &self,
+        messages: &M,
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+        extra: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<String, TokenizerError> {
         let template = self.env.get_template(NAME)?;
         // transformers passes tools=None and documents=None explicitly, so templates
         // see them as defined-but-none ("tools is not none" is false).
@@ -124,6 +136,11 @@ impl ChatTemplate {
             eos_token => self.eos_token.clone(),
             tools => tools.map_or(Value::from(()), Value::from_serialize),
             documents => Value::from(()),
+        };
+        // Later maps win: the standard variables over the request's extras.
+        let ctx = match extra {
+            Some(extra) => minijinja::value::merge_maps([Value::from_serialize(extra), ctx]),
+            None => ctx,
         };
         Ok(template.render(ctx)?)
     }

@@ -41,6 +41,23 @@ pub enum TokenizerError {
     NoChatTemplate,
     #[error("chat template: {0}")]
     Template(#[from] minijinja::Error),
+    #[error(
+        "continue_final_message is set but the final message does not appear in the chat \
+         after applying the chat template"
+    )]
+    FinalMessageNotRendered,
+}
+
+/// How a chat is rendered, beyond its messages.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RenderArgs<'a> {
+    pub add_generation_prompt: bool,
+    /// End the text inside the last message, for the model to continue it (transformers'
+    /// `continue_final_message`).
+    pub continue_final_message: bool,
+    pub tools: Option<&'a Json>,
+    /// More variables for the template (`chat_template_kwargs`).
+    pub extra: Option<&'a serde_json::Map<String, Json>>,
 }
 
 /// One model's tokenizer. `Send + Sync`; share it in an `Arc`.
@@ -53,6 +70,8 @@ pub struct Tokenizer {
     chat_template: Option<ChatTemplate>,
     segments: Option<segment_cache::SegmentCache>,
     bytes: Option<byte_decoder::ByteDecoder>,
+    /// `tokenizer_config.json` as read (`null` without one), for `/tokenizer_info`.
+    config: Json,
 }
 
 impl Tokenizer {
@@ -115,6 +134,7 @@ impl Tokenizer {
         let segments = segment_cache::SegmentCache::new(&inner);
         let bytes = byte_decoder::ByteDecoder::new(&inner);
         Ok(Self {
+            config,
             segments,
             bytes,
             inner,
@@ -176,6 +196,24 @@ impl Tokenizer {
             .map_err(TokenizerError::Decode)
     }
 
+    /// One token's own bytes, as OpenAI's `logprobs.content[].bytes` gives them: for a
+    /// token that ends inside a UTF-8 character, the bytes it holds, not U+FFFD's.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(b) = self.bytes.as_ref().and_then(|t| t.token_bytes(id)) {
+            return b.to_vec();
+        }
+        // SentencePiece's byte fallback spells a lone byte `<0xAB>`.
+        if let Some(byte) = self
+            .id_to_token(id)
+            .as_deref()
+            .and_then(|t| t.strip_prefix("<0x")?.strip_suffix('>').map(str::to_owned))
+            .and_then(|hex| (hex.len() == 2).then(|| u8::from_str_radix(&hex, 16).ok())?)
+        {
+            return vec![byte];
+        }
+        self.decode(&[id], false).unwrap_or_default().into_bytes()
+    }
+
     /// Whether ids are decoded from a byte table rather than by `tokenizers` (see
     /// `byte_decoder`): true for byte-level BPE tokenizers until a check finds a difference.
     pub fn decodes_from_byte_table(&self) -> bool {
@@ -193,6 +231,11 @@ impl Tokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// `tokenizer_config.json` as read (`null` when the model has none).
+    pub fn config(&self) -> &Json {
+        &self.config
     }
 
     pub fn bos_token(&self) -> Option<&str> {
@@ -236,6 +279,35 @@ impl Tokenizer {
             .as_ref()
             .ok_or(TokenizerError::NoChatTemplate)?
             .render_serialized(messages, add_generation_prompt, tools)
+    }
+
+    /// Renders `messages` as `args` says. With `continue_final_message` the text is cut just
+    /// after the last message's content (as transformers cuts it), so the model goes on.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        args: RenderArgs<'_>,
+    ) -> Result<String, TokenizerError> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(TokenizerError::NoChatTemplate)?;
+        let mut text =
+            template.render_with(messages, args.add_generation_prompt, args.tools, args.extra)?;
+        if args.continue_final_message {
+            let last = messages.last().map_or("", |m| m.text());
+            let at = text
+                .rfind(last.trim())
+                .ok_or(TokenizerError::FinalMessageNotRendered)?;
+            let kept = last.trim_start();
+            let end = if text[at..].starts_with(kept) {
+                at + kept.len()
+            } else {
+                at + last.trim().len()
+            };
+            text.truncate(end);
+        }
+        Ok(text)
     }
 
     /// A streaming detokenizer for one generated sequence.

@@ -6,32 +6,37 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::Extension;
 use futures_util::stream;
 
 use crate::reasoning::{Effort, Reasoning};
 use crate::server::error::ApiError;
+use crate::server::fields::{self, Endpoint};
 use crate::server::output::{
     OutputEvent, OutputOptions, Outputs, PromptShape, TextPart, TokenLogprob,
 };
 use crate::server::protocol::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut,
-    ChatRequest, ChatResponse, ChatTokenLogprob, ChatTopLogprob, Content, ReasoningOut, Usage,
+    ChatRequest, ChatResponse, ChatTokenLogprob, ChatTopLogprob, Content, PromptLogprobs,
+    ReasoningOut, Usage,
 };
+use crate::server::request_log::{RequestId, RequestLogger};
+use crate::server::routes::completions::vllm_prompt_logprobs;
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, RenderArgs};
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 pub async fn chat_completions(
     State(st): State<Arc<AppState>>,
+    request_id: Option<Extension<RequestId>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let arrival = Instant::now();
     let id = st.next_id("chatcmpl");
-    let log = st.request_log;
-    match handle(st, body, arrival, id.clone()).await {
+    let log = st.request_log.for_request(request_id.map(|Extension(r)| r));
+    match handle(st, body, arrival, id.clone(), log.clone()).await {
         Ok(r) => r,
         Err(e) => {
             log.rejected(&id, &e);
@@ -168,10 +173,29 @@ async fn handle(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     arrival: Instant,
     id: String,
+    log: RequestLogger,
 ) -> Result<Response, ApiError> {
     let body = json::body(body)?;
     let req: ChatRequest = json::parse(&body)?;
     st.check_model(req.model.as_deref())?;
+    fields::check(&req.other, Endpoint::Chat)?;
+    // `fields` refuses any tool_choice but "none"; with tools, its default is "auto".
+    let tool_choice = req.other.get("tool_choice").filter(|v| !v.is_null());
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) && tool_choice.is_none() {
+        return Err(ApiError::invalid(
+            "tools is not supported yet with tool_choice \"auto\" (the default): tool calls \
+             are not parsed; send tool_choice \"none\" to show the tools to the model",
+            Some("tools"),
+        ));
+    }
+    let continue_final = req.continue_final_message.unwrap_or(false);
+    let add_generation_prompt = req.add_generation_prompt.unwrap_or(!continue_final);
+    if continue_final && add_generation_prompt {
+        return Err(ApiError::invalid(
+            "continue_final_message and add_generation_prompt cannot both be true",
+            Some("continue_final_message"),
+        ));
+    }
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top = if want_logprobs {
         Some(req.top_logprobs.unwrap_or(0))
@@ -187,7 +211,11 @@ async fn handle(
     let prepared = validate::prepare(
         &req.sampling,
         max_tokens,
-        top,
+        validate::Scores {
+            logprobs: top,
+            prompt_logprobs: req.prompt_logprobs,
+            prompt_only: false,
+        },
         st.vocab_size,
         &st.sampling_defaults,
     )
@@ -199,9 +227,10 @@ async fn handle(
         (true, Some(last)) if last.role == "assistant" => last.text().to_string(),
         _ => String::new(),
     };
-    let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
     let tokenizer = st.tokenizer.clone();
     let tools = template_tools(&req.tools);
+    let extra = req.chat_template_kwargs.clone();
+    let add_special = req.add_special_tokens.unwrap_or(false);
     // Each message also costs the template's text around it: many empty messages are not
     // small work.
     let text_bytes = messages.iter().map(|m| m.text().len() + 64).sum::<usize>()
@@ -209,13 +238,17 @@ async fn handle(
     let mut ids = st
         .preprocess
         .run_sized(text_bytes, move || {
-            let text = tokenizer.apply_chat_template_with_tools(
+            let text = tokenizer.render_chat(
                 &messages,
-                add_generation_prompt,
-                tools.as_ref(),
+                RenderArgs {
+                    add_generation_prompt,
+                    continue_final_message: continue_final,
+                    tools: tools.as_ref(),
+                    extra: extra.as_ref(),
+                },
             )?;
             // Templates emit BOS themselves, as transformers' apply_chat_template assumes.
-            tokenizer.encode(&text, false)
+            tokenizer.encode(&text, add_special)
         })
         .await?
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
@@ -235,6 +268,7 @@ async fn handle(
     let shown = Shown {
         reasoning: plan.is_some(),
         include_reasoning,
+        prompt_logprobs: req.prompt_logprobs,
     };
     let shape = PromptShape {
         tokens: prompt_len,
@@ -262,22 +296,33 @@ async fn handle(
             id,
             outputs,
             echo_text,
-            prepared.include_usage,
-            arrival,
+            (prepared.include_usage, prepared.continuous_usage),
+            (arrival, log),
             shown,
         ))
     } else {
-        collect(st, id, outputs, echo_text, want_logprobs, arrival, shown).await
+        collect(
+            st,
+            (id, log),
+            outputs,
+            echo_text,
+            want_logprobs,
+            arrival,
+            shown,
+        )
+        .await
     }
 }
 
-/// What a response shows of a reasoning model's output.
+/// What a response shows besides the answer's text.
 #[derive(Clone, Copy, Debug)]
 struct Shown {
     /// The model has a reasoning parser: the output is split.
     reasoning: bool,
     /// The reasoning part is sent (`include_reasoning`, default true).
     include_reasoning: bool,
+    /// vLLM's `prompt_logprobs`: the top N of each prompt position.
+    prompt_logprobs: Option<u32>,
 }
 
 impl Shown {
@@ -290,16 +335,16 @@ fn chat_logprobs(entries: &[TokenLogprob]) -> Vec<ChatTokenLogprob> {
     entries
         .iter()
         .map(|e| ChatTokenLogprob {
-            token: e.token.clone(),
-            logprob: e.logprob,
-            bytes: e.token.as_bytes().to_vec(),
+            token: e.token.text.clone(),
+            logprob: e.logprob.unwrap_or(f32::NEG_INFINITY),
+            bytes: e.token.bytes.clone(),
             top_logprobs: e
                 .top
                 .iter()
                 .map(|(t, l)| ChatTopLogprob {
-                    token: t.clone(),
+                    token: t.text.clone(),
                     logprob: *l,
-                    bytes: t.as_bytes().to_vec(),
+                    bytes: t.bytes.clone(),
                 })
                 .collect(),
         })
@@ -308,7 +353,7 @@ fn chat_logprobs(entries: &[TokenLogprob]) -> Vec<ChatTokenLogprob> {
 
 async fn collect(
     st: Arc<AppState>,
-    id: String,
+    (id, log): (String, RequestLogger),
     mut outputs: Outputs,
     echo: String,
     want_logprobs: bool,
@@ -316,6 +361,7 @@ async fn collect(
     shown: Shown,
 ) -> Result<Response, ApiError> {
     let k = outputs.num_choices();
+    let mut prompt_logprobs = None;
     let mut texts = vec![echo; k];
     let mut thoughts = vec![String::new(); k];
     let mut logprobs: Vec<Vec<ChatTokenLogprob>> = vec![Vec::new(); k];
@@ -335,6 +381,11 @@ async fn collect(
                 logprobs[index].extend(chat_logprobs(&lp));
             }
             OutputEvent::Finished { index, reason } => reasons[index] = Some(reason),
+            OutputEvent::Prompt { tokens, .. } => {
+                prompt_logprobs = shown
+                    .prompt_logprobs
+                    .map(|k| vllm_prompt_logprobs(&tokens, k as usize));
+            }
         }
     }
     let choices = texts
@@ -357,21 +408,21 @@ async fn collect(
             finish_reason: reasons[index],
         })
         .collect();
-    st.request_log
-        .finished(&id, &outputs, arrival, &st.model_name);
-    Ok(Json(ChatResponse {
+    log.finished(&id, &outputs, arrival, &st.model_name);
+    Ok(json::response(&ChatResponse {
         id,
         object: "chat.completion",
         created: unix_now(),
         model: st.model_name.clone(),
         choices,
         usage: outputs.usage,
-    })
-    .into_response())
+        prompt_logprobs,
+    }))
 }
 
 struct StreamState {
     st: Arc<AppState>,
+    log: RequestLogger,
     id: String,
     created: u64,
     outputs: Outputs,
@@ -379,6 +430,8 @@ struct StreamState {
     /// Choices whose first chunk (with the role) has been sent.
     started: usize,
     include_usage: bool,
+    /// Usage so far on every chunk.
+    continuous_usage: bool,
     finished: bool,
     arrival: Instant,
     shown: Shown,
@@ -386,6 +439,15 @@ struct StreamState {
 
 impl StreamState {
     fn chunk(&self, choice: Option<ChatChunkChoice>, usage: Option<Option<Usage>>) -> Bytes {
+        self.chunk_with(choice, usage, None)
+    }
+
+    fn chunk_with(
+        &self,
+        choice: Option<ChatChunkChoice>,
+        usage: Option<Option<Usage>>,
+        prompt_logprobs: Option<PromptLogprobs>,
+    ) -> Bytes {
         let c = ChatChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -393,12 +455,17 @@ impl StreamState {
             model: self.st.model_name.clone(),
             choices: choice.into_iter().collect(),
             usage,
+            prompt_logprobs,
         };
-        sse::event(&serde_json::to_string(&c).unwrap_or_default())
+        sse::event(&json::to_string(&c))
     }
 
     fn usage_slot(&self) -> Option<Option<Usage>> {
-        self.include_usage.then_some(None)
+        match (self.include_usage, self.continuous_usage) {
+            (false, _) => None,
+            (true, false) => Some(None),
+            (true, true) => Some(Some(self.outputs.usage)),
+        }
     }
 
     async fn next_bytes(&mut self) -> Option<Bytes> {
@@ -455,6 +522,13 @@ impl StreamState {
                     };
                     Some(self.chunk(Some(choice), self.usage_slot()))
                 }
+                Some(Ok(OutputEvent::Prompt { tokens, .. })) => {
+                    let Some(k) = self.shown.prompt_logprobs else {
+                        continue;
+                    };
+                    let lp = vllm_prompt_logprobs(&tokens, k as usize);
+                    Some(self.chunk_with(None, self.usage_slot(), Some(lp)))
+                }
                 Some(Ok(OutputEvent::Finished { index, reason })) => {
                     let choice = ChatChunkChoice {
                         index,
@@ -466,17 +540,13 @@ impl StreamState {
                 }
                 Some(Err(e)) => {
                     self.finished = true;
-                    self.st.request_log.rejected(&self.id, &e);
+                    self.log.rejected(&self.id, &e);
                     Some(sse::error_then_done(&e.to_json()))
                 }
                 None => {
                     self.finished = true;
-                    self.st.request_log.finished(
-                        &self.id,
-                        &self.outputs,
-                        self.arrival,
-                        &self.st.model_name,
-                    );
+                    self.log
+                        .finished(&self.id, &self.outputs, self.arrival, &self.st.model_name);
                     let usage = self
                         .include_usage
                         .then(|| self.chunk(None, Some(Some(self.outputs.usage))));
@@ -492,18 +562,20 @@ fn stream_response(
     id: String,
     outputs: Outputs,
     echo: String,
-    include_usage: bool,
-    arrival: Instant,
+    (include_usage, continuous_usage): (bool, bool),
+    (arrival, log): (Instant, RequestLogger),
     shown: Shown,
 ) -> Response {
     let state = StreamState {
         st,
+        log,
         id,
         created: unix_now(),
         outputs,
         echo,
         started: 0,
         include_usage,
+        continuous_usage,
         finished: false,
         arrival,
         shown,

@@ -1,20 +1,23 @@
 //! `POST /v1/completions`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::Extension;
 use futures_util::stream;
 
 use crate::server::error::ApiError;
+use crate::server::fields::{self, Endpoint};
 use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TokenLogprob};
 use crate::server::protocol::{
     CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse,
-    Prompt,
+    Prompt, PromptLogprobEntry, PromptLogprobMap, PromptLogprobs, TopLogprobMap, Usage,
 };
+use crate::server::request_log::{RequestId, RequestLogger};
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
 
@@ -28,12 +31,13 @@ enum PromptIn {
 
 pub async fn completions(
     State(st): State<Arc<AppState>>,
+    request_id: Option<Extension<RequestId>>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let arrival = Instant::now();
     let id = st.next_id("cmpl");
-    let log = st.request_log;
-    match handle(st, body, arrival, id.clone()).await {
+    let log = st.request_log.for_request(request_id.map(|Extension(r)| r));
+    match handle(st, body, arrival, id.clone(), log.clone()).await {
         Ok(r) => r,
         Err(e) => {
             log.rejected(&id, &e);
@@ -47,17 +51,61 @@ async fn handle(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
     arrival: Instant,
     id: String,
+    log: RequestLogger,
 ) -> Result<Response, ApiError> {
     let body = json::body(body)?;
     let req: CompletionRequest = json::parse(&body)?;
     st.check_model(req.model.as_deref())?;
+    fields::check(&req.other, Endpoint::Completions)?;
+    let echo = req.echo.unwrap_or(false);
+    let n = req.sampling.n.unwrap_or(1);
+    let best_of = req.best_of.unwrap_or(n);
+    if req.best_of.is_some() && (best_of < n || best_of > validate::MAX_N) {
+        return Err(ApiError::invalid(
+            format!(
+                "best_of must be between n ({n}) and {}, got {best_of}",
+                validate::MAX_N
+            ),
+            Some("best_of"),
+        ));
+    }
+    let stream = req.sampling.stream.unwrap_or(false);
+    if stream && best_of != n {
+        return Err(ApiError::invalid(
+            "best_of must equal n when streaming (the best are known only at the end)",
+            Some("best_of"),
+        ));
+    }
+    let shown = Shown {
+        logprobs: req.logprobs,
+        echo,
+        prompt_logprobs: req.prompt_logprobs,
+    };
+    // Ranking by cumulative logprob needs every token's logprob, shown or not.
+    let engine_logprobs = if best_of > n {
+        Some(req.logprobs.unwrap_or(0))
+    } else {
+        req.logprobs
+    };
+    let mut sampling = req.sampling.clone();
+    sampling.n = Some(best_of);
     let prepared = validate::prepare(
-        &req.sampling,
+        &sampling,
         Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-        req.logprobs,
+        validate::Scores {
+            logprobs: engine_logprobs,
+            prompt_logprobs: shown.prompt_scores(),
+            prompt_only: echo,
+        },
         st.vocab_size,
         &st.sampling_defaults,
-    )?;
+    )
+    .map_err(|mut e| {
+        if best_of != n && e.param.as_deref() == Some("n") {
+            e.param = Some("best_of".into());
+        }
+        e
+    })?;
     let prompts: Vec<PromptIn> = match req.prompt {
         Prompt::Text(s) => vec![PromptIn::Text(s)],
         Prompt::Texts(v) => v.into_iter().map(PromptIn::Text).collect(),
@@ -70,7 +118,7 @@ async fn handle(
             Some("prompt"),
         ));
     }
-    let echo = req.echo.unwrap_or(false);
+    let add_special = req.add_special_tokens.unwrap_or(true);
     let tokenizer = st.tokenizer.clone();
     let text_bytes = prompts
         .iter()
@@ -86,7 +134,7 @@ async fn handle(
                 .into_iter()
                 .map(|p| match p {
                     PromptIn::Text(s) => {
-                        let ids = tokenizer.encode(&s, true)?;
+                        let ids = tokenizer.encode(&s, add_special)?;
                         Ok((ids, if echo { s } else { String::new() }))
                     }
                     PromptIn::Ids(ids) => {
@@ -120,7 +168,6 @@ async fn handle(
         );
         echoes.push(text);
     }
-    let n = prepared.n;
     let outputs = Outputs::new(
         streams,
         &shapes,
@@ -128,8 +175,8 @@ async fn handle(
         OutputOptions {
             stops: prepared.stop_strings.clone(),
             skip_special_tokens: prepared.skip_special_tokens,
-            logprobs: req.logprobs.is_some(),
-            n,
+            logprobs: engine_logprobs.is_some(),
+            n: best_of as usize,
             metrics: st.metrics.clone(),
             arrival,
             // Completions are raw text: the reasoning stays in it.
@@ -137,143 +184,303 @@ async fn handle(
         },
         permit,
     );
-    let echo_of = move |index: usize| echoes[index / n].clone();
+    let reply = Reply {
+        st,
+        log,
+        id,
+        created: unix_now(),
+        arrival,
+        shown,
+        echoes,
+        per_prompt: best_of as usize,
+    };
     if prepared.stream {
         Ok(stream_response(
-            st,
-            id,
+            reply,
             outputs,
-            echo_of,
             prepared.include_usage,
-            arrival,
+            prepared.continuous_usage,
         ))
     } else {
-        collect(st, id, outputs, echo_of, req.logprobs.is_some(), arrival).await
+        reply.collect(outputs, n as usize).await
     }
 }
 
-fn completion_logprobs(entries: &[TokenLogprob], offset: &mut usize) -> CompletionLogprobs {
+/// What the request asked to see besides the text.
+#[derive(Clone, Copy, Debug)]
+struct Shown {
+    logprobs: Option<u32>,
+    echo: bool,
+    prompt_logprobs: Option<u32>,
+}
+
+impl Shown {
+    /// The prompt's logprobs are shown with the echoed prompt.
+    fn echoes_scores(self) -> bool {
+        self.echo && self.logprobs.is_some()
+    }
+
+    /// How many top logprobs each prompt position needs, when the prompt is scored.
+    fn prompt_scores(self) -> Option<u32> {
+        let echoed = self.echoes_scores().then_some(self.logprobs).flatten();
+        echoed.max(self.prompt_logprobs)
+    }
+}
+
+/// Generated or echoed tokens in completions' shape. `base` is the characters of the
+/// choice's text before the first of them (the echoed prompt, for generated tokens). The
+/// top logprobs hold the `k` best and the token itself where it is not among them (OpenAI:
+/// up to `logprobs + 1`).
+fn completion_logprobs(entries: &[TokenLogprob], k: usize, base: usize) -> CompletionLogprobs {
     let mut lp = CompletionLogprobs::default();
     for e in entries {
-        lp.tokens.push(e.token.clone());
+        lp.tokens.push(e.token.text.clone());
         lp.token_logprobs.push(e.logprob);
-        lp.top_logprobs.push(e.top.iter().cloned().collect());
-        lp.text_offset.push(*offset);
-        *offset += e.token.len();
+        lp.top_logprobs.push(e.logprob.map(|own| {
+            let mut top: Vec<(String, f32)> = e
+                .top
+                .iter()
+                .take(k)
+                .map(|(t, l)| (t.text.clone(), *l))
+                .collect();
+            if !e.top.iter().take(k).any(|(t, _)| t.id == e.token.id) {
+                let at = top.partition_point(|&(_, l)| l >= own);
+                top.insert(at, (e.token.text.clone(), own));
+            }
+            TopLogprobMap::from_ordered(top)
+        }));
+        lp.text_offset.push(base + e.offset);
     }
     lp
 }
 
-async fn collect(
-    st: Arc<AppState>,
-    id: String,
-    mut outputs: Outputs,
-    echo_of: impl Fn(usize) -> String,
-    want_logprobs: bool,
-    arrival: Instant,
-) -> Result<Response, ApiError> {
-    let k = outputs.num_choices();
-    let mut texts: Vec<String> = (0..k).map(&echo_of).collect();
-    let mut offsets: Vec<usize> = texts.iter().map(String::len).collect();
-    let mut logprobs: Vec<CompletionLogprobs> = vec![CompletionLogprobs::default(); k];
-    let mut reasons: Vec<Option<&'static str>> = vec![None; k];
-    while let Some(ev) = outputs.next().await {
-        match ev? {
-            OutputEvent::Text {
-                index,
-                text,
-                logprobs: lp,
-                ..
-            } => {
-                if want_logprobs {
-                    let part = completion_logprobs(&lp, &mut offsets[index]);
-                    let all = &mut logprobs[index];
-                    all.tokens.extend(part.tokens);
-                    all.token_logprobs.extend(part.token_logprobs);
-                    all.top_logprobs.extend(part.top_logprobs);
-                    all.text_offset.extend(part.text_offset);
+/// vLLM's `prompt_logprobs` for one prompt: each position's own token and the top `k`.
+pub(crate) fn vllm_prompt_logprobs(tokens: &[TokenLogprob], k: usize) -> PromptLogprobs {
+    tokens
+        .iter()
+        .map(|e| {
+            let own = e.logprob?;
+            let mut map: Vec<(u32, PromptLogprobEntry)> = vec![(
+                e.token.id,
+                PromptLogprobEntry {
+                    logprob: own,
+                    rank: e.rank.unwrap_or(1),
+                    decoded_token: e.token.text.clone(),
+                },
+            )];
+            for (rank, (t, l)) in e.top.iter().take(k).enumerate() {
+                if t.id != e.token.id {
+                    map.push((
+                        t.id,
+                        PromptLogprobEntry {
+                            logprob: *l,
+                            rank: rank as u32 + 1,
+                            decoded_token: t.text.clone(),
+                        },
+                    ));
                 }
-                texts[index].push_str(&text);
             }
-            OutputEvent::Finished { index, reason } => reasons[index] = Some(reason),
-        }
-    }
-    let choices = texts
-        .into_iter()
-        .zip(logprobs)
-        .enumerate()
-        .map(|(index, (text, lp))| CompletionChoice {
-            index,
-            text,
-            logprobs: want_logprobs.then_some(lp),
-            finish_reason: reasons[index],
+            Some(PromptLogprobMap(map))
         })
-        .collect();
-    st.request_log
-        .finished(&id, &outputs, arrival, &st.model_name);
-    Ok(Json(CompletionResponse {
-        id,
-        object: "text_completion",
-        created: unix_now(),
-        model: st.model_name.clone(),
-        choices,
-        usage: Some(outputs.usage),
-    })
-    .into_response())
+        .collect()
 }
 
-struct StreamState<F> {
+/// One choice as it is being collected.
+#[derive(Default)]
+struct ChoiceOut {
+    text: String,
+    logprobs: CompletionLogprobs,
+    prompt_logprobs: Option<PromptLogprobs>,
+    finish_reason: Option<&'static str>,
+    /// Sum of its generated tokens' logprobs (for `best_of`).
+    cumulative: f64,
+}
+
+/// The response being built, for either way of sending it.
+struct Reply {
     st: Arc<AppState>,
+    log: RequestLogger,
     id: String,
-    outputs: Outputs,
-    echo_of: F,
-    echoed: usize,
-    include_usage: bool,
-    offsets: Vec<usize>,
-    finished: bool,
+    /// The same in every chunk of a stream.
+    created: u64,
     arrival: Instant,
+    shown: Shown,
+    /// Per prompt, the text echoed (empty without `echo`).
+    echoes: Vec<String>,
+    /// Choices the engine runs per prompt (`best_of`).
+    per_prompt: usize,
 }
 
-impl<F: Fn(usize) -> String> StreamState<F> {
-    fn chunk(
+impl Reply {
+    fn echo_of(&self, index: usize) -> &str {
+        self.echoes
+            .get(index / self.per_prompt)
+            .map_or("", String::as_str)
+    }
+
+    fn echo_chars(&self, index: usize) -> usize {
+        self.echo_of(index).chars().count()
+    }
+
+    /// What a scored prompt adds to each of its choices: the echoed tokens' logprobs and
+    /// vLLM's `prompt_logprobs`.
+    fn prompt_parts(
         &self,
-        choices: Vec<CompletionChoice>,
-        usage: Option<Option<crate::server::protocol::Usage>>,
-    ) -> Bytes {
-        let c = CompletionChunk {
-            id: self.id.clone(),
+        tokens: &[TokenLogprob],
+    ) -> (Option<CompletionLogprobs>, Option<PromptLogprobs>) {
+        let echoed = self
+            .shown
+            .echoes_scores()
+            .then(|| completion_logprobs(tokens, self.shown.logprobs.unwrap_or(0) as usize, 0));
+        let vllm = self
+            .shown
+            .prompt_logprobs
+            .map(|k| vllm_prompt_logprobs(tokens, k as usize));
+        (echoed, vllm)
+    }
+
+    async fn collect(self, mut outputs: Outputs, n: usize) -> Result<Response, ApiError> {
+        let k = outputs.num_choices();
+        let mut choices: Vec<ChoiceOut> = (0..k)
+            .map(|i| ChoiceOut {
+                text: self.echo_of(i).to_string(),
+                ..ChoiceOut::default()
+            })
+            .collect();
+        let top = self.shown.logprobs.unwrap_or(0) as usize;
+        while let Some(ev) = outputs.next().await {
+            match ev? {
+                OutputEvent::Text {
+                    index,
+                    text,
+                    logprobs: lp,
+                    ..
+                } => {
+                    let base = self.echo_chars(index);
+                    let c = &mut choices[index];
+                    c.cumulative += lp
+                        .iter()
+                        .filter_map(|e| e.logprob)
+                        .map(f64::from)
+                        .sum::<f64>();
+                    if self.shown.logprobs.is_some() {
+                        c.logprobs.extend(completion_logprobs(&lp, top, base));
+                    }
+                    c.text.push_str(&text);
+                }
+                OutputEvent::Finished { index, reason } => {
+                    choices[index].finish_reason = Some(reason)
+                }
+                OutputEvent::Prompt { prompt, tokens } => {
+                    let (echoed, vllm) = self.prompt_parts(&tokens);
+                    let from = prompt * self.per_prompt;
+                    for c in choices.iter_mut().skip(from).take(self.per_prompt) {
+                        if let Some(e) = &echoed {
+                            let generated = std::mem::take(&mut c.logprobs);
+                            c.logprobs = e.clone();
+                            c.logprobs.extend(generated);
+                        }
+                        c.prompt_logprobs = vllm.clone();
+                    }
+                }
+            }
+        }
+        let mut kept = Vec::with_capacity(k / self.per_prompt.max(1) * n);
+        let mut rest = choices.into_iter();
+        for _ in 0..k / self.per_prompt.max(1) {
+            let mut group: Vec<ChoiceOut> = rest.by_ref().take(self.per_prompt).collect();
+            if group.len() > n {
+                // vLLM's best_of: the highest cumulative logprob first.
+                group.sort_by(|a, b| b.cumulative.total_cmp(&a.cumulative));
+                group.truncate(n);
+            }
+            kept.extend(group);
+        }
+        let choices = kept
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| CompletionChoice {
+                index,
+                text: c.text,
+                logprobs: self.shown.logprobs.map(|_| c.logprobs),
+                finish_reason: c.finish_reason,
+                prompt_logprobs: c.prompt_logprobs,
+            })
+            .collect();
+        self.log
+            .finished(&self.id, &outputs, self.arrival, &self.st.model_name);
+        Ok(json::response(&CompletionResponse {
+            id: self.id,
             object: "text_completion",
-            created: unix_now(),
+            created: self.created,
             model: self.st.model_name.clone(),
             choices,
+            usage: Some(outputs.usage),
+        }))
+    }
+}
+
+struct StreamState {
+    reply: Reply,
+    outputs: Outputs,
+    /// Chunks ready to go before the next event is awaited.
+    queued: VecDeque<Bytes>,
+    /// Choices whose echo has been sent (in order), when the echo does not wait for scores.
+    echoed: usize,
+    include_usage: bool,
+    continuous_usage: bool,
+    finished: bool,
+}
+
+impl StreamState {
+    fn chunk(&self, choice: Option<CompletionChoice>, usage: Option<Option<Usage>>) -> Bytes {
+        let c = CompletionChunk {
+            id: self.reply.id.clone(),
+            object: "text_completion",
+            created: self.reply.created,
+            model: self.reply.st.model_name.clone(),
+            choices: choice.into_iter().collect(),
             usage,
         };
-        sse::event(&serde_json::to_string(&c).unwrap_or_default())
+        sse::event(&json::to_string(&c))
     }
 
-    fn usage_slot(&self) -> Option<Option<crate::server::protocol::Usage>> {
-        self.include_usage.then_some(None)
+    fn choice_chunk(&self, choice: CompletionChoice) -> Bytes {
+        let usage = match (self.include_usage, self.continuous_usage) {
+            (false, _) => None,
+            (true, false) => Some(None),
+            (true, true) => Some(Some(self.outputs.usage)),
+        };
+        self.chunk(Some(choice), usage)
+    }
+
+    /// A scored prompt's echo waits for its scores; any other echo goes out first.
+    fn echo_waits(&self) -> bool {
+        self.reply.shown.prompt_scores().is_some()
     }
 
     async fn next_bytes(&mut self) -> Option<Bytes> {
+        if let Some(b) = self.queued.pop_front() {
+            return Some(b);
+        }
         if self.finished {
             return None;
         }
-        if self.echoed < self.outputs.num_choices() {
+        while !self.echo_waits() && self.echoed < self.outputs.num_choices() {
             let index = self.echoed;
             self.echoed += 1;
-            let text = (self.echo_of)(index);
+            let text = self.reply.echo_of(index).to_string();
             if !text.is_empty() {
-                self.offsets[index] = text.len();
-                let choice = CompletionChoice {
+                return Some(self.choice_chunk(CompletionChoice {
                     index,
                     text,
                     logprobs: None,
                     finish_reason: None,
-                };
-                return Some(self.chunk(vec![choice], self.usage_slot()));
+                    prompt_logprobs: None,
+                }));
             }
         }
+        let top = self.reply.shown.logprobs.unwrap_or(0) as usize;
         match self.outputs.next().await {
             Some(Ok(OutputEvent::Text {
                 index,
@@ -281,41 +488,53 @@ impl<F: Fn(usize) -> String> StreamState<F> {
                 logprobs,
                 ..
             })) => {
-                let lp = (!logprobs.is_empty())
-                    .then(|| completion_logprobs(&logprobs, &mut self.offsets[index]));
-                let choice = CompletionChoice {
+                let lp = (self.reply.shown.logprobs.is_some() && !logprobs.is_empty())
+                    .then(|| completion_logprobs(&logprobs, top, self.reply.echo_chars(index)));
+                Some(self.choice_chunk(CompletionChoice {
                     index,
                     text,
                     logprobs: lp,
                     finish_reason: None,
-                };
-                Some(self.chunk(vec![choice], self.usage_slot()))
+                    prompt_logprobs: None,
+                }))
+            }
+            Some(Ok(OutputEvent::Prompt { prompt, tokens })) => {
+                let (echoed, vllm) = self.reply.prompt_parts(&tokens);
+                let per = self.reply.per_prompt;
+                for index in prompt * per..(prompt + 1) * per {
+                    let chunk = self.choice_chunk(CompletionChoice {
+                        index,
+                        text: self.reply.echo_of(index).to_string(),
+                        logprobs: echoed.clone(),
+                        finish_reason: None,
+                        prompt_logprobs: vllm.clone(),
+                    });
+                    self.queued.push_back(chunk);
+                }
+                self.queued.pop_front()
             }
             Some(Ok(OutputEvent::Finished { index, reason })) => {
-                let choice = CompletionChoice {
+                Some(self.choice_chunk(CompletionChoice {
                     index,
                     text: String::new(),
                     logprobs: None,
                     finish_reason: Some(reason),
-                };
-                Some(self.chunk(vec![choice], self.usage_slot()))
+                    prompt_logprobs: None,
+                }))
             }
             Some(Err(e)) => {
                 self.finished = true;
-                self.st.request_log.rejected(&self.id, &e);
+                self.reply.log.rejected(&self.reply.id, &e);
                 Some(sse::error_then_done(&e.to_json()))
             }
             None => {
                 self.finished = true;
-                self.st.request_log.finished(
-                    &self.id,
-                    &self.outputs,
-                    self.arrival,
-                    &self.st.model_name,
-                );
+                let r = &self.reply;
+                r.log
+                    .finished(&r.id, &self.outputs, r.arrival, &r.st.model_name);
                 let usage = self
                     .include_usage
-                    .then(|| self.chunk(vec![], Some(Some(self.outputs.usage))));
+                    .then(|| self.chunk(None, Some(Some(self.outputs.usage))));
                 Some(sse::finish(usage))
             }
         }
@@ -323,23 +542,19 @@ impl<F: Fn(usize) -> String> StreamState<F> {
 }
 
 fn stream_response(
-    st: Arc<AppState>,
-    id: String,
+    reply: Reply,
     outputs: Outputs,
-    echo_of: impl Fn(usize) -> String + Send + 'static,
     include_usage: bool,
-    arrival: Instant,
+    continuous_usage: bool,
 ) -> Response {
     let state = StreamState {
-        st,
-        id,
-        offsets: vec![0; outputs.num_choices()],
+        reply,
         outputs,
-        echo_of,
+        queued: VecDeque::new(),
         echoed: 0,
         include_usage,
+        continuous_usage,
         finished: false,
-        arrival,
     };
     sse::response(stream::unfold(state, |mut s| async move {
         s.next_bytes().await.map(|b| (b, s))

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 
 use super::chat::{template_tools, to_template_messages};
 use crate::server::error::ApiError;
@@ -62,12 +61,11 @@ async fn tokenize_inner(
         }
     }
     .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-    Ok(Json(TokenizeResponse {
+    Ok(json::response(&TokenizeResponse {
         count: tokens.len(),
         max_model_len: st.max_model_len,
         tokens,
-    })
-    .into_response())
+    }))
 }
 
 pub async fn detokenize(
@@ -94,7 +92,7 @@ pub async fn detokenize(
             .run(size, move || tokenizer.decode(&req.tokens, false))
             .await?
             .map_err(|e| ApiError::invalid(e.to_string(), Some("tokens")))?;
-        Ok(Json(DetokenizeResponse { prompt }).into_response())
+        Ok(json::response(&DetokenizeResponse { prompt }))
     };
     run.await.unwrap_or_else(|e: ApiError| e.into_response())
 }
