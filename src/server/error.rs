@@ -143,7 +143,7 @@ impl ApiError {
 
     /// The JSON body alone (also the payload of an error event inside a stream).
     pub fn to_json(&self) -> String {
-        serde_json::to_string(&Envelope {
+        super::json::to_string(&Envelope {
             error: Body {
                 message: &self.message,
                 kind: self.kind,
@@ -151,7 +151,6 @@ impl ApiError {
                 code: self.code,
             },
         })
-        .unwrap_or_else(|_| "{\"error\":{\"message\":\"error\",\"type\":\"server_error\",\"param\":null,\"code\":null}}".into())
     }
 }
 

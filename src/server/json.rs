@@ -1,11 +1,45 @@
 //! Request bodies parsed so that a wrong type is a 400 naming the field, as OpenAI answers,
-//! and malformed JSON a 400 saying where it broke.
+//! and malformed JSON a 400 saying where it broke; response bodies written so that no reader
+//! that splits lines on Unicode's separators can break one.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+
+/// Characters that JSON allows raw in strings but that line-oriented readers (Python's
+/// `str.splitlines`, httpx's `aiter_lines`) take for line breaks, splitting an SSE event.
+const LINE_BREAKERS: [(char, &str); 3] = [
+    ('\u{2028}', "\\u2028"),
+    ('\u{2029}', "\\u2029"),
+    ('\u{85}', "\\u0085"),
+];
+
+/// `value` as JSON with U+2028, U+2029 and U+0085 escaped. They can only occur inside
+/// strings, where the escape means the same character, so a plain replace is exact.
+pub fn to_string<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    let mut s = serde_json::to_string(value).unwrap_or_default();
+    // All three start with a byte of 0xC2 or 0xE2: most texts skip the replacing entirely.
+    if s.bytes().any(|b| b == 0xC2 || b == 0xE2) {
+        for (c, escaped) in LINE_BREAKERS {
+            if s.contains(c) {
+                s = s.replace(c, escaped);
+            }
+        }
+    }
+    s
+}
+
+/// A 200 with `value` as its JSON body, written by [`to_string`].
+pub fn response<T: serde::Serialize + ?Sized>(value: &T) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        to_string(value),
+    )
+        .into_response()
+}
 
 /// The body, or the OpenAI-shaped error for one that could not be read (413 when over the
 /// size limit).
@@ -134,5 +168,18 @@ mod tests {
         assert_eq!(err.param.as_deref(), Some("prompt"), "{}", err.message);
         let err = parse::<CompletionRequest>(&Bytes::from_static(b"{\"model\":")).unwrap_err();
         assert!(err.message.contains("parse"), "{}", err.message);
+    }
+}
+
+#[cfg(test)]
+mod line_breaker_tests {
+    #[test]
+    fn unicode_line_separators_are_escaped_and_mean_the_same() {
+        let text = "a\u{2028}b\u{2029}c\u{85}d é";
+        let out = super::to_string(&serde_json::json!({ "t": text }));
+        assert!(!out.contains('\u{2028}') && !out.contains('\u{2029}') && !out.contains('\u{85}'));
+        assert!(out.contains("\\u2028") && out.contains("\\u0085"));
+        let back: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(back["t"], text);
     }
 }

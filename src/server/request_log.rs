@@ -3,6 +3,7 @@
 //! requests a second make the lines cost more than they tell (~7% of the daemon's CPU in the
 //! customer-service benchmark). Metrics count every request either way.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::error::ApiError;
@@ -14,21 +15,44 @@ pub struct RequestLog {
     pub enabled: bool,
 }
 
-impl RequestLog {
-    pub fn finished(self, id: &str, outputs: &Outputs, arrival: Instant, model: &str) {
-        if self.enabled {
-            finished(id, outputs, arrival, model);
-        }
-    }
+/// The request's `x-request-id` (the client's, or one made up), which the HTTP layer puts in
+/// the request's extensions and echoes in the response, so nginx's log joins ours.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub Arc<str>);
 
-    pub fn rejected(self, id: &str, e: &ApiError) {
-        if self.enabled {
-            rejected(id, e);
+impl RequestLog {
+    /// The logger for one request.
+    pub fn for_request(self, request_id: Option<RequestId>) -> RequestLogger {
+        RequestLogger {
+            enabled: self.enabled,
+            request_id: request_id.map_or_else(|| Arc::from(""), |r| r.0),
         }
     }
 }
 
-fn finished(id: &str, outputs: &Outputs, arrival: Instant, model: &str) {
+/// Logs one request's outcome, under its `request_id` (the header's) and `id` (the
+/// response's).
+#[derive(Clone, Debug)]
+pub struct RequestLogger {
+    enabled: bool,
+    request_id: Arc<str>,
+}
+
+impl RequestLogger {
+    pub fn finished(&self, id: &str, outputs: &Outputs, arrival: Instant, model: &str) {
+        if self.enabled {
+            finished(&self.request_id, id, outputs, arrival, model);
+        }
+    }
+
+    pub fn rejected(&self, id: &str, e: &ApiError) {
+        if self.enabled {
+            rejected(&self.request_id, id, e);
+        }
+    }
+}
+
+fn finished(request_id: &str, id: &str, outputs: &Outputs, arrival: Instant, model: &str) {
     let ms = |t: Option<Instant>| t.map(|t| t.duration_since(arrival).as_secs_f64() * 1e3);
     let queue_ms = outputs
         .times
@@ -36,7 +60,8 @@ fn finished(id: &str, outputs: &Outputs, arrival: Instant, model: &str) {
         .and_then(|t| t.first_scheduled)
         .map(|s| s.duration_since(arrival).as_secs_f64() * 1e3);
     tracing::info!(
-        request_id = id,
+        request_id,
+        id,
         model,
         status = 200,
         prompt_tokens = outputs.usage.prompt_tokens,
@@ -48,9 +73,10 @@ fn finished(id: &str, outputs: &Outputs, arrival: Instant, model: &str) {
     );
 }
 
-fn rejected(id: &str, e: &ApiError) {
+fn rejected(request_id: &str, id: &str, e: &ApiError) {
     tracing::info!(
-        request_id = id,
+        request_id,
+        id,
         status = e.status.as_u16(),
         code = e.code,
         error = %e.message,
