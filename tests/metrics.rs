@@ -36,6 +36,12 @@ const REQUEST_LATENCY: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0, 1920.0, 7680.0,
 ];
+/// Our own latency histograms' bounds: from half a millisecond, so a 250 ms p99 shows.
+const NATIVE_LATENCY: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+    2560.0, 7680.0,
+];
 /// 1-2-5 up to the context length (2048).
 const TOKEN_COUNTS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
@@ -343,6 +349,12 @@ async fn counters_histograms_and_gauges_match_a_known_set_of_requests() {
     )
     .await;
 
+    // CPU time in fractions of a second (the collector's own count is whole seconds).
+    let cpu = value(&after, "process_cpu_seconds_total", &[]);
+    assert!(
+        cpu > 0.0 && cpu.fract() != 0.0,
+        "process_cpu_seconds_total {cpu}"
+    );
     for p in ["distillery:", "vllm:"] {
         let name = |suffix: &str| format!("{p}{suffix}");
         let delta = |suffix: &str, labels: &[(&str, &str)]| {
@@ -443,16 +455,20 @@ async fn counters_histograms_and_gauges_match_a_known_set_of_requests() {
         let blocks: f64 = label("num_gpu_blocks").parse().expect("a number");
         assert!(blocks > 0.0);
 
-        // vLLM's bucket bounds, exactly.
+        // vLLM's bucket bounds, exactly, under vLLM's names; ours resolve latencies finer.
+        let latency = |vllm: &'static [f64]| if p == "vllm:" { vllm } else { NATIVE_LATENCY };
         for (h, want) in [
-            ("time_to_first_token_seconds", TTFT),
-            ("inter_token_latency_seconds", TOKEN_LATENCY),
-            ("request_time_per_output_token_seconds", TOKEN_LATENCY),
-            ("e2e_request_latency_seconds", REQUEST_LATENCY),
-            ("request_queue_time_seconds", REQUEST_LATENCY),
-            ("request_inference_time_seconds", REQUEST_LATENCY),
-            ("request_prefill_time_seconds", REQUEST_LATENCY),
-            ("request_decode_time_seconds", REQUEST_LATENCY),
+            ("time_to_first_token_seconds", latency(TTFT)),
+            ("inter_token_latency_seconds", latency(TOKEN_LATENCY)),
+            (
+                "request_time_per_output_token_seconds",
+                latency(TOKEN_LATENCY),
+            ),
+            ("e2e_request_latency_seconds", latency(REQUEST_LATENCY)),
+            ("request_queue_time_seconds", latency(REQUEST_LATENCY)),
+            ("request_inference_time_seconds", latency(REQUEST_LATENCY)),
+            ("request_prefill_time_seconds", latency(REQUEST_LATENCY)),
+            ("request_decode_time_seconds", latency(REQUEST_LATENCY)),
             ("request_prompt_tokens", TOKEN_COUNTS),
             ("request_generation_tokens", TOKEN_COUNTS),
             ("request_params_max_tokens", TOKEN_COUNTS),
@@ -591,7 +607,7 @@ async fn compat_none_exports_only_the_native_names_and_counts_refusals_by_reason
     );
     assert_eq!(
         bounds(&s, "distillery:time_to_first_token_seconds"),
-        TTFT,
+        NATIVE_LATENCY,
         "the native family stays"
     );
     for (reason, want) in [

@@ -19,6 +19,15 @@ pub const REQUEST_LATENCY: &[f64] = &[
     480.0, 960.0, 1920.0, 7680.0,
 ];
 
+/// Our own (`distillery:*`) latency histograms: from half a millisecond, so that a workload
+/// whose p99 is a few hundred milliseconds is resolved (vLLM's E2E buckets start at 0.3 s),
+/// up to vLLM's largest bound.
+pub const NATIVE_LATENCY: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+    2560.0, 7680.0,
+];
+
 /// `request_params_n`.
 pub const PARAMS_N: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
 

@@ -45,14 +45,6 @@ pub const VLLM_SUFFIXES: &[&str] = &[
     "prefix_cache_queries_total",
     "prefix_cache_hits_total",
     "http_requests_client_disconnected_total",
-    "time_to_first_token_seconds",
-    "inter_token_latency_seconds",
-    "request_time_per_output_token_seconds",
-    "e2e_request_latency_seconds",
-    "request_queue_time_seconds",
-    "request_inference_time_seconds",
-    "request_prefill_time_seconds",
-    "request_decode_time_seconds",
     "request_prompt_tokens",
     "request_generation_tokens",
     "request_params_max_tokens",
@@ -171,14 +163,14 @@ pub struct FinishedRequest {
 /// Per-request recording, done by the server as tokens arrive and requests end.
 #[derive(Clone)]
 pub struct RequestMetrics {
-    ttft: Histogram,
-    itl: Histogram,
-    tpot: Histogram,
-    e2e: Histogram,
-    queue: Histogram,
-    inference: Histogram,
-    prefill: Histogram,
-    decode: Histogram,
+    ttft: Latency,
+    itl: Latency,
+    tpot: Latency,
+    e2e: Latency,
+    queue: Latency,
+    inference: Latency,
+    prefill: Latency,
+    decode: Latency,
     prompt_tokens: Histogram,
     generation_tokens: Histogram,
     max_tokens: Histogram,
@@ -289,6 +281,43 @@ fn counter(reg: &Registry, suffix: &str, help: &str) -> prometheus::Result<IntCo
     Ok(c)
 }
 
+/// A latency recorded twice: in our fine buckets, and (with compatibility on) in vLLM's own
+/// bounds under the `vllm:` name, which dashboards built for vLLM expect exactly.
+#[derive(Clone)]
+struct Latency {
+    native: Histogram,
+    vllm: Option<Histogram>,
+}
+
+impl Latency {
+    fn new(
+        reg: &Registry,
+        suffix: &str,
+        help: &str,
+        vllm_buckets: &[f64],
+        compat: bool,
+    ) -> prometheus::Result<Self> {
+        let native = histogram(reg, suffix, help, buckets::NATIVE_LATENCY.to_vec())?;
+        let vllm = compat
+            .then(|| {
+                let opts = HistogramOpts::new(format!("{VLLM_PREFIX}{suffix}"), help)
+                    .buckets(vllm_buckets.to_vec());
+                let h = Histogram::with_opts(opts)?;
+                reg.register(Box::new(h.clone()))?;
+                prometheus::Result::Ok(h)
+            })
+            .transpose()?;
+        Ok(Self { native, vllm })
+    }
+
+    fn observe(&self, secs: f64) {
+        self.native.observe(secs);
+        if let Some(v) = &self.vllm {
+            v.observe(secs);
+        }
+    }
+}
+
 fn histogram(
     reg: &Registry,
     suffix: &str,
@@ -310,57 +339,65 @@ impl Metrics {
         let secs = |v: &[f64]| v.to_vec();
 
         let requests = RequestMetrics {
-            ttft: histogram(
+            ttft: Latency::new(
                 &reg,
                 "time_to_first_token_seconds",
                 "Histogram of time to first token in seconds, from HTTP arrival (tokenization \
                  included) to the first token sent.",
-                secs(buckets::TIME_TO_FIRST_TOKEN),
+                buckets::TIME_TO_FIRST_TOKEN,
+                opts.vllm_compat,
             )?,
-            itl: histogram(
+            itl: Latency::new(
                 &reg,
                 "inter_token_latency_seconds",
                 "Histogram of inter-token latency in seconds (every gap between two tokens of a \
                  request).",
-                secs(buckets::TOKEN_LATENCY),
+                buckets::TOKEN_LATENCY,
+                opts.vllm_compat,
             )?,
-            tpot: histogram(
+            tpot: Latency::new(
                 &reg,
                 "request_time_per_output_token_seconds",
                 "Histogram of time per output token in seconds: decode time / (generated tokens \
                  - 1).",
-                secs(buckets::TOKEN_LATENCY),
+                buckets::TOKEN_LATENCY,
+                opts.vllm_compat,
             )?,
-            e2e: histogram(
+            e2e: Latency::new(
                 &reg,
                 "e2e_request_latency_seconds",
                 "Histogram of end-to-end request latency in seconds.",
-                secs(buckets::REQUEST_LATENCY),
+                buckets::REQUEST_LATENCY,
+                opts.vllm_compat,
             )?,
-            queue: histogram(
+            queue: Latency::new(
                 &reg,
                 "request_queue_time_seconds",
                 "Histogram of time spent waiting in the queue (admitted to first scheduled) in \
                  seconds.",
-                secs(buckets::REQUEST_LATENCY),
+                buckets::REQUEST_LATENCY,
+                opts.vllm_compat,
             )?,
-            inference: histogram(
+            inference: Latency::new(
                 &reg,
                 "request_inference_time_seconds",
                 "Histogram of time spent running (first scheduled to last token) in seconds.",
-                secs(buckets::REQUEST_LATENCY),
+                buckets::REQUEST_LATENCY,
+                opts.vllm_compat,
             )?,
-            prefill: histogram(
+            prefill: Latency::new(
                 &reg,
                 "request_prefill_time_seconds",
                 "Histogram of time spent in prefill (first scheduled to first token) in seconds.",
-                secs(buckets::REQUEST_LATENCY),
+                buckets::REQUEST_LATENCY,
+                opts.vllm_compat,
             )?,
-            decode: histogram(
+            decode: Latency::new(
                 &reg,
                 "request_decode_time_seconds",
                 "Histogram of time spent in decode (first to last token) in seconds.",
-                secs(buckets::REQUEST_LATENCY),
+                buckets::REQUEST_LATENCY,
+                opts.vllm_compat,
             )?,
             prompt_tokens: histogram(
                 &reg,
@@ -502,6 +539,7 @@ impl Metrics {
     /// counters the engine keeps itself.
     pub fn render(&self, live: &LiveFigures) -> prometheus::Result<String> {
         let mut families = self.registry.gather();
+        precise_cpu_seconds(&mut families);
         families.extend(self.live_families(live)?);
         if self.vllm_compat {
             let copies: Vec<MetricFamily> = families.iter().filter_map(vllm_copy).collect();
@@ -658,6 +696,34 @@ impl Metrics {
         }
         o
     }
+}
+
+/// The process collector counts CPU time in whole seconds (clock ticks divided as integers);
+/// `getrusage` gives microseconds, so a short benchmark's CPU cost is visible.
+fn precise_cpu_seconds(families: &mut [MetricFamily]) {
+    let Some(secs) = cpu_seconds() else { return };
+    for f in families
+        .iter_mut()
+        .filter(|f| f.name() == "process_cpu_seconds_total")
+    {
+        for m in f.mut_metric() {
+            let mut c = prometheus::proto::Counter::default();
+            c.set_value(secs);
+            m.set_counter(c);
+        }
+    }
+}
+
+/// User plus system CPU time of this process, in seconds.
+fn cpu_seconds() -> Option<f64> {
+    // SAFETY: `getrusage` writes one `rusage` into the zeroed value we own and pass by
+    // pointer; it reads nothing else, and RUSAGE_SELF is always a valid `who`.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    Some(t(usage.ru_utime) + t(usage.ru_stime))
 }
 
 /// Joins families of the same name (one per label set as built) into one, as the text format
