@@ -192,3 +192,77 @@ fn limits_that_need_the_model_or_the_machine_exit_2_too() {
         assert!(err.contains(names), "{args:?}: {err}");
     }
 }
+
+/// `config/default.toml` lists every key with the flag and variable its header promises (the
+/// rule, or one of the exceptions the header names), and every flag has a key there.
+#[test]
+fn the_default_config_and_the_flags_agree() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let toml = std::fs::read_to_string(root.join("config/default.toml")).expect("default.toml");
+    let out = distillery_command()
+        .args(["serve", "--help"])
+        .output()
+        .expect("serve --help");
+    let help = String::from_utf8_lossy(&out.stdout).to_string();
+    let keys: Vec<String> = toml
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start_matches('#').trim_start();
+            let (k, _) = l.split_once('=')?;
+            let k = k.trim();
+            (!k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+                .then(|| k.to_string())
+        })
+        .collect();
+    assert!(keys.len() > 20, "{keys:?}");
+    let flag_of = |key: &str| -> (String, String) {
+        let base = match key {
+            "api_keys" => return ("api-key".into(), "DISTILLERY_API_KEYS".into()),
+            "cors_allow_origins" => {
+                return (
+                    "cors-allow-origin".into(),
+                    "DISTILLERY_CORS_ALLOW_ORIGINS".into(),
+                )
+            }
+            k => k.strip_suffix("_secs").unwrap_or(k),
+        };
+        (
+            base.replace('_', "-"),
+            format!("DISTILLERY_{}", base.to_ascii_uppercase()),
+        )
+    };
+    for key in &keys {
+        let (flag, env) = flag_of(key);
+        assert!(
+            help.contains(&format!("--{flag} ")) || help.contains(&format!("--{flag}\n")),
+            "{key}: no flag --{flag} in serve --help"
+        );
+        // The one boolean read by hand keeps its variable out of clap's help.
+        if key != "enable_prefix_caching" {
+            assert!(
+                help.contains(&env),
+                "{key}: no variable {env} in serve --help"
+            );
+        }
+        if key.ends_with("_secs") {
+            assert!(
+                toml.contains("drop _secs"),
+                "the header names the _secs exception"
+            );
+        }
+    }
+    // Each option's own line (not a mention of a flag inside some help text).
+    for flag in help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split([' ', '\n']).next())
+    {
+        if ["help", "config", "no-enable-prefix-caching", ""].contains(&flag) {
+            continue;
+        }
+        assert!(
+            keys.iter().any(|k| flag_of(k).0 == flag),
+            "--{flag} has no key in config/default.toml"
+        );
+    }
+}

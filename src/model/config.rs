@@ -119,6 +119,11 @@ struct RawConfig {
     eos_token_id: Option<OneOrMany>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    /// Qwen2's switch for sliding-window attention, which the kernels do not implement.
+    #[serde(default)]
+    use_sliding_window: bool,
+    /// A quantized checkpoint's method; the loader reads plain float weights only.
+    quantization_config: Option<serde_json::Value>,
 }
 
 fn default_rope_theta() -> f64 {
@@ -182,6 +187,25 @@ impl ModelConfig {
                     "unsupported hidden_act {act:?}; only \"silu\" is implemented"
                 ));
             }
+        }
+        if raw.use_sliding_window {
+            return Err(
+                "use_sliding_window is true, but sliding-window attention is not \
+                        implemented: every layer would attend to the whole context and the \
+                        outputs would differ from the model's"
+                    .to_string(),
+            );
+        }
+        if let Some(q) = &raw.quantization_config {
+            let method = q
+                .get("quant_method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("unknown");
+            return Err(format!(
+                "quantization_config (quant_method {method:?}) cannot be honoured: only \
+                 unquantized safetensors (f32, f16, bf16) are loaded; use the unquantized \
+                 checkpoint"
+            ));
         }
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
@@ -308,5 +332,26 @@ mod tests {
     fn rejects_bad_gqa_ratio() {
         let text = LLAMA.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
         assert!(ModelConfig::from_json(&text, None).is_err());
+    }
+
+    #[test]
+    fn refuses_what_the_loader_cannot_honour_by_name() {
+        let with = |extra: &str| LLAMA.replacen('{', &format!("{{{extra},"), 1);
+        let err = ModelConfig::from_json(&with(r#""use_sliding_window":true"#), None).unwrap_err();
+        assert!(err.contains("use_sliding_window"), "{err}");
+        ModelConfig::from_json(
+            &with(r#""use_sliding_window":false,"sliding_window":4096"#),
+            None,
+        )
+        .unwrap();
+        let awq = r#""quantization_config":{"quant_method":"awq","bits":4}"#;
+        let err = ModelConfig::from_json(&with(awq), None).unwrap_err();
+        assert!(
+            err.contains("quantization_config") && err.contains("awq"),
+            "{err}"
+        );
+        let yarn = LLAMA.replace("\"rope_type\":\"llama3\"", "\"rope_type\":\"yarn\"");
+        let err = ModelConfig::from_json(&yarn, None).unwrap_err();
+        assert!(err.contains("yarn"), "{err}");
     }
 }
