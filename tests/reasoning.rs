@@ -758,7 +758,10 @@ async fn history_reasoning_and_tool_calls_reach_the_template() {
     let v = ok(
         &c,
         &d.url("/v1/chat/completions"),
-        &chat(&tool.messages, json!({"max_tokens": 2, "tools": tools})),
+        &chat(
+            &tool.messages,
+            json!({"max_tokens": 2, "tools": tools, "tool_choice": "none"}),
+        ),
     )
     .await;
     assert_eq!(v["usage"]["prompt_tokens"], tool.prompt_ids.len());

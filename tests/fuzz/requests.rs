@@ -73,11 +73,6 @@ fn plausible(ty: Ty) -> BoxedStrategy<Value> {
         .boxed(),
         Ty::Bool => any::<bool>().prop_map(Value::Bool).boxed(),
         Ty::U32 => u32_value(),
-        Ty::U64 => prop_oneof![
-            any::<u64>().prop_map(Value::from),
-            (0u64..10).prop_map(Value::from)
-        ]
-        .boxed(),
         Ty::I64 => prop_oneof![
             4 => (-3i64..=70).prop_map(Value::from),
             1 => prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(1 << 40)].prop_map(Value::from),
@@ -129,7 +124,6 @@ enum Ty {
     Str,
     Bool,
     U32,
-    U64,
     I64,
     F32,
     Stop,
@@ -167,7 +161,7 @@ const SAMPLING: Fields = &[
     ("n", Ty::U32, Need::Optional),
     ("stop", Ty::Stop, Need::Optional),
     ("stop_token_ids", Ty::U32s, Need::Optional),
-    ("seed", Ty::U64, Need::Optional),
+    ("seed", Ty::I64, Need::Optional),
     ("presence_penalty", Ty::F32, Need::Optional),
     ("frequency_penalty", Ty::F32, Need::Optional),
     ("repetition_penalty", Ty::F32, Need::Optional),
@@ -281,7 +275,6 @@ fn ty_ok(ty: Ty, v: &Value) -> bool {
         Ty::Str => v.is_string(),
         Ty::Bool => v.is_boolean(),
         Ty::U32 => is_u32(v),
-        Ty::U64 => v.as_u64().is_some(),
         Ty::I64 => v.as_i64().is_some(),
         // Any JSON number: past f32's range it becomes infinity, which validation refuses.
         Ty::F32 => v.is_number(),
@@ -872,7 +865,7 @@ fn valid_request(ep: Endpoint, vocab: u32) -> BoxedStrategy<Value> {
             prop::option::of(1u32..=3),
             prop::option::of(vec("[a-z]{1,3}", 0..=4)),
             prop::option::of(vec(token(), 0..3)),
-            prop::option::of(any::<u64>()),
+            prop::option::of(any::<i64>()),
         ),
         (
             prop::option::of(-2.0f64..=2.0),

@@ -286,8 +286,6 @@ def test_stream_n2_seeded_matches_non_streaming(client, cases):
     assert usage.completion_tokens_details.reasoning_tokens == whole.usage.completion_tokens_details.reasoning_tokens == 12
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with n=2 prompt_tokens counts the prompt once but cached_tokens "
-                                       "counts it per choice (cached_tokens > prompt_tokens)")
 def test_n2_cached_tokens_within_prompt_tokens(client, cases):
     c = cases["user_only"]
     chat(client, c, max_tokens=1, temperature=0)  # warm the prefix cache
@@ -296,8 +294,6 @@ def test_n2_cached_tokens_within_prompt_tokens(client, cases):
     assert r.usage.prompt_tokens_details.cached_tokens <= r.usage.prompt_tokens
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: chat logprobs `bytes` of a token that is not whole UTF-8 on its "
-                                       "own are the bytes of U+FFFD, not the token's own bytes")
 def test_logprob_bytes_are_the_tokens_raw_bytes(client, cases, token_bytes):
     # OpenAI: `bytes` is there so that characters split across tokens can be put back together.
     c = cases["system_user"]  # its second token, b"\x92\xe1\x9e", is not whole UTF-8
