@@ -970,7 +970,13 @@ async fn info_and_tokenizer_endpoints() {
     );
     let v: Value = serde_json::from_str(&text).expect("/openapi.json parses as JSON");
     assert!(v["openapi"].is_string(), "openapi version field");
-    for path in ["/v1/completions", "/v1/chat/completions", "/v1/models"] {
+    for path in [
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/models/{id}",
+        "/tokenizer_info",
+    ] {
         assert!(v["paths"].get(path).is_some(), "/openapi.json lacks {path}");
     }
 

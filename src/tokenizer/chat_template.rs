@@ -219,4 +219,28 @@ mod tests {
             "a{%- if true %}b{% endif -%}c{% if x %}"
         );
     }
+
+    #[test]
+    fn extra_variables_reach_the_template_but_never_replace_the_standard_ones() {
+        let t = ChatTemplate::new(
+            "{% if enable_thinking is false %}no-think {% endif %}{{ messages | length }} \
+             {{ add_generation_prompt }}",
+            None,
+            None,
+        )
+        .unwrap();
+        let messages = [ChatMessage::new("user", "hi")];
+        let extra: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+            r#"{"enable_thinking": false, "messages": [], "add_generation_prompt": false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            t.render_with(&messages, true, None, Some(&extra)).unwrap(),
+            "no-think 1 True"
+        );
+        assert_eq!(
+            t.render_with(&messages, true, None, None).unwrap(),
+            "1 True"
+        );
+    }
 }
