@@ -687,6 +687,14 @@ fn prompt_scores_survive_chunking_and_preemption_and_match_the_goldens() {
         }
     };
     close(&again[0].clone().expect("scored"), &reference, "chunked");
+    // One token a step: every chunk of the prompt is a single row, and each is scored.
+    let mut one_by_one = engine::build(dec.clone(), &config(256, 16, 1, 1, true)).unwrap();
+    let (single, _) = scores_of(&mut one_by_one, vec![scored(&full)]);
+    close(
+        &single[0].clone().expect("scored"),
+        &reference,
+        "one token a step",
+    );
     // Under preemption, beside the goldens' requests (which score nothing).
     let biggest = golden
         .cases

@@ -627,6 +627,18 @@ async fn model_routes_and_tokenizer_info() {
     assert!(info["chat_template"].is_string());
     assert!(info["tokenizer_class"].is_string());
     assert!(info.get("added_tokens_decoder").is_none());
+    // A served name with a slash, as hub ids have, sent unencoded.
+    let Some(named) = Daemon::start(MODEL, &["--served-model-name", "Org/Tiny-1"]) else {
+        return;
+    };
+    let r = c
+        .get(named.url("/v1/models/Org/Tiny-1"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::OK);
+    let card: Value = r.json().await.expect("JSON");
+    assert_eq!(card["id"], "Org/Tiny-1");
 }
 
 /// `cached_tokens` per request, never above `prompt_tokens` (`n: 4` shares one prompt).
@@ -638,15 +650,38 @@ async fn cached_tokens_count_each_prompt_once() {
     let c = client();
     let body = json!({"prompt": "a prompt long enough to fill several blocks of four tokens",
                       "n": 4, "max_tokens": 2, "temperature": 1.0, "seed": 1});
-    for round in 0..2 {
+    let mut greedy = String::new();
+    for round in 0..3 {
+        let mut body = body.clone();
+        if round == 2 {
+            // Ended by a stop string, which the engine hears of without a `Finished`.
+            body["stop"] = json!([greedy.chars().skip(1).take(3).collect::<String>()]);
+            body["n"] = json!(1);
+            body["temperature"] = json!(0);
+        }
         let v = ok(&c, &d.url("/v1/completions"), &body).await;
+        if round == 1 {
+            let g = ok(
+                &c,
+                &d.url("/v1/completions"),
+                &json!({"prompt": body["prompt"], "max_tokens": 2, "temperature": 0}),
+            )
+            .await;
+            greedy = g["choices"][0]["text"].as_str().expect("text").to_string();
+        }
         let prompt = v["usage"]["prompt_tokens"].as_u64().expect("prompt");
         let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .expect("cached");
         assert!(cached <= prompt, "round {round}: {cached} > {prompt}");
-        if round == 1 {
-            assert!(cached > 0, "the second time the prompt is cached");
+        if round > 0 {
+            assert!(
+                cached > 0,
+                "round {round}: the prompt is cached by now: {v}"
+            );
+        }
+        if round == 2 && greedy.chars().count() > 3 {
+            assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
         }
     }
 }
@@ -754,6 +789,56 @@ async fn offsets_tops_and_bytes_add_up() {
         );
     }
     assert_eq!(bytes, crab.as_bytes());
+}
+
+/// An echoed text prompt's offsets count in the text as sent, which holds no BOS: on a
+/// tokenizer that adds one (Llama's), the BOS takes no room and every other token is found
+/// where its offset says.
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_offsets_point_into_the_text_sent_when_a_bos_was_added() {
+    let Some(d) = Daemon::start("tiny-llama-v512", &[]) else {
+        return;
+    };
+    let c = client();
+    for prompt in ["Hi a", "Hello world, again", "naïve café"] {
+        let v = ok(
+            &c,
+            &d.url("/v1/completions"),
+            &json!({"prompt": prompt, "max_tokens": 2, "echo": true, "logprobs": 0,
+                    "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+        let ch = &v["choices"][0];
+        let text: Vec<char> = ch["text"].as_str().expect("text").chars().collect();
+        let lp = &ch["logprobs"];
+        let tokens = lp["tokens"].as_array().expect("tokens");
+        let offsets = lp["text_offset"].as_array().expect("offsets");
+        assert_eq!(tokens[0], "<s>", "{v}");
+        assert_eq!(offsets[0], 0);
+        let mut last = 0;
+        for (t, o) in tokens.iter().zip(offsets).skip(1) {
+            let (t, o) = (t.as_str().expect("str"), o.as_u64().expect("n") as usize);
+            assert!(
+                o >= last,
+                "{prompt:?}: offsets go back at {t:?}: {offsets:?}"
+            );
+            last = o;
+            if ["<s>", "</s>", "<unk>"].contains(&t) {
+                continue; // special: skipped in the text, it takes no room there
+            }
+            // Bytes that never became a character (a random model's) show as U+FFFD in
+            // front of the token that ended them.
+            let at: String = text[o..].iter().collect();
+            let at = at.trim_start_matches('\u{FFFD}');
+            if t.contains('\u{FFFD}') {
+                continue;
+            }
+            assert!(
+                at.trim_start().starts_with(t.trim_start()),
+                "{prompt:?}: {t:?} at {o}: {at:?}"
+            );
+        }
+    }
 }
 
 /// U+2028, U+2029 and U+0085 never appear raw in a response (line readers split on them);
@@ -884,7 +969,7 @@ fn configs_that_would_lie_are_refused_at_start_up() {
     for (field, edit) in [
         (
             "use_sliding_window",
-            json!({"use_sliding_window": true, "sliding_window": 16}),
+            json!({"use_sliding_window": true, "sliding_window": 16, "max_window_layers": 1}),
         ),
         (
             "quantization_config",

@@ -222,7 +222,9 @@ impl EngineCore {
                 let first_row = next_row;
                 next_row += rows;
                 let row = next_row - 1;
-                if rows > 1 && device_ids.is_none() {
+                // A scored sequence is prefilling (its scores go out when that ends), so it is
+                // marked and its rows are one per token of the chunk, however short.
+                if s.prompt_scores.is_some() && device_ids.is_none() {
                     let run = &all[first_row * vocab..next_row * vocab];
                     score_prompt(s, run, vocab, &mut self.scratch);
                 }
@@ -406,6 +408,7 @@ fn sample_and_emit(
             } else {
                 None
             },
+            cached_prompt_tokens: s.cached_prompt_tokens,
             at: now,
             forced: forced.is_some(),
         };

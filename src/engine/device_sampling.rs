@@ -14,7 +14,7 @@ use crate::model::ModelError;
 pub(super) fn takes_raw_argmax(s: &Sequence) -> bool {
     let stop = &s.request.stop;
     s.request.params.is_plain_greedy()
-        && s.request.params.prompt_logprobs.is_none()
+        && s.prompt_scores.is_none()
         && !s.steering.has_forced()
         && (s.output_len() >= stop.min_tokens
             || (stop.ignore_eos && stop.stop_token_ids.is_empty()))

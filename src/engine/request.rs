@@ -123,6 +123,9 @@ pub enum EngineEvent {
         first_scheduled: Option<Instant>,
         /// When it was sampled; with [`Delivery::AtFinish`] that is earlier than it arrives.
         at: Instant,
+        /// Prompt tokens found in the prefix cache when the choice started (also known to a
+        /// caller that ends the choice itself, which gets no `Finished`).
+        cached_prompt_tokens: usize,
         /// Queued by the choice's steer rather than sampled.
         forced: bool,
     },

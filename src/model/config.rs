@@ -119,9 +119,11 @@ struct RawConfig {
     eos_token_id: Option<OneOrMany>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
-    /// Qwen2's switch for sliding-window attention, which the kernels do not implement.
-    #[serde(default)]
-    use_sliding_window: bool,
+    /// Qwen2's switch for sliding-window attention, which the kernels do not implement, and
+    /// what decides whether any layer would use it.
+    use_sliding_window: Option<bool>,
+    sliding_window: Option<usize>,
+    max_window_layers: Option<usize>,
     /// A quantized checkpoint's method; the loader reads plain float weights only.
     quantization_config: Option<serde_json::Value>,
 }
@@ -188,13 +190,20 @@ impl ModelConfig {
                 ));
             }
         }
-        if raw.use_sliding_window {
-            return Err(
-                "use_sliding_window is true, but sliding-window attention is not \
-                        implemented: every layer would attend to the whole context and the \
-                        outputs would differ from the model's"
-                    .to_string(),
-            );
+        // transformers slides the window on layers from max_window_layers (28 by default) on,
+        // and only with a window size: otherwise every layer attends fully, as ours do.
+        let windowed_layers = raw
+            .num_hidden_layers
+            .saturating_sub(raw.max_window_layers.unwrap_or(28));
+        if raw.use_sliding_window == Some(true)
+            && raw.sliding_window.is_some()
+            && windowed_layers > 0
+        {
+            return Err(format!(
+                "use_sliding_window is true ({windowed_layers} layers from max_window_layers on \
+                 use a window), but sliding-window attention is not implemented: those layers \
+                 would attend to the whole context and the outputs would differ from the model's"
+            ));
         }
         if let Some(q) = &raw.quantization_config {
             let method = q
@@ -337,8 +346,17 @@ mod tests {
     #[test]
     fn refuses_what_the_loader_cannot_honour_by_name() {
         let with = |extra: &str| LLAMA.replacen('{', &format!("{{{extra},"), 1);
-        let err = ModelConfig::from_json(&with(r#""use_sliding_window":true"#), None).unwrap_err();
+        let slide = r#""use_sliding_window":true,"sliding_window":4,"max_window_layers":1"#;
+        let err = ModelConfig::from_json(&with(slide), None).unwrap_err();
         assert!(err.contains("use_sliding_window"), "{err}");
+        // No layer at or past max_window_layers, or no window: full attention everywhere.
+        for fine in [
+            r#""use_sliding_window":true,"sliding_window":4,"max_window_layers":2"#,
+            r#""use_sliding_window":true,"sliding_window":null"#,
+            r#""use_sliding_window":null"#,
+        ] {
+            ModelConfig::from_json(&with(fine), None).unwrap();
+        }
         ModelConfig::from_json(
             &with(r#""use_sliding_window":false,"sliding_window":4096"#),
             None,

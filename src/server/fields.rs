@@ -41,6 +41,8 @@ pub enum Inert {
     Str(&'static str),
     /// `null` or an object whose `type` is this string.
     Type(&'static str),
+    /// `null` or a list of exactly these strings.
+    Strings(&'static [&'static str]),
 }
 
 impl Inert {
@@ -55,6 +57,9 @@ impl Inert {
             (Self::Number(n), Value::Number(x)) => x.as_f64() == Some(n),
             (Self::Str(s), Value::String(x)) => x == s,
             (Self::Type(t), Value::Object(o)) => o.get("type").and_then(Value::as_str) == Some(t),
+            (Self::Strings(want), Value::Array(a)) => {
+                a.len() == want.len() && a.iter().zip(want).all(|(x, w)| x.as_str() == Some(*w))
+            }
             _ => false,
         }
     }
@@ -170,6 +175,16 @@ pub const REFUSED: &[Refused] = &[
         why: "disaggregated prefill is not supported",
     },
     Refused {
+        field: "return_token_ids",
+        inert: Inert::False,
+        why: "token ids are not returned beside the text (logprobs name the tokens)",
+    },
+    Refused {
+        field: "vllm_xargs",
+        inert: Inert::Empty,
+        why: "no extension arguments are read",
+    },
+    Refused {
         field: "mm_processor_kwargs",
         inert: Inert::Null,
         why: "the served models take text only",
@@ -200,7 +215,7 @@ pub const REFUSED_CHAT: &[Refused] = &[
     },
     Refused {
         field: "modalities",
-        inert: Inert::Null,
+        inert: Inert::Strings(&["text"]),
         why: "the served models give text only",
     },
     Refused {
@@ -324,6 +339,12 @@ mod tests {
             });
         }
         check(&fields(json!({"tool_choice": "none"})), Endpoint::Chat).unwrap();
+        check(&fields(json!({"modalities": ["text"]})), Endpoint::Chat).unwrap();
+        assert!(check(
+            &fields(json!({"modalities": ["text", "audio"]})),
+            Endpoint::Chat
+        )
+        .is_err());
         // suffix is a completions field: a chat client sending it sends nothing we define.
         check(&fields(json!({"suffix": "x"})), Endpoint::Chat).unwrap();
         assert!(check(

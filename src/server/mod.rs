@@ -178,7 +178,7 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
         .route("/completions", post(routes::completions::completions))
         .route("/chat/completions", post(routes::chat::chat_completions))
         .route("/models", get(routes::info::models))
-        .route("/models/{id}", get(routes::info::model))
+        .route("/models/{*id}", get(routes::info::model))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

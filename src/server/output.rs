@@ -100,6 +100,9 @@ pub struct OutputOptions {
     pub arrival: Instant,
     /// Split each choice into reasoning and content (chat with a reasoning parser on).
     pub reasoning: Option<ReasoningPlan>,
+    /// Per prompt, the text a scored prompt's offsets count in (completions' echo: the
+    /// prompt as sent); none: the prompt's detokenized text.
+    pub prompt_texts: Vec<String>,
 }
 
 /// One prompt of the request as the engine got it.
@@ -232,6 +235,9 @@ pub struct Outputs {
     pub times: RequestTimes,
     /// Finish reasons as the engine reported them (stop strings count as `stop`).
     pub finish_reasons: Vec<FinishReason>,
+    /// Per prompt: its cached tokens are in the usage (counted once, from its first choice).
+    cached_counted: Vec<bool>,
+    prompt_texts: Vec<String>,
 }
 
 impl Outputs {
@@ -298,6 +304,8 @@ impl Outputs {
             },
             times: RequestTimes::default(),
             finish_reasons: Vec::new(),
+            cached_counted: vec![false; prompts.len()],
+            prompt_texts: opts.prompt_texts,
         }
     }
 
@@ -336,7 +344,11 @@ impl Outputs {
                 first_scheduled,
                 at,
                 forced,
+                cached_prompt_tokens,
             } => {
+                if choice == 0 {
+                    self.count_cached(prompt, cached_prompt_tokens);
+                }
                 // Timed when sampled: with `Delivery::AtFinish` tokens arrive together at the
                 // end, and TTFT and the gaps must still be the engine's.
                 let now = at;
@@ -454,11 +466,8 @@ impl Outputs {
             } => {
                 let now = Instant::now();
                 let index = prompt * self.n + choice;
-                // Per prompt, once: the other choices share the first one's blocks.
                 if choice == 0 {
-                    if let Some(d) = self.usage.prompt_tokens_details.as_mut() {
-                        d.cached_tokens += cached_prompt_tokens;
-                    }
+                    self.count_cached(prompt, cached_prompt_tokens);
                 }
                 self.times.engine = Some(timings);
                 let Some(c) = self.choices.get_mut(index) else {
@@ -502,7 +511,7 @@ impl Outputs {
             EngineEvent::PromptLogprobs { first, scored } => {
                 self.pending.push_back(OutputEvent::Prompt {
                     prompt,
-                    tokens: self.prompt_tokens(first, &scored)?,
+                    tokens: self.prompt_tokens(prompt, first, &scored)?,
                 });
             }
             EngineEvent::Error { message } => {
@@ -514,16 +523,36 @@ impl Outputs {
 }
 
 impl Outputs {
-    /// A scored prompt as the client sees it, with each token's character offset in the
-    /// prompt's text (special tokens kept, as the echoed text keeps them).
+    /// Prompt `prompt`'s cached tokens, once: its other choices share the first one's blocks,
+    /// and its first choice reports them on its first token (a choice a stop string ends
+    /// gets no `Finished`) or, having none, on its `Finished`.
+    fn count_cached(&mut self, prompt: usize, cached: usize) {
+        if let Some(done) = self.cached_counted.get_mut(prompt) {
+            if !*done {
+                *done = true;
+                if let Some(d) = self.usage.prompt_tokens_details.as_mut() {
+                    d.cached_tokens += cached;
+                }
+            }
+        }
+    }
+
+    /// A scored prompt as the client sees it, with each token's offset in characters of the
+    /// prompt's text: the text the client sent where there is one (a token found there
+    /// advances past itself; a special token it does not hold, e.g. an added BOS, advances
+    /// nothing), else the ids' text with special tokens kept.
     fn prompt_tokens(
         &self,
+        prompt: usize,
         first: u32,
         scored: &[PromptLogprob],
     ) -> Result<Vec<TokenLogprob>, ApiError> {
         let tk = &self.tokenizer;
+        let target = self.prompt_texts.get(prompt).map(String::as_str);
         let mut detok = tk.detokenizer(false);
         let mut chars = 0;
+        // Where `target` is read up to, in bytes.
+        let mut at = 0;
         let mut out = Vec::with_capacity(scored.len() + 1);
         let ids = std::iter::once((first, None)).chain(scored.iter().map(|p| (p.token, Some(p))));
         for (id, p) in ids {
@@ -542,7 +571,23 @@ impl Outputs {
             let delta = detok
                 .push(id)
                 .map_err(|e| ApiError::internal(e.to_string(), "detokenize"))?;
-            chars += delta.as_deref().map_or(0, |d| d.chars().count());
+            let piece = delta.as_deref().unwrap_or("");
+            let Some(text) = target else {
+                chars += piece.chars().count();
+                continue;
+            };
+            let rest = text.get(at..).unwrap_or("");
+            if rest.starts_with(piece) {
+                at += piece.len();
+                chars += piece.chars().count();
+            } else if tk.decode(&[id], true).map_or(true, |t| t.is_empty()) {
+                // A special token the sent text does not hold: it takes no room.
+            } else {
+                // The text differs from the ids' (a normalizer): keep counting the pieces.
+                let n = piece.chars().count();
+                at += rest.chars().take(n).map(char::len_utf8).sum::<usize>();
+                chars += n;
+            }
         }
         Ok(out)
     }

@@ -458,6 +458,9 @@ pub struct TokenizeRequest {
     pub tools: Option<Vec<serde_json::Value>>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
+    /// With `messages`, as chat takes them, so the count is the one chat runs.
+    pub continue_final_message: Option<bool>,
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Serialize, Debug, Clone)]

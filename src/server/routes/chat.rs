@@ -287,6 +287,7 @@ async fn handle(
             metrics: st.metrics.clone(),
             arrival,
             reasoning: plan,
+            prompt_texts: Vec::new(),
         },
         permit,
     );

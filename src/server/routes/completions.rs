@@ -181,6 +181,8 @@ async fn handle(
             arrival,
             // Completions are raw text: the reasoning stays in it.
             reasoning: None,
+            // An echoed prompt's offsets count in the text echoed.
+            prompt_texts: if echo { echoes.clone() } else { Vec::new() },
         },
         permit,
     );

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::server::error::ApiError;
+use crate::server::json;
 use crate::server::protocol::{ModelCard, ModelList};
 use crate::server::state::AppState;
 
@@ -25,17 +26,18 @@ fn card(st: &AppState) -> ModelCard {
     }
 }
 
-pub async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
-    Json(ModelList {
+pub async fn models(State(st): State<Arc<AppState>>) -> Response {
+    json::response(&ModelList {
         object: "list",
         data: vec![card(&st)],
     })
 }
 
-/// `GET /v1/models/{id}`: the served model, or OpenAI's 404 envelope.
+/// `GET /v1/models/{*id}`: the served model, or OpenAI's 404 envelope. An id may hold
+/// slashes (`Qwen/Qwen2.5-0.5B`), sent unencoded.
 pub async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     if id == st.model_name {
-        Json(card(&st)).into_response()
+        json::response(&card(&st))
     } else {
         ApiError::model_not_found(&id).into_response()
     }
@@ -43,7 +45,7 @@ pub async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> R
 
 /// vLLM's `GET /tokenizer_info`: the tokenizer's configuration, as a remote tokenizer
 /// (lm-eval's `tokenizer_backend=remote`) needs it to tokenize through `/tokenize`.
-pub async fn tokenizer_info(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+pub async fn tokenizer_info(State(st): State<Arc<AppState>>) -> Response {
     let tk = &st.tokenizer;
     let mut info = match tk.config() {
         serde_json::Value::Object(m) => m.clone(),
@@ -70,7 +72,7 @@ pub async fn tokenizer_info(State(st): State<Arc<AppState>>) -> Json<serde_json:
         "chat_template",
         tk.chat_template().map(|t| t.source().to_string()).into(),
     );
-    Json(serde_json::Value::Object(info))
+    json::response(&serde_json::Value::Object(info))
 }
 
 /// Liveness: the process answers and at least one engine replica still runs (one that

@@ -13,6 +13,7 @@ use crate::server::protocol::{
     DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
 };
 use crate::server::state::AppState;
+use crate::tokenizer::RenderArgs;
 
 pub async fn tokenize(
     State(st): State<Arc<AppState>>,
@@ -43,13 +44,28 @@ async fn tokenize_inner(
         }
         (None, Some(messages)) => {
             let messages = to_template_messages(&messages)?;
-            let gen = req.add_generation_prompt.unwrap_or(true);
+            let continue_final = req.continue_final_message.unwrap_or(false);
+            let gen = req.add_generation_prompt.unwrap_or(!continue_final);
+            if continue_final && gen {
+                return Err(ApiError::invalid(
+                    "continue_final_message and add_generation_prompt cannot both be true",
+                    Some("continue_final_message"),
+                ));
+            }
             let tools = template_tools(&req.tools);
+            let extra = req.chat_template_kwargs;
+            // As chat: the template writes the special tokens unless asked otherwise.
+            let special = req.add_special_tokens.unwrap_or(false);
             st.preprocess
                 .run(size, move || {
-                    let text =
-                        tokenizer.apply_chat_template_with_tools(&messages, gen, tools.as_ref())?;
-                    tokenizer.encode(&text, false)
+                    let args = RenderArgs {
+                        add_generation_prompt: gen,
+                        continue_final_message: continue_final,
+                        tools: tools.as_ref(),
+                        extra: extra.as_ref(),
+                    };
+                    let text = tokenizer.render_chat(&messages, args)?;
+                    tokenizer.encode(&text, special)
                 })
                 .await?
         }
