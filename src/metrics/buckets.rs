@@ -20,13 +20,46 @@ pub const REQUEST_LATENCY: &[f64] = &[
 ];
 
 /// Our own (`distillery:*`) latency histograms: from half a millisecond, so that a workload
-/// whose p99 is a few hundred milliseconds is resolved (vLLM's E2E buckets start at 0.3 s),
-/// up to vLLM's largest bound.
+/// whose p99 is a few hundred milliseconds is resolved (vLLM's E2E buckets start at 0.3 s).
+/// Every bound of the three vLLM lists above is one of these, so the `vllm:*` copies are
+/// these histograms' cumulative counts read at vLLM's bounds: one observation serves both.
 pub const NATIVE_LATENCY: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-    0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
-    2560.0, 7680.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075,
+    0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 15.0,
+    20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 120.0, 160.0, 240.0, 480.0, 640.0, 960.0, 1920.0, 2560.0,
+    7680.0,
 ];
+
+/// vLLM's bounds for one of the latency histograms, by suffix.
+pub fn vllm_latency(suffix: &str) -> Option<&'static [f64]> {
+    match suffix {
+        "time_to_first_token_seconds" => Some(TIME_TO_FIRST_TOKEN),
+        "inter_token_latency_seconds" | "request_time_per_output_token_seconds" => {
+            Some(TOKEN_LATENCY)
+        }
+        "e2e_request_latency_seconds"
+        | "request_queue_time_seconds"
+        | "request_inference_time_seconds"
+        | "request_prefill_time_seconds"
+        | "request_decode_time_seconds" => Some(REQUEST_LATENCY),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::*;
+
+    #[test]
+    fn every_vllm_latency_bound_is_a_native_bound() {
+        for list in [TIME_TO_FIRST_TOKEN, TOKEN_LATENCY, REQUEST_LATENCY] {
+            for b in list {
+                assert!(NATIVE_LATENCY.contains(b), "{b}");
+            }
+        }
+        assert!(NATIVE_LATENCY.windows(2).all(|w| w[0] < w[1]));
+    }
+}
 
 /// `request_params_n`.
 pub const PARAMS_N: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];

@@ -45,6 +45,14 @@ pub const VLLM_SUFFIXES: &[&str] = &[
     "prefix_cache_queries_total",
     "prefix_cache_hits_total",
     "http_requests_client_disconnected_total",
+    "time_to_first_token_seconds",
+    "inter_token_latency_seconds",
+    "request_time_per_output_token_seconds",
+    "e2e_request_latency_seconds",
+    "request_queue_time_seconds",
+    "request_inference_time_seconds",
+    "request_prefill_time_seconds",
+    "request_decode_time_seconds",
     "request_prompt_tokens",
     "request_generation_tokens",
     "request_params_max_tokens",
@@ -163,14 +171,14 @@ pub struct FinishedRequest {
 /// Per-request recording, done by the server as tokens arrive and requests end.
 #[derive(Clone)]
 pub struct RequestMetrics {
-    ttft: Latency,
-    itl: Latency,
-    tpot: Latency,
-    e2e: Latency,
-    queue: Latency,
-    inference: Latency,
-    prefill: Latency,
-    decode: Latency,
+    ttft: Histogram,
+    itl: Histogram,
+    tpot: Histogram,
+    e2e: Histogram,
+    queue: Histogram,
+    inference: Histogram,
+    prefill: Histogram,
+    decode: Histogram,
     prompt_tokens: Histogram,
     generation_tokens: Histogram,
     max_tokens: Histogram,
@@ -281,43 +289,6 @@ fn counter(reg: &Registry, suffix: &str, help: &str) -> prometheus::Result<IntCo
     Ok(c)
 }
 
-/// A latency recorded twice: in our fine buckets, and (with compatibility on) in vLLM's own
-/// bounds under the `vllm:` name, which dashboards built for vLLM expect exactly.
-#[derive(Clone)]
-struct Latency {
-    native: Histogram,
-    vllm: Option<Histogram>,
-}
-
-impl Latency {
-    fn new(
-        reg: &Registry,
-        suffix: &str,
-        help: &str,
-        vllm_buckets: &[f64],
-        compat: bool,
-    ) -> prometheus::Result<Self> {
-        let native = histogram(reg, suffix, help, buckets::NATIVE_LATENCY.to_vec())?;
-        let vllm = compat
-            .then(|| {
-                let opts = HistogramOpts::new(format!("{VLLM_PREFIX}{suffix}"), help)
-                    .buckets(vllm_buckets.to_vec());
-                let h = Histogram::with_opts(opts)?;
-                reg.register(Box::new(h.clone()))?;
-                prometheus::Result::Ok(h)
-            })
-            .transpose()?;
-        Ok(Self { native, vllm })
-    }
-
-    fn observe(&self, secs: f64) {
-        self.native.observe(secs);
-        if let Some(v) = &self.vllm {
-            v.observe(secs);
-        }
-    }
-}
-
 fn histogram(
     reg: &Registry,
     suffix: &str,
@@ -339,65 +310,57 @@ impl Metrics {
         let secs = |v: &[f64]| v.to_vec();
 
         let requests = RequestMetrics {
-            ttft: Latency::new(
+            ttft: histogram(
                 &reg,
                 "time_to_first_token_seconds",
                 "Histogram of time to first token in seconds, from HTTP arrival (tokenization \
                  included) to the first token sent.",
-                buckets::TIME_TO_FIRST_TOKEN,
-                opts.vllm_compat,
+                buckets::NATIVE_LATENCY.to_vec(),
             )?,
-            itl: Latency::new(
+            itl: histogram(
                 &reg,
                 "inter_token_latency_seconds",
                 "Histogram of inter-token latency in seconds (every gap between two tokens of a \
                  request).",
-                buckets::TOKEN_LATENCY,
-                opts.vllm_compat,
+                buckets::NATIVE_LATENCY.to_vec(),
             )?,
-            tpot: Latency::new(
+            tpot: histogram(
                 &reg,
                 "request_time_per_output_token_seconds",
                 "Histogram of time per output token in seconds: decode time / (generated tokens \
                  - 1).",
-                buckets::TOKEN_LATENCY,
-                opts.vllm_compat,
+                buckets::NATIVE_LATENCY.to_vec(),
             )?,
-            e2e: Latency::new(
+            e2e: histogram(
                 &reg,
                 "e2e_request_latency_seconds",
                 "Histogram of end-to-end request latency in seconds.",
-                buckets::REQUEST_LATENCY,
-                opts.vllm_compat,
+                buckets::NATIVE_LATENCY.to_vec(),
             )?,
-            queue: Latency::new(
+            queue: histogram(
                 &reg,
                 "request_queue_time_seconds",
                 "Histogram of time spent waiting in the queue (admitted to first scheduled) in \
                  seconds.",
-                buckets::REQUEST_LATENCY,
-                opts.vllm_compat,
+                buckets::NATIVE_LATENCY.to_vec(),
             )?,
-            inference: Latency::new(
+            inference: histogram(
                 &reg,
                 "request_inference_time_seconds",
                 "Histogram of time spent running (first scheduled to last token) in seconds.",
-                buckets::REQUEST_LATENCY,
-                opts.vllm_compat,
+                buckets::NATIVE_LATENCY.to_vec(),
             )?,
-            prefill: Latency::new(
+            prefill: histogram(
                 &reg,
                 "request_prefill_time_seconds",
                 "Histogram of time spent in prefill (first scheduled to first token) in seconds.",
-                buckets::REQUEST_LATENCY,
-                opts.vllm_compat,
+                buckets::NATIVE_LATENCY.to_vec(),
             )?,
-            decode: Latency::new(
+            decode: histogram(
                 &reg,
                 "request_decode_time_seconds",
                 "Histogram of time spent in decode (first to last token) in seconds.",
-                buckets::REQUEST_LATENCY,
-                opts.vllm_compat,
+                buckets::NATIVE_LATENCY.to_vec(),
             )?,
             prompt_tokens: histogram(
                 &reg,
@@ -747,6 +710,20 @@ fn vllm_copy(f: &MetricFamily) -> Option<MetricFamily> {
     }
     let mut copy = f.clone();
     copy.set_name(format!("{VLLM_PREFIX}{suffix}"));
+    // Ours are finer; vLLM's bounds are among them, so its buckets are ours read there.
+    if let Some(bounds) = buckets::vllm_latency(suffix) {
+        for m in copy.mut_metric() {
+            let mut h = m.get_histogram().clone();
+            let kept = h
+                .get_bucket()
+                .iter()
+                .filter(|b| bounds.contains(&b.upper_bound()))
+                .cloned()
+                .collect();
+            h.set_bucket(kept);
+            m.set_histogram(h);
+        }
+    }
     Some(copy)
 }
 
