@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::http::client;
+
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -82,14 +84,6 @@ impl Drop for Daemon {
             eprintln!("----- daemon log -----\n{}\n-----", self.process.tail());
         }
     }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("reqwest client")
 }
 
 fn fresh_client() -> reqwest::Client {

@@ -15,6 +15,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use common::daemon::{distillery_command, DaemonProcess};
+use common::http::{client, ok, post, post_raw, stream};
 use common::models_dir;
 
 const MODEL: &str = "tiny-random-qwen2";
@@ -61,50 +62,12 @@ impl Drop for Daemon {
     }
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("reqwest client")
-}
-
-async fn post_raw(c: &reqwest::Client, url: &str, body: &Value) -> (StatusCode, String) {
-    let r = c.post(url).json(body).send().await.expect("POST");
-    let status = r.status();
-    (status, r.text().await.expect("body"))
-}
-
-async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (StatusCode, Value) {
-    let (status, text) = post_raw(c, url, body).await;
-    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: {e}: {text}"));
-    (status, v)
-}
-
-async fn ok(c: &reqwest::Client, url: &str, body: &Value) -> Value {
-    let (status, v) = post(c, url, body).await;
-    assert_eq!(status, StatusCode::OK, "{body} -> {v}");
-    v
-}
-
 async fn refused(c: &reqwest::Client, url: &str, body: &Value, param: &str) -> Value {
     let (status, v) = post(c, url, body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body} -> {v}");
     assert_eq!(v["error"]["param"], param, "{body} -> {v}");
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     v
-}
-
-/// The data events of an SSE response, `[DONE]` checked and dropped.
-async fn stream(c: &reqwest::Client, url: &str, body: &Value) -> Vec<Value> {
-    let (status, text) = post_raw(c, url, body).await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    let frames: Vec<&str> = text.split("\n\n").filter(|f| !f.is_empty()).collect();
-    assert_eq!(frames.last(), Some(&"data: [DONE]"), "{text}");
-    frames[..frames.len() - 1]
-        .iter()
-        .map(|f| serde_json::from_str(f.strip_prefix("data: ").expect("data")).expect("JSON"))
-        .collect()
 }
 
 fn ids(v: &Value) -> Vec<u32> {

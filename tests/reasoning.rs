@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::time::Duration;
 
 use prom_text_format_parser::{Scrape, ValueType};
 use reqwest::StatusCode;
@@ -19,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use common::daemon::{distillery_command, DaemonProcess};
+use common::http::{client, ok, post, stream};
 use common::models_dir;
 
 const MODEL: &str = "tiny-r1-distill-qwen2";
@@ -80,51 +80,6 @@ impl Drop for Daemon {
             eprintln!("----- daemon log -----\n{}\n-----", self.0.tail());
         }
     }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("reqwest client")
-}
-
-async fn post(c: &reqwest::Client, url: &str, body: &Value) -> (StatusCode, Value) {
-    let r = c
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    let status = r.status();
-    let text = r.text().await.expect("body");
-    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: {e}: {text}"));
-    (status, v)
-}
-
-async fn ok(c: &reqwest::Client, url: &str, body: &Value) -> Value {
-    let (status, v) = post(c, url, body).await;
-    assert_eq!(status, StatusCode::OK, "{body} -> {v}");
-    v
-}
-
-/// The data events of an SSE response, `[DONE]` checked and dropped.
-async fn stream(c: &reqwest::Client, url: &str, body: &Value) -> Vec<Value> {
-    let r = c.post(url).json(body).send().await.expect("POST");
-    assert_eq!(r.status(), StatusCode::OK);
-    let text = r.text().await.expect("body");
-    let frames: Vec<&str> = text.split("\n\n").filter(|f| !f.is_empty()).collect();
-    assert_eq!(frames.last(), Some(&"data: [DONE]"), "{text}");
-    frames[..frames.len() - 1]
-        .iter()
-        .map(|f| {
-            let data = f.strip_prefix("data: ").expect("data frame");
-            let v: Value = serde_json::from_str(data).expect("JSON event");
-            assert!(v.get("error").is_none(), "error event: {v}");
-            v
-        })
-        .collect()
 }
 
 /// One choice's parts as a response shows them.

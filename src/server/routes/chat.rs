@@ -108,6 +108,23 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
         .collect()
 }
 
+/// How the rendered chat ends: `(add_generation_prompt, continue_final_message)`. The first
+/// defaults to true, or to false when the last message is to be continued; both is an error.
+pub fn turn_ending(
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
+) -> Result<(bool, bool), ApiError> {
+    let continue_final = continue_final_message.unwrap_or(false);
+    let add = add_generation_prompt.unwrap_or(!continue_final);
+    if continue_final && add {
+        return Err(ApiError::invalid(
+            "continue_final_message and add_generation_prompt cannot both be true",
+            Some("continue_final_message"),
+        ));
+    }
+    Ok((add, continue_final))
+}
+
 /// The request's tools as the template's `tools` value.
 pub fn template_tools(tools: &Option<Vec<serde_json::Value>>) -> Option<serde_json::Value> {
     tools.clone().map(serde_json::Value::Array)
@@ -188,14 +205,8 @@ async fn handle(
             Some("tools"),
         ));
     }
-    let continue_final = req.continue_final_message.unwrap_or(false);
-    let add_generation_prompt = req.add_generation_prompt.unwrap_or(!continue_final);
-    if continue_final && add_generation_prompt {
-        return Err(ApiError::invalid(
-            "continue_final_message and add_generation_prompt cannot both be true",
-            Some("continue_final_message"),
-        ));
-    }
+    let (add_generation_prompt, continue_final) =
+        turn_ending(req.add_generation_prompt, req.continue_final_message)?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top = if want_logprobs {
         Some(req.top_logprobs.unwrap_or(0))

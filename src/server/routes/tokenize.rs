@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
-use super::chat::{template_tools, to_template_messages};
+use super::chat::{template_tools, to_template_messages, turn_ending};
 use crate::server::error::ApiError;
 use crate::server::json;
 use crate::server::protocol::{
@@ -44,14 +44,8 @@ async fn tokenize_inner(
         }
         (None, Some(messages)) => {
             let messages = to_template_messages(&messages)?;
-            let continue_final = req.continue_final_message.unwrap_or(false);
-            let gen = req.add_generation_prompt.unwrap_or(!continue_final);
-            if continue_final && gen {
-                return Err(ApiError::invalid(
-                    "continue_final_message and add_generation_prompt cannot both be true",
-                    Some("continue_final_message"),
-                ));
-            }
+            let (gen, continue_final) =
+                turn_ending(req.add_generation_prompt, req.continue_final_message)?;
             let tools = template_tools(&req.tools);
             let extra = req.chat_template_kwargs;
             // As chat: the template writes the special tokens unless asked otherwise.
