@@ -11,7 +11,6 @@
 
 mod common;
 
-
 use prom_text_format_parser::{Scrape, ValueType};
 use reqwest::StatusCode;
 use serde::Deserialize;
