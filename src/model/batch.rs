@@ -62,7 +62,13 @@ impl ForwardBatch {
         if self.all_logits {
             return None;
         }
-        let mut rows = Vec::with_capacity(self.num_seqs() + self.num_tokens());
+        // Only a step that scores a prompt needs room for more than a row per sequence.
+        let extra = if self.every_token.is_empty() {
+            0
+        } else {
+            self.num_tokens()
+        };
+        let mut rows = Vec::with_capacity(self.num_seqs() + extra);
         let mut marked = self.every_token.iter().peekable();
         for (i, w) in self.query_start.windows(2).enumerate() {
             if marked.next_if_eq(&&i).is_some() {

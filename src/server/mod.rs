@@ -16,6 +16,7 @@ mod preprocess;
 mod protocol;
 mod request_log;
 mod routes;
+mod scores;
 mod sse;
 mod state;
 mod validate;

@@ -12,16 +12,13 @@ use futures_util::stream;
 use crate::reasoning::{Effort, Reasoning};
 use crate::server::error::ApiError;
 use crate::server::fields::{self, Endpoint};
-use crate::server::output::{
-    OutputEvent, OutputOptions, Outputs, PromptShape, TextPart, TokenLogprob,
-};
+use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TextPart};
 use crate::server::protocol::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut,
-    ChatRequest, ChatResponse, ChatTokenLogprob, ChatTopLogprob, Content, PromptLogprobs,
-    ReasoningOut, Usage,
+    ChatRequest, ChatResponse, ChatTokenLogprob, Content, PromptLogprobs, ReasoningOut, Usage,
 };
 use crate::server::request_log::{RequestId, RequestLogger};
-use crate::server::routes::completions::vllm_prompt_logprobs;
+use crate::server::scores::{chat_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
 use crate::tokenizer::{ChatMessage, RenderArgs};
@@ -193,7 +190,7 @@ async fn handle(
     log: RequestLogger,
 ) -> Result<Response, ApiError> {
     let body = json::body(body)?;
-    let req: ChatRequest = json::parse(&body)?;
+    let mut req: ChatRequest = json::parse(&body)?;
     st.check_model(req.model.as_deref())?;
     fields::check(&req.other, Endpoint::Chat)?;
     // `fields` refuses any tool_choice but "none"; with tools, its default is "auto".
@@ -240,7 +237,7 @@ async fn handle(
     };
     let tokenizer = st.tokenizer.clone();
     let tools = template_tools(&req.tools);
-    let extra = req.chat_template_kwargs.clone();
+    let extra = req.chat_template_kwargs.take();
     let add_special = req.add_special_tokens.unwrap_or(false);
     // Each message also costs the template's text around it: many empty messages are not
     // small work.
@@ -341,26 +338,6 @@ impl Shown {
     fn sends_reasoning(self) -> bool {
         self.reasoning && self.include_reasoning
     }
-}
-
-fn chat_logprobs(entries: &[TokenLogprob]) -> Vec<ChatTokenLogprob> {
-    entries
-        .iter()
-        .map(|e| ChatTokenLogprob {
-            token: e.token.text.clone(),
-            logprob: e.logprob.unwrap_or(f32::NEG_INFINITY),
-            bytes: e.token.bytes.clone(),
-            top_logprobs: e
-                .top
-                .iter()
-                .map(|(t, l)| ChatTopLogprob {
-                    token: t.text.clone(),
-                    logprob: *l,
-                    bytes: t.bytes.clone(),
-                })
-                .collect(),
-        })
-        .collect()
 }
 
 async fn collect(

@@ -15,9 +15,10 @@ use crate::server::fields::{self, Endpoint};
 use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TokenLogprob};
 use crate::server::protocol::{
     CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse,
-    Prompt, PromptLogprobEntry, PromptLogprobMap, PromptLogprobs, TopLogprobMap, Usage,
+    Prompt, PromptLogprobs, Usage,
 };
 use crate::server::request_log::{RequestId, RequestLogger};
+use crate::server::scores::{completion_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
 
@@ -87,10 +88,11 @@ async fn handle(
     } else {
         req.logprobs
     };
-    let mut sampling = req.sampling.clone();
-    sampling.n = Some(best_of);
+    // The engine runs best_of choices; n only picks how many come back.
+    let mut req = req;
+    req.sampling.n = Some(best_of);
     let prepared = validate::prepare(
-        &sampling,
+        &req.sampling,
         Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
         validate::Scores {
             logprobs: engine_logprobs,
@@ -227,64 +229,6 @@ impl Shown {
         let echoed = self.echoes_scores().then_some(self.logprobs).flatten();
         echoed.max(self.prompt_logprobs)
     }
-}
-
-/// Generated or echoed tokens in completions' shape. `base` is the characters of the
-/// choice's text before the first of them (the echoed prompt, for generated tokens). The
-/// top logprobs hold the `k` best and the token itself where it is not among them (OpenAI:
-/// up to `logprobs + 1`).
-fn completion_logprobs(entries: &[TokenLogprob], k: usize, base: usize) -> CompletionLogprobs {
-    let mut lp = CompletionLogprobs::default();
-    for e in entries {
-        lp.tokens.push(e.token.text.clone());
-        lp.token_logprobs.push(e.logprob);
-        lp.top_logprobs.push(e.logprob.map(|own| {
-            let mut top: Vec<(String, f32)> = e
-                .top
-                .iter()
-                .take(k)
-                .map(|(t, l)| (t.text.clone(), *l))
-                .collect();
-            if !e.top.iter().take(k).any(|(t, _)| t.id == e.token.id) {
-                let at = top.partition_point(|&(_, l)| l >= own);
-                top.insert(at, (e.token.text.clone(), own));
-            }
-            TopLogprobMap::from_ordered(top)
-        }));
-        lp.text_offset.push(base + e.offset);
-    }
-    lp
-}
-
-/// vLLM's `prompt_logprobs` for one prompt: each position's own token and the top `k`.
-pub(crate) fn vllm_prompt_logprobs(tokens: &[TokenLogprob], k: usize) -> PromptLogprobs {
-    tokens
-        .iter()
-        .map(|e| {
-            let own = e.logprob?;
-            let mut map: Vec<(u32, PromptLogprobEntry)> = vec![(
-                e.token.id,
-                PromptLogprobEntry {
-                    logprob: own,
-                    rank: e.rank.unwrap_or(1),
-                    decoded_token: e.token.text.clone(),
-                },
-            )];
-            for (rank, (t, l)) in e.top.iter().take(k).enumerate() {
-                if t.id != e.token.id {
-                    map.push((
-                        t.id,
-                        PromptLogprobEntry {
-                            logprob: *l,
-                            rank: rank as u32 + 1,
-                            decoded_token: t.text.clone(),
-                        },
-                    ));
-                }
-            }
-            Some(PromptLogprobMap(map))
-        })
-        .collect()
 }
 
 /// One choice as it is being collected.
