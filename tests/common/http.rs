@@ -15,6 +15,17 @@ pub fn client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
+/// GETs `url`, which must answer 200: its JSON.
+pub async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    let r = c
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(r.status(), StatusCode::OK, "GET {url}");
+    r.json().await.expect("JSON")
+}
+
 /// POSTs `body` as JSON: the status and the body's text.
 pub async fn post_raw(c: &reqwest::Client, url: &str, body: &Value) -> (StatusCode, String) {
     let r = c

@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod http;
 pub mod scrape;
+pub mod served;
 
 use serde::Deserialize;
 use std::path::PathBuf;
