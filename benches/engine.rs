@@ -62,6 +62,7 @@ fn run(name: &str, max_tokens: usize) {
                 arrival: Instant::now(),
                 delivery: Delivery::AtFinish,
                 steer: None,
+                constraint: None,
             })
             .collect();
         let start = Instant::now();

@@ -116,6 +116,24 @@ pub enum MetricsCompat {
     Vllm,
 }
 
+/// `--tool-call-parser`: the format tool calls are written in, and so parsed and constrained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolCallParserChoice {
+    /// The format the chat template writes calls in, if it writes any.
+    Auto,
+    /// DeepSeek V3 / R1-Distill: `<｜tool▁calls▁begin｜>…`.
+    Deepseek,
+    /// Qwen2.5 / Hermes: `<tool_call>{…}</tool_call>`.
+    Hermes,
+    /// Llama 3.x: a JSON object with `name` and `parameters`.
+    #[value(name = "llama3_json")]
+    #[serde(rename = "llama3_json")]
+    Llama3Json,
+    /// Off: tools reach the template, the output is never parsed into calls.
+    None,
+}
+
 /// `--generation-config`: where requests' omitted sampling fields come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GenerationConfigChoice {
@@ -197,6 +215,7 @@ pub struct ServeSettings {
     pub reasoning_budget: i64,
     pub reasoning_budget_message: String,
     pub reasoning_effort_budgets: EffortBudgets,
+    pub tool_call_parser: ToolCallParserChoice,
 }
 
 impl Default for ServeSettings {
@@ -245,6 +264,7 @@ impl Default for ServeSettings {
             reasoning_budget: reasoning.budget,
             reasoning_budget_message: reasoning.budget_message,
             reasoning_effort_budgets: reasoning.effort,
+            tool_call_parser: ToolCallParserChoice::Auto,
         }
     }
 }

@@ -11,4 +11,6 @@ pub mod metrics;
 pub mod model;
 pub mod reasoning;
 pub mod server;
+pub mod structured;
 pub mod tokenizer;
+pub mod tools;

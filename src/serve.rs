@@ -11,7 +11,7 @@ use clap::Args;
 use distillery::config::KvCacheSize;
 use distillery::config::{
     parse_bytes, GenerationConfigChoice, InvalidSettings, LoadFormat, LogFormat, MetricsCompat,
-    NumericSetting, ServeSettings, WorkerCount,
+    NumericSetting, ServeSettings, ToolCallParserChoice, WorkerCount,
 };
 use distillery::metrics::{Metrics, MetricsOptions};
 use distillery::model::{
@@ -20,6 +20,7 @@ use distillery::model::{
 use distillery::reasoning::{EffortBudgets, Reasoning, ReasoningParserChoice};
 use distillery::server::{self, ConnectionLimits, ModelBehaviour, SamplingDefaults, ServerOptions};
 use distillery::tokenizer::Tokenizer;
+use distillery::tools::ToolFormat;
 use distillery::{engine, model::Decoder};
 
 /// Every flag can also be set as `DISTILLERY_<NAME>` or in the config file.
@@ -155,6 +156,10 @@ pub struct ServeArgs {
     /// [default: low=512,medium=2048,high=8192]
     #[arg(long, env = "DISTILLERY_REASONING_EFFORT_BUDGETS", value_parser = EffortBudgets::parse)]
     reasoning_effort_budgets: Option<EffortBudgets>,
+    /// The tool-call format: auto (the one the chat template writes), deepseek, hermes,
+    /// llama3_json, none [default: auto]
+    #[arg(long, env = "DISTILLERY_TOOL_CALL_PARSER", value_enum)]
+    tool_call_parser: Option<ToolCallParserChoice>,
 }
 
 impl ServeArgs {
@@ -202,7 +207,8 @@ impl ServeArgs {
             reasoning_parser,
             reasoning_budget,
             reasoning_budget_message,
-            reasoning_effort_budgets
+            reasoning_effort_budgets,
+            tool_call_parser
         );
         if self.served_model_name.is_some() {
             s.served_model_name = self.served_model_name.clone();
@@ -380,6 +386,7 @@ fn behaviour(
     s: &ServeSettings,
     tokenizer: &Tokenizer,
     model_dir: Option<&std::path::Path>,
+    eos_token_ids: &[u32],
 ) -> Result<ModelBehaviour> {
     let sampling_defaults = sampling_defaults(s, model_dir)?;
     if sampling_defaults == SamplingDefaults::default() {
@@ -404,11 +411,34 @@ fn behaviour(
         ),
         None => tracing::info!("reasoning parser off: all output is content"),
     }
+    let tool_format = tool_format(s.tool_call_parser, tokenizer);
+    match tool_format {
+        Some(f) => tracing::info!(format = f.name(), "tool calls parsed and constrained"),
+        None => tracing::info!(
+            "no tool-call format: tools reach the template, tool_choice other than none is \
+             refused (--tool-call-parser)"
+        ),
+    }
     Ok(ModelBehaviour {
         reasoning,
         sampling_defaults,
         model_root: s.model.clone(),
+        tool_format,
+        eos_token_ids: eos_token_ids.to_vec(),
     })
+}
+
+/// `--tool-call-parser`: `auto` reads the format off the chat template.
+fn tool_format(choice: ToolCallParserChoice, tokenizer: &Tokenizer) -> Option<ToolFormat> {
+    match choice {
+        ToolCallParserChoice::Auto => tokenizer
+            .chat_template()
+            .and_then(|t| ToolFormat::detect(t.source())),
+        ToolCallParserChoice::Deepseek => Some(ToolFormat::Deepseek),
+        ToolCallParserChoice::Hermes => Some(ToolFormat::Hermes),
+        ToolCallParserChoice::Llama3Json => Some(ToolFormat::Llama3Json),
+        ToolCallParserChoice::None => None,
+    }
 }
 
 /// The settings whose range depends on the model or the machine.
@@ -492,7 +522,12 @@ pub fn run(s: ServeSettings) -> Result<()> {
         name: default_name,
         dir,
     } = load(&s)?;
-    let behaviour = behaviour(&s, &tokenizer, dir.as_deref())?;
+    let behaviour = behaviour(
+        &s,
+        &tokenizer,
+        dir.as_deref(),
+        &decoder.config().eos_token_ids,
+    )?;
     // An empty name (e.g. `DISTILLERY_SERVED_MODEL_NAME=` in a manifest) means "not set".
     let model_name = s
         .served_model_name

@@ -53,6 +53,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> EngineRequest {
         arrival: Instant::now(),
         delivery: Delivery::EachToken,
         steer: None,
+        constraint: None,
     }
 }
 
@@ -540,6 +541,7 @@ fn forced_tokens_are_emitted_scored_and_cached() {
     let mut stream = core
         .submit(EngineRequest {
             steer: Some(force_at(1, forced.clone())),
+            constraint: None,
             ..with_logprobs(greedy(&prompt, 6))
         })
         .unwrap();
@@ -579,6 +581,7 @@ fn forced_tokens_are_emitted_scored_and_cached() {
         .map(|_| EngineRequest {
             n: 2,
             steer: Some(force_at(1, forced.clone())),
+            constraint: None,
             ..greedy(&prompt, 6)
         })
         .collect();

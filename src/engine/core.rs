@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::constraint::Progress;
 use super::device_sampling;
 use super::kv_manager::KvManager;
 use super::request::{Delivery, EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
@@ -19,6 +21,7 @@ use super::sampler::{argmax, score_prompt_token, SamplerScratch};
 use super::scheduler::{Scheduled, Scheduler, SchedulerLimits};
 use super::sequence::{RequestShared, Sequence};
 use super::stats::{EngineStats, StatsSnapshot, StepObserver, StepReport};
+use super::steer::Steering;
 use super::{EngineLimits, RequestStream, SubmitError};
 use crate::model::{Decoder, ForwardBatch, KvCache, ModelError};
 
@@ -39,6 +42,8 @@ pub struct EngineCore {
     scratch: SamplerScratch,
     row: Vec<f32>,
     masked: Vec<u32>,
+    /// Indices (in `running`, ascending) of this step's constrained sample points.
+    mask_seqs: Vec<usize>,
 }
 
 impl EngineCore {
@@ -69,6 +74,7 @@ impl EngineCore {
             scratch: SamplerScratch::default(),
             row: Vec::new(),
             masked: Vec::new(),
+            mask_seqs: Vec::new(),
         }
     }
 
@@ -128,7 +134,7 @@ impl EngineCore {
                 &req.prompt_ids,
                 req.arrival,
                 fork,
-                req.steer.as_ref(),
+                Steering::new(req.steer.as_ref(), req.constraint.as_ref(), choice),
             ));
         }
         self.stats
@@ -199,7 +205,34 @@ impl EngineCore {
                 self.batch.score_every_token_of_last();
             }
         }
-        let logits = self.decoder.forward(&self.batch, &self.cache)?;
+        self.mask_seqs.clear();
+        for sch in &self.scheduled {
+            let s = &self.scheduler.running[sch.index];
+            let samples =
+                s.num_computed + sch.num_tokens >= s.tokens.len() && s.request.stop.max_tokens > 0;
+            if samples && s.steering.needs_mask() {
+                self.mask_seqs.push(sch.index);
+            }
+        }
+        let logits = if self.mask_seqs.is_empty() {
+            self.decoder.forward(&self.batch, &self.cache)?
+        } else {
+            // The grammar masks are computed beside the forward, each on its own thread.
+            self.mask_seqs.sort_unstable();
+            let (decoder, batch, cache) = (&self.decoder, &self.batch, &self.cache);
+            let (running, want) = (&mut self.scheduler.running, &self.mask_seqs);
+            let (logits, ()) = rayon::join(
+                || decoder.forward(batch, cache),
+                || {
+                    running.par_iter_mut().enumerate().for_each(|(i, s)| {
+                        if want.binary_search(&i).is_ok() {
+                            s.steering.prepare_mask();
+                        }
+                    })
+                },
+            );
+            logits?
+        };
         let vocab = logits.dim(1)?;
         // On a GPU with an all-greedy step, only the chosen ids come back (empty `all` below).
         let device_ids = device_sampling::greedy_ids(&logits, || {
@@ -362,6 +395,17 @@ fn sample_and_emit(
         masked.extend_from_slice(&stop.stop_token_ids);
     }
     let forced = s.steering.next_forced();
+    let allowed = match forced.or(chosen) {
+        Some(_) => None,
+        None => match s.steering.mask() {
+            Ok(mask) => mask,
+            Err(e) => return fail(s, e, stats),
+        },
+    };
+    if allowed.is_some_and(|m| m.is_empty()) {
+        // Nothing may follow (a grammar that ended without a stop token): the choice is done.
+        return finish(s, FinishReason::Stop, None, stats);
+    }
     let (token, logprobs) = if let Some(token) = forced {
         // The model's own view of a token it did not choose, when logprobs are asked for (a
         // device-side greedy step has no host row, but such a step never asks for them).
@@ -377,12 +421,14 @@ fn sample_and_emit(
         (token, logprobs)
     } else if let Some(token) = chosen {
         (token, None)
-    } else if masked.is_empty() && req.params.is_plain_greedy() {
+    } else if masked.is_empty() && allowed.is_none() && req.params.is_plain_greedy() {
         (argmax(logits), None)
     } else {
         row.clear();
         row.extend_from_slice(logits);
-        let sampled = s.sampler.sample_masked(&req.params, row, masked, scratch);
+        let sampled = s
+            .sampler
+            .sample_allowed(&req.params, row, masked, allowed, scratch);
         let logprobs = sampled.logprob.map(|logprob| TokenLogprobs {
             logprob,
             top: sampled.top_logprobs,
@@ -391,7 +437,10 @@ fn sample_and_emit(
     };
     s.sampler.record(token);
     s.tokens.push(token);
-    s.steering.observe(token);
+    let progress = match s.steering.observe(token) {
+        Ok(p) => p,
+        Err(e) => return fail(s, e, stats),
+    };
     stats.generation_tokens.fetch_add(1, Relaxed);
     let first = s.timings.first_token.is_none();
     s.timings.first_token.get_or_insert(now);
@@ -419,7 +468,7 @@ fn sample_and_emit(
             _ => req.send(event),
         }
     }
-    let reason = if is_stop_token {
+    let reason = if is_stop_token || progress == Progress::Done {
         FinishReason::Stop
     } else if s.output_len() >= stop.max_tokens {
         FinishReason::Length
@@ -427,6 +476,16 @@ fn sample_and_emit(
         return;
     };
     finish(s, reason, is_stop_token.then_some(token), stats);
+}
+
+/// Ends the request of `s` with an error (its constraint broke: a bug, not the client's).
+fn fail(s: &mut Sequence, message: String, stats: &EngineStats) {
+    tracing::error!(error = %message, "constrained decoding failed");
+    s.finished = true;
+    count_finish(stats, FinishReason::Abort);
+    s.request.send(EngineEvent::Error {
+        message: format!("constrained decoding failed: {message}"),
+    });
 }
 
 /// Ends `s`: counts the finish, then sends its held tokens and its `Finished` event.

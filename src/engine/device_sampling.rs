@@ -16,6 +16,7 @@ pub(super) fn takes_raw_argmax(s: &Sequence) -> bool {
     s.request.params.is_plain_greedy()
         && s.prompt_scores.is_none()
         && !s.steering.has_forced()
+        && !s.steering.has_constraint()
         && (s.output_len() >= stop.min_tokens
             || (stop.ignore_eos && stop.stop_token_ids.is_empty()))
 }

@@ -10,6 +10,7 @@
 //! text.
 
 pub mod block_pool;
+pub mod constraint;
 pub mod core;
 mod device_sampling;
 pub mod kv_manager;
@@ -20,6 +21,7 @@ mod sequence;
 pub mod stats;
 pub mod steer;
 
+pub use constraint::{Constraint, ConstraintFactory, Progress, TokenMask};
 pub use request::{
     Delivery, EngineEvent, EngineRequest, FinishReason, PromptLogprob, StopConditions, SubmitError,
     Timings, TokenLogprobs,

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::constraint::ConstraintFactory;
 use super::sampler::SamplingParams;
 use super::steer::SteerFactory;
 
@@ -30,6 +31,8 @@ pub struct EngineRequest {
     pub delivery: Delivery,
     /// Forced tokens ([`super::steer`]): one steer per choice, or none.
     pub steer: Option<SteerFactory>,
+    /// Constrained decoding ([`super::constraint`]): one constraint per choice, or none.
+    pub constraint: Option<ConstraintFactory>,
 }
 
 impl std::fmt::Debug for EngineRequest {
@@ -41,6 +44,7 @@ impl std::fmt::Debug for EngineRequest {
             .field("n", &self.n)
             .field("delivery", &self.delivery)
             .field("steer", &self.steer.is_some())
+            .field("constraint", &self.constraint.is_some())
             .finish()
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::kv_manager::SeqBlocks;
 use super::request::{Delivery, EngineEvent, PromptLogprob, StopConditions, Timings};
 use super::sampler::{SamplingParams, SequenceSampler};
-use super::steer::{SteerFactory, Steering};
+use super::steer::Steering;
 
 pub type SeqId = u64;
 
@@ -63,7 +63,7 @@ pub struct Sequence {
     pub held: Vec<EngineEvent>,
     /// Set once its `Finished` event is sent; the sequence leaves the queues at the step's end.
     pub finished: bool,
-    /// Its steer and the tokens it has queued (kept through preemption).
+    /// Its steer, its constraint and the tokens they have queued (kept through preemption).
     pub(super) steering: Steering,
     /// With `prompt_logprobs`: the prompt's tokens scored so far (position 1 onwards), kept
     /// through preemption so recomputed positions are not scored twice; taken when sent.
@@ -71,14 +71,14 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(
+    pub(super) fn new(
         id: SeqId,
         choice: usize,
         request: Arc<RequestShared>,
         prompt: &[u32],
         arrival: Instant,
         fork_parent: Option<SeqId>,
-        steer: Option<&SteerFactory>,
+        steering: Steering,
     ) -> Self {
         let sampler = SequenceSampler::for_choice(&request.params, prompt, choice);
         // The first choice scores the prompt; the others share its blocks.
@@ -103,7 +103,7 @@ impl Sequence {
             },
             held: Vec::new(),
             finished: false,
-            steering: Steering::new(steer, choice),
+            steering,
             prompt_scores,
         }
     }

@@ -16,6 +16,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::constraint::{Constrained, ConstraintFactory, Progress, TokenMask};
+
 /// Decides the forced tokens of one choice. Runs on the engine thread, once per emitted token:
 /// it must be cheap and must not block.
 pub trait Steer: Send {
@@ -27,19 +29,50 @@ pub trait Steer: Send {
 /// Makes the steer of each choice (its index is the argument).
 pub type SteerFactory = Arc<dyn Fn(usize) -> Box<dyn Steer> + Send + Sync>;
 
-/// A choice's forced-token state, kept in its sequence.
+/// A choice's forced-token state and its constraint, kept in its sequence.
 #[derive(Default)]
 pub(super) struct Steering {
     steer: Option<Box<dyn Steer>>,
+    constraint: Option<Constrained>,
     forced: VecDeque<u32>,
 }
 
 impl Steering {
-    pub(super) fn new(factory: Option<&SteerFactory>, choice: usize) -> Self {
+    pub(super) fn new(
+        factory: Option<&SteerFactory>,
+        constraint: Option<&ConstraintFactory>,
+        choice: usize,
+    ) -> Self {
         Self {
             steer: factory.map(|f| f(choice)),
+            constraint: constraint.map(|f| Constrained::new(f(choice))),
             forced: VecDeque::new(),
         }
+    }
+
+    /// Its next sample point is constrained and not forced: a mask is needed.
+    pub(super) fn needs_mask(&self) -> bool {
+        self.forced.is_empty() && self.constraint.as_ref().is_some_and(|c| c.is_active())
+    }
+
+    /// Computes the coming sample point's mask ahead of the sampling (see [`Self::mask`]).
+    pub(super) fn prepare_mask(&mut self) {
+        if let Some(c) = self.constraint.as_mut() {
+            c.prepare();
+        }
+    }
+
+    /// The allowed tokens at this sample point: `Ok(None)` when unconstrained.
+    pub(super) fn mask(&mut self) -> Result<Option<&TokenMask>, String> {
+        match self.constraint.as_mut() {
+            Some(c) => c.mask(),
+            None => Ok(None),
+        }
+    }
+
+    /// Constrained now, or may be later in the output (a device-side argmax would skip it).
+    pub(super) fn has_constraint(&self) -> bool {
+        self.constraint.is_some()
     }
 
     /// The token to emit instead of sampling, if one is queued.
@@ -51,9 +84,15 @@ impl Steering {
         !self.forced.is_empty()
     }
 
-    pub(super) fn observe(&mut self, token: u32) {
+    /// Tells the steer and the constraint of the token just emitted. The steer's forced
+    /// tokens come first: the constraint sees them as they are emitted.
+    pub(super) fn observe(&mut self, token: u32) -> Result<Progress, String> {
         if let Some(steer) = self.steer.as_mut() {
             steer.observe(token, &mut self.forced);
+        }
+        match self.constraint.as_mut() {
+            Some(c) => c.observe(token, &mut self.forced),
+            None => Ok(Progress::Open),
         }
     }
 }
@@ -84,25 +123,25 @@ mod tests {
                 then: vec![1, 2],
             })
         });
-        let mut s = Steering::new(Some(&factory), 0);
+        let mut s = Steering::new(Some(&factory), None, 0);
         assert_eq!(s.next_forced(), None);
-        s.observe(7);
+        s.observe(7).unwrap();
         assert!(s.has_forced());
         let a = s.next_forced().unwrap();
-        s.observe(a);
+        s.observe(a).unwrap();
         let b = s.next_forced().unwrap();
-        s.observe(b);
+        s.observe(b).unwrap();
         assert_eq!((a, b), (1, 2));
         assert_eq!(s.next_forced(), None);
         // The steer gave its tokens away: seeing 7 again forces nothing.
-        s.observe(7);
+        s.observe(7).unwrap();
         assert_eq!(s.next_forced(), None);
     }
 
     #[test]
     fn no_factory_means_nothing_is_ever_forced() {
-        let mut s = Steering::new(None, 3);
-        s.observe(7);
+        let mut s = Steering::new(None, None, 3);
+        s.observe(7).unwrap();
         assert!(!s.has_forced());
     }
 }

@@ -270,6 +270,18 @@ impl StepMetrics {
     }
 }
 
+/// Structured outputs: grammar compilation, its cache, and the per-token mask time.
+#[derive(Clone)]
+pub struct GrammarMetrics {
+    pub compile: Histogram,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub mask: Histogram,
+    /// Constrained requests, by kind (`json_schema`, `json_object`, `regex`, `choice`,
+    /// `grammar`, `tool_call`).
+    pub requests: IntCounterVec,
+}
+
 /// The registry and every recorded metric; build once, share by `Arc`.
 pub struct Metrics {
     registry: Registry,
@@ -277,6 +289,7 @@ pub struct Metrics {
     vllm_compat: bool,
     requests: RequestMetrics,
     steps: StepMetrics,
+    grammar: GrammarMetrics,
 }
 
 fn native(suffix: &str) -> String {
@@ -454,6 +467,43 @@ impl Metrics {
             sample: phases.with_label_values(&["sample"]),
         };
 
+        let grammar = GrammarMetrics {
+            compile: histogram(
+                &reg,
+                "grammar_compile_seconds",
+                "Time to compile a request's grammar (JSON schema, regex, choice, Lark, tool \
+                 calls) into a token parser; cache hits are not observed.",
+                buckets::NATIVE_LATENCY.to_vec(),
+            )?,
+            cache_hits: counter(
+                &reg,
+                "grammar_cache_hits_total",
+                "Constrained requests whose grammar was already compiled.",
+            )?,
+            cache_misses: counter(
+                &reg,
+                "grammar_cache_misses_total",
+                "Constrained requests whose grammar had to be compiled.",
+            )?,
+            mask: histogram(
+                &reg,
+                "grammar_mask_seconds",
+                "Time to compute one constrained sample point's token mask.",
+                secs(buckets::MASK_DURATION),
+            )?,
+            requests: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        native("constrained_requests_total"),
+                        "Requests decoded under a grammar, by kind.",
+                    ),
+                    &["kind"],
+                )?;
+                reg.register(Box::new(v.clone()))?;
+                v
+            },
+        };
+
         // Info-style: the value is 1, the facts are in the labels (vLLM writes Python's
         // str() of each field, hence "True"/"False").
         let info = Gauge::with_opts(
@@ -486,7 +536,12 @@ impl Metrics {
             vllm_compat: opts.vllm_compat,
             requests,
             steps,
+            grammar,
         })
+    }
+
+    pub fn grammar(&self) -> &GrammarMetrics {
+        &self.grammar
     }
 
     pub fn requests(&self) -> &RequestMetrics {

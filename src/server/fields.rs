@@ -39,8 +39,6 @@ pub enum Inert {
     Number(f64),
     /// `null` or this string.
     Str(&'static str),
-    /// `null` or an object whose `type` is this string.
-    Type(&'static str),
     /// `null` or a list of exactly these strings.
     Strings(&'static [&'static str]),
 }
@@ -56,7 +54,6 @@ impl Inert {
             (Self::Empty, Value::Object(o)) => o.is_empty(),
             (Self::Number(n), Value::Number(x)) => x.as_f64() == Some(n),
             (Self::Str(s), Value::String(x)) => x == s,
-            (Self::Type(t), Value::Object(o)) => o.get("type").and_then(Value::as_str) == Some(t),
             (Self::Strings(want), Value::Array(a)) => {
                 a.len() == want.len() && a.iter().zip(want).all(|(x, w)| x.as_str() == Some(*w))
             }
@@ -65,49 +62,13 @@ impl Inert {
     }
 }
 
-const STRUCTURED: &str = "structured outputs are not implemented yet";
-
 /// Refused on both endpoints.
 pub const REFUSED: &[Refused] = &[
     Refused {
-        field: "response_format",
-        inert: Inert::Type("text"),
-        why: STRUCTURED,
-    },
-    Refused {
-        field: "structured_outputs",
-        inert: Inert::Null,
-        why: STRUCTURED,
-    },
-    Refused {
-        field: "guided_json",
-        inert: Inert::Null,
-        why: STRUCTURED,
-    },
-    Refused {
-        field: "guided_regex",
-        inert: Inert::Null,
-        why: STRUCTURED,
-    },
-    Refused {
-        field: "guided_choice",
-        inert: Inert::Null,
-        why: STRUCTURED,
-    },
-    Refused {
-        field: "guided_grammar",
-        inert: Inert::Null,
-        why: STRUCTURED,
-    },
-    Refused {
-        field: "guided_decoding_backend",
-        inert: Inert::Null,
-        why: STRUCTURED,
-    },
-    Refused {
         field: "guided_whitespace_pattern",
         inert: Inert::Null,
-        why: STRUCTURED,
+        why: "JSON is written compact (structured_outputs.disable_any_whitespace: false allows \
+              any whitespace)",
     },
     Refused {
         field: "use_beam_search",
@@ -194,11 +155,6 @@ pub const REFUSED: &[Refused] = &[
 /// Refused on chat only.
 pub const REFUSED_CHAT: &[Refused] = &[
     Refused {
-        field: "tool_choice",
-        inert: Inert::Str("none"),
-        why: "tool calls are not parsed yet: only tool_choice \"none\" is honoured",
-    },
-    Refused {
         field: "functions",
         inert: Inert::Empty,
         why: "the legacy functions field is not supported; send tools",
@@ -261,7 +217,6 @@ pub const INFORMATIONAL: &[&str] = &[
     "safety_identifier",
     "prompt_cache_key",
     "request_id",
-    "parallel_tool_calls",
 ];
 
 /// Refuses the first field of `other` (the request's fields without a member of their own)
@@ -310,13 +265,11 @@ mod tests {
         let e = check(&fields(json!({"suffix": "x"})), Endpoint::Completions).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("suffix"));
         let e = check(
-            &fields(json!({"response_format": {"type": "json_object"}})),
+            &fields(json!({"guided_whitespace_pattern": "\\s*"})),
             Endpoint::Chat,
         )
         .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("response_format"));
-        let e = check(&fields(json!({"tool_choice": "auto"})), Endpoint::Chat).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("tool_choice"));
+        assert_eq!(e.param.as_deref(), Some("guided_whitespace_pattern"));
         let e = check(&fields(json!({"use_beam_search": true})), Endpoint::Chat).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("use_beam_search"));
     }

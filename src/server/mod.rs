@@ -7,6 +7,7 @@
 mod admission;
 mod body;
 mod connection;
+mod constrain;
 mod error;
 mod fields;
 mod json;
@@ -19,6 +20,7 @@ mod routes;
 mod scores;
 mod sse;
 mod state;
+mod tool_calls;
 mod validate;
 
 pub use error::ApiError;

@@ -341,6 +341,44 @@ pub struct ChatMessageOut {
     /// Present with a reasoning parser on (unless `include_reasoning: false`).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<ReasoningOut>,
+    /// The calls parsed from the answer, when it made any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One call in a response message.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct FunctionCallOut {
+    pub name: String,
+    /// The arguments object as JSON text, as OpenAI sends it.
+    pub arguments: String,
+}
+
+/// A streamed piece of one call: its first chunk has `id`, `type` and the name, the later
+/// ones fragments of the arguments.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// The reasoning under both of vLLM's names: `reasoning_content` (older clients, litellm)
@@ -390,6 +428,8 @@ pub struct ChatDelta {
     pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Serialize, Debug, Clone)]

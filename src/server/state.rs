@@ -13,7 +13,9 @@ use super::validate::SamplingDefaults;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::reasoning::Reasoning;
+use crate::structured::Grammars;
 use crate::tokenizer::Tokenizer;
+use crate::tools::ToolFormat;
 
 /// What the served model brings to every request besides its weights.
 #[derive(Clone, Debug, Default)]
@@ -23,6 +25,10 @@ pub struct ModelBehaviour {
     pub sampling_defaults: SamplingDefaults,
     /// What the model was loaded from (a folder or a hub id), as `/v1/models` shows it.
     pub model_root: String,
+    /// The format its tool calls are written in (`--tool-call-parser`), if any.
+    pub tool_format: Option<ToolFormat>,
+    /// Every id that ends a choice (a finished grammar allows them all).
+    pub eos_token_ids: Vec<u32>,
 }
 
 pub struct AppState {
@@ -30,6 +36,9 @@ pub struct AppState {
     pub reasoning: Option<Reasoning>,
     pub sampling_defaults: SamplingDefaults,
     pub model_root: String,
+    pub tool_format: Option<ToolFormat>,
+    /// Compiles and caches the grammars of structured outputs and tool calls.
+    pub grammars: Arc<Grammars>,
     pub tokenizer: Arc<Tokenizer>,
     pub model_name: String,
     pub max_model_len: usize,
@@ -60,7 +69,15 @@ impl AppState {
         behaviour: ModelBehaviour,
     ) -> Self {
         let limits = engine.limits();
+        let grammars = Arc::new(Grammars::new(
+            tokenizer.clone(),
+            &behaviour.eos_token_ids,
+            limits.vocab_size,
+            Some(metrics.grammar().clone()),
+        ));
         Self {
+            tool_format: behaviour.tool_format,
+            grammars,
             reasoning: behaviour.reasoning,
             sampling_defaults: behaviour.sampling_defaults,
             model_root: behaviour.model_root,

@@ -205,6 +205,7 @@ impl Prepared {
                 Delivery::AtFinish
             },
             steer: None,
+            constraint: None,
         }
     }
 }

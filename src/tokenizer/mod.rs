@@ -220,6 +220,20 @@ impl Tokenizer {
         self.bytes.as_ref().is_some_and(|t| t.is_on())
     }
 
+    /// Whether `text` is one added token of the vocabulary (a chat or tool-call marker).
+    pub fn is_added_token(&self, text: &str) -> bool {
+        self.inner
+            .get_added_vocabulary()
+            .get_vocab()
+            .contains_key(text)
+    }
+
+    /// The tokenizer as `tokenizer.json` text (what a grammar engine builds its token table
+    /// from).
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner.to_string(false).map_err(TokenizerError::Load)
+    }
+
     /// Number of distinct tokens, added tokens included (transformers' `len(tokenizer)`).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -52,9 +52,9 @@ def test_unsupported_fields_are_a_400_naming_them(client):
         client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "hi"}],
-            response_format={"type": "json_object"},
+            response_format={"type": "json_schema", "json_schema": {"name": "x"}},
         )
-    assert e.value.body["param"] == "response_format"
+    assert e.value.body["param"] == "response_format.json_schema.schema"
     # Informational fields the SDK sends are accepted.
     r = client.chat.completions.create(
         model=MODEL,
@@ -100,7 +100,7 @@ def test_litellm_logprobs_and_a_refused_format(url):
             api_base=url + "/v1",
             api_key="x",
             messages=[{"role": "user", "content": "hi"}],
-            response_format={"type": "json_object"},
+            response_format={"type": "json_schema", "json_schema": {"name": "x"}},
             num_retries=0,
         )
     assert "response_format" in str(e.value)

@@ -23,6 +23,8 @@ mod truncation;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::constraint::TokenMask;
+
 pub use logprobs::score_prompt_token;
 use logprobs::RawLogprobs;
 pub use params::{SamplingError, SamplingParams, MAX_LOGPROBS};
@@ -152,6 +154,20 @@ impl SequenceSampler {
         masked: &[u32],
         scratch: &mut SamplerScratch,
     ) -> Sampled {
+        self.sample_allowed(params, logits, masked, None, scratch)
+    }
+
+    /// [`Self::sample_masked`] restricted to the tokens `allowed` admits (a grammar's mask),
+    /// applied with the stop-rule mask: before bias, penalties and truncation, after the raw
+    /// logprobs are taken.
+    pub fn sample_allowed(
+        &mut self,
+        params: &SamplingParams,
+        logits: &mut [f32],
+        masked: &[u32],
+        allowed: Option<&TokenMask>,
+        scratch: &mut SamplerScratch,
+    ) -> Sampled {
         // Exactly one draw per step whatever the row and params, so a seeded sequence's
         // stream depends only on how many steps it has taken.
         let u = unit_interval(&mut self.rng);
@@ -160,6 +176,9 @@ impl SequenceSampler {
             .logprobs
             .map(|k| RawLogprobs::new(logits, k, scratch));
         mask_tokens(logits, masked);
+        if let Some(allowed) = allowed {
+            allowed.apply(logits);
+        }
 
         apply_logit_bias(logits, &params.logit_bias);
         self.apply_penalties(params, logits);

@@ -9,7 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::stream;
 
-use crate::reasoning::{Effort, Reasoning};
+use crate::reasoning::{Effort, Phase, Reasoning, ReasoningPlan};
+use crate::server::constrain::{self, Requested};
 use crate::server::error::ApiError;
 use crate::server::fields::{self, Endpoint};
 use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TextPart};
@@ -20,8 +21,11 @@ use crate::server::protocol::{
 use crate::server::request_log::{RequestId, RequestLogger};
 use crate::server::scores::{chat_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
+use crate::server::tool_calls::{split_answer, StreamedCalls};
 use crate::server::{json, sse, validate};
+use crate::structured::{Compiled, Gate};
 use crate::tokenizer::{ChatMessage, RenderArgs};
+use crate::tools::ToolFormat;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -193,15 +197,26 @@ async fn handle(
     let mut req: ChatRequest = json::parse(&body)?;
     st.check_model(req.model.as_deref())?;
     fields::check(&req.other, Endpoint::Chat)?;
-    // `fields` refuses any tool_choice but "none"; with tools, its default is "auto".
-    let tool_choice = req.other.get("tool_choice").filter(|v| !v.is_null());
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) && tool_choice.is_none() {
-        return Err(ApiError::invalid(
-            "tools is not supported yet with tool_choice \"auto\" (the default): tool calls \
-             are not parsed; send tool_choice \"none\" to show the tools to the model",
-            Some("tools"),
-        ));
-    }
+    let tokens = st.tokenizer.clone();
+    let tool_plan = constrain::tool_plan(req.tools.as_deref(), &req.other, st.tool_format, &|m| {
+        tokens.is_added_token(m)
+    })?;
+    let requested = match (
+        constrain::output_grammar(&req.other)?,
+        tool_plan.as_ref().and_then(|p| p.grammar.clone()),
+    ) {
+        (Some(r), Some(_)) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "{} cannot be combined with tool_choice \"required\" or a named function: \
+                     the calls have their own grammar",
+                    r.field
+                ),
+                Some("tool_choice"),
+            ))
+        }
+        (a, b) => a.or(b),
+    };
     let (add_generation_prompt, continue_final) =
         turn_ending(req.add_generation_prompt, req.continue_final_message)?;
     let want_logprobs = req.logprobs.unwrap_or(false);
@@ -243,23 +258,30 @@ async fn handle(
     // small work.
     let text_bytes = messages.iter().map(|m| m.text().len() + 64).sum::<usize>()
         + tools.as_ref().map_or(0, |t| t.to_string().len());
-    let mut ids = st
+    let grammars = st.grammars.clone();
+    let grammar = requested.clone();
+    let (ids, compiled) = st
         .preprocess
         .run_sized(text_bytes, move || {
-            let text = tokenizer.render_chat(
-                &messages,
-                RenderArgs {
-                    add_generation_prompt,
-                    continue_final_message: continue_final,
-                    tools: tools.as_ref(),
-                    extra: extra.as_ref(),
-                },
-            )?;
-            // Templates emit BOS themselves, as transformers' apply_chat_template assumes.
-            tokenizer.encode(&text, add_special)
+            // Compiled here, before admission and off the engine thread (a cache hit usually).
+            let compiled = grammar.map(|r| grammars.compile(&r.spec, r.kind));
+            let ids = tokenizer
+                .render_chat(
+                    &messages,
+                    RenderArgs {
+                        add_generation_prompt,
+                        continue_final_message: continue_final,
+                        tools: tools.as_ref(),
+                        extra: extra.as_ref(),
+                    },
+                )
+                // Templates emit BOS themselves, as transformers' apply_chat_template assumes.
+                .and_then(|text| tokenizer.encode(&text, add_special));
+            (ids, compiled)
         })
-        .await?
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        .await?;
+    let mut ids = ids.map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let compiled = compiled_or_400(compiled, requested.as_ref())?;
     let plan = st.reasoning.as_ref().map(|r| r.plan(&ids, budget));
     if let Some(p) = &plan {
         ids.extend_from_slice(&p.prompt_suffix);
@@ -273,10 +295,17 @@ async fn handle(
         arrival,
     );
     r.steer = plan.as_ref().and_then(|p| p.steer.clone());
+    r.constraint = compiled.map(|c| {
+        c.factory(
+            answer_gate(plan.as_ref()),
+            Some(st.metrics.grammar().mask.clone()),
+        )
+    });
     let shown = Shown {
         reasoning: plan.is_some(),
         include_reasoning,
         prompt_logprobs: req.prompt_logprobs,
+        tools: tool_plan.map(|p| p.format),
     };
     let shape = PromptShape {
         tokens: prompt_len,
@@ -323,6 +352,30 @@ async fn handle(
     }
 }
 
+/// The compiled grammar a request asked for, or the 400 that names its field.
+pub fn compiled_or_400(
+    compiled: Option<Result<Arc<Compiled>, crate::structured::GrammarError>>,
+    requested: Option<&Requested>,
+) -> Result<Option<Arc<Compiled>>, ApiError> {
+    match (compiled, requested) {
+        (Some(Err(e)), Some(r)) => Err(ApiError::invalid(
+            format!("{} cannot be used: {e}", r.field),
+            Some(&r.field),
+        )),
+        (Some(Ok(c)), _) => Ok(Some(c)),
+        _ => Ok(None),
+    }
+}
+
+/// A grammar constrains the answer: with a reasoning parser on, from the end of thinking
+/// (the reasoning is free, as vLLM has it).
+fn answer_gate(plan: Option<&ReasoningPlan>) -> Gate {
+    match plan {
+        Some(p) if p.start == Phase::Thinking => Gate::After(p.tokens.end),
+        _ => Gate::Open,
+    }
+}
+
 /// What a response shows besides the answer's text.
 #[derive(Clone, Copy, Debug)]
 struct Shown {
@@ -332,6 +385,8 @@ struct Shown {
     include_reasoning: bool,
     /// vLLM's `prompt_logprobs`: the top N of each prompt position.
     prompt_logprobs: Option<u32>,
+    /// The answer is parsed into tool calls in this format.
+    tools: Option<ToolFormat>,
 }
 
 impl Shown {
@@ -382,19 +437,27 @@ async fn collect(
         .zip(thoughts)
         .zip(logprobs)
         .enumerate()
-        .map(|(index, ((content, thought), lp))| ChatChoice {
-            index,
-            message: ChatMessageOut {
-                role: "assistant",
-                // vLLM's shape: a reasoning model's empty answer (it never stopped thinking)
-                // is null, as is an empty thought.
-                content: (!shown.reasoning || !content.is_empty()).then_some(content),
-                reasoning: shown
-                    .sends_reasoning()
-                    .then(|| ReasoningOut::new((!thought.is_empty()).then_some(thought))),
-            },
-            logprobs: want_logprobs.then_some(ChatLogprobs { content: lp }),
-            finish_reason: reasons[index],
+        .map(|(index, ((content, thought), lp))| {
+            let (content, calls) = match shown.tools {
+                Some(format) => split_answer(format, &content),
+                None => (Some(content), Vec::new()),
+            };
+            // vLLM's shape: a reasoning model's empty answer (it never stopped thinking) is
+            // null, as is an empty thought.
+            let content = content.filter(|c| !shown.reasoning || !c.is_empty());
+            ChatChoice {
+                index,
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content,
+                    reasoning: shown
+                        .sends_reasoning()
+                        .then(|| ReasoningOut::new((!thought.is_empty()).then_some(thought))),
+                    tool_calls: (!calls.is_empty()).then_some(calls.clone()),
+                },
+                logprobs: want_logprobs.then_some(ChatLogprobs { content: lp }),
+                finish_reason: finish_reason(reasons[index], !calls.is_empty()),
+            }
         })
         .collect();
     log.finished(&id, &outputs, arrival, &st.model_name);
@@ -407,6 +470,14 @@ async fn collect(
         usage: outputs.usage,
         prompt_logprobs,
     }))
+}
+
+/// A choice that stopped after making calls finished to make them.
+fn finish_reason(reason: Option<&'static str>, called: bool) -> Option<&'static str> {
+    match reason {
+        Some("stop") if called => Some("tool_calls"),
+        r => r,
+    }
 }
 
 struct StreamState {
@@ -424,6 +495,8 @@ struct StreamState {
     finished: bool,
     arrival: Instant,
     shown: Shown,
+    /// Per choice, its calls as they stream (with tools).
+    calls: Vec<StreamedCalls>,
 }
 
 impl StreamState {
@@ -487,9 +560,22 @@ impl StreamState {
                     logprobs,
                 })) => {
                     let delta = match part {
-                        TextPart::Content => ChatDelta {
-                            content: Some(text),
-                            ..ChatDelta::default()
+                        TextPart::Content => match self.calls.get_mut(index) {
+                            Some(calls) => {
+                                let parts = calls.push(&text);
+                                if parts.is_empty() && logprobs.is_empty() {
+                                    continue;
+                                }
+                                ChatDelta {
+                                    content: (!parts.content.is_empty()).then_some(parts.content),
+                                    tool_calls: (!parts.calls.is_empty()).then_some(parts.calls),
+                                    ..ChatDelta::default()
+                                }
+                            }
+                            None => ChatDelta {
+                                content: Some(text),
+                                ..ChatDelta::default()
+                            },
                         },
                         TextPart::Reasoning if self.shown.include_reasoning => ChatDelta {
                             reasoning_content: Some(text.clone()),
@@ -519,13 +605,32 @@ impl StreamState {
                     Some(self.chunk_with(None, self.usage_slot(), Some(lp)))
                 }
                 Some(Ok(OutputEvent::Finished { index, reason })) => {
+                    // What the call parser held back goes out before the finish.
+                    let held = self.calls.get_mut(index).map(|c| c.finish());
+                    let called = self.calls.get(index).is_some_and(|c| c.started > 0);
+                    let mut bytes = Vec::new();
+                    if let Some(parts) = held.filter(|p| !p.is_empty()) {
+                        let delta = ChatDelta {
+                            content: (!parts.content.is_empty()).then_some(parts.content),
+                            tool_calls: (!parts.calls.is_empty()).then_some(parts.calls),
+                            ..ChatDelta::default()
+                        };
+                        let choice = ChatChunkChoice {
+                            index,
+                            delta,
+                            logprobs: None,
+                            finish_reason: None,
+                        };
+                        bytes.extend_from_slice(&self.chunk(Some(choice), self.usage_slot()));
+                    }
                     let choice = ChatChunkChoice {
                         index,
                         delta: ChatDelta::default(),
                         logprobs: None,
-                        finish_reason: Some(reason),
+                        finish_reason: finish_reason(Some(reason), called),
                     };
-                    Some(self.chunk(Some(choice), self.usage_slot()))
+                    bytes.extend_from_slice(&self.chunk(Some(choice), self.usage_slot()));
+                    Some(Bytes::from(bytes))
                 }
                 Some(Err(e)) => {
                     self.finished = true;
@@ -555,7 +660,14 @@ fn stream_response(
     (arrival, log): (Instant, RequestLogger),
     shown: Shown,
 ) -> Response {
+    let calls = match shown.tools {
+        Some(format) => (0..outputs.num_choices())
+            .map(|_| StreamedCalls::new(format))
+            .collect(),
+        None => Vec::new(),
+    };
     let state = StreamState {
+        calls,
         st,
         log,
         id,

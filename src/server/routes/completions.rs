@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::stream;
 
+use crate::server::constrain;
 use crate::server::error::ApiError;
 use crate::server::fields::{self, Endpoint};
 use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TokenLogprob};
@@ -18,9 +19,11 @@ use crate::server::protocol::{
     Prompt, PromptLogprobs, Usage,
 };
 use crate::server::request_log::{RequestId, RequestLogger};
+use crate::server::routes::chat::compiled_or_400;
 use crate::server::scores::{completion_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
+use crate::structured::Gate;
 
 /// OpenAI's default for the completions endpoint.
 const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -58,6 +61,7 @@ async fn handle(
     let req: CompletionRequest = json::parse(&body)?;
     st.check_model(req.model.as_deref())?;
     fields::check(&req.other, Endpoint::Completions)?;
+    let requested = constrain::output_grammar(&req.other)?;
     let echo = req.echo.unwrap_or(false);
     let n = req.sampling.n.unwrap_or(1);
     let best_of = req.best_of.unwrap_or(n);
@@ -129,10 +133,14 @@ async fn handle(
             PromptIn::Ids(ids) => ids.len() * 4,
         })
         .sum();
-    let encoded = st
+    let grammars = st.grammars.clone();
+    let grammar = requested.clone();
+    let (encoded, compiled) = st
         .preprocess
         .run_sized(text_bytes, move || {
-            prompts
+            // Compiled here, before admission and off the engine thread (a cache hit usually).
+            let compiled = grammar.map(|r| grammars.compile(&r.spec, r.kind));
+            let encoded = prompts
                 .into_iter()
                 .map(|p| match p {
                     PromptIn::Text(s) => {
@@ -148,17 +156,21 @@ async fn handle(
                         Ok((ids, text))
                     }
                 })
-                .collect::<Result<Vec<_>, crate::tokenizer::TokenizerError>>()
+                .collect::<Result<Vec<_>, crate::tokenizer::TokenizerError>>();
+            (encoded, compiled)
         })
-        .await?
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+        .await?;
+    let encoded = encoded.map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+    let constraint = compiled_or_400(compiled, requested.as_ref())?
+        .map(|c| c.factory(Gate::Open, Some(st.metrics.grammar().mask.clone())));
     let prompt_tokens: usize = encoded.iter().map(|(ids, _)| ids.len()).sum();
     let permit = st.admission.try_admit(prompt_tokens * prepared.n)?;
     let mut streams = Vec::with_capacity(encoded.len());
     let mut echoes = Vec::with_capacity(encoded.len());
     let mut shapes = Vec::with_capacity(encoded.len());
     for (ids, text) in encoded {
-        let r = prepared.engine_request(Arc::from(ids), true, st.max_model_len, arrival);
+        let mut r = prepared.engine_request(Arc::from(ids), true, st.max_model_len, arrival);
+        r.constraint = constraint.clone();
         shapes.push(PromptShape {
             tokens: r.prompt_ids.len(),
             max_tokens: r.stop.max_tokens,

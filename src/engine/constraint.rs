@@ -1,0 +1,177 @@
+//! Constrained decoding: a per-choice hook that says which tokens may come next.
+//!
+//! A [`Constraint`] (a compiled grammar, in practice) is asked for the set of allowed tokens
+//! before each sample point of its choice, and told every token the choice emits. The
+//! engine applies the set to the row after the stop-rule mask and before logit bias,
+//! penalties and truncation, so every sampling mode stays valid; logprobs still describe the
+//! model's raw row. Tokens the constraint alone allows may be queued as forced tokens (the
+//! [`super::steer`] queue), which skip the mask and the draw. A constraint that is complete
+//! ends its choice with `stop`.
+//!
+//! The masks of a step's constrained choices are computed in parallel with one another and
+//! with the step's forward pass; a step with no constrained choice does none of this.
+//!
+//! The engine knows nothing of what the constraint is (JSON schema, regex, tool calls) nor of
+//! reasoning: a constraint that starts after `</think>` says so through [`Constraint::is_active`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// Allowed tokens, one bit per id (bit `i % 32` of word `i / 32`). Ids past its end are
+/// not allowed.
+#[derive(Clone, Debug, Default)]
+pub struct TokenMask {
+    pub words: Vec<u32>,
+}
+
+impl TokenMask {
+    pub fn allows(&self, id: u32) -> bool {
+        self.words
+            .get(id as usize / 32)
+            .is_some_and(|w| w & (1 << (id % 32)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// Sets every logit the mask does not allow to -inf.
+    pub fn apply(&self, logits: &mut [f32]) {
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match self.words.get(w).copied().unwrap_or(0) {
+                u32::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                word => {
+                    for (bit, l) in chunk.iter_mut().enumerate() {
+                        if word & (1 << bit) == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a constraint says after seeing a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// More tokens may (or must) follow.
+    Open,
+    /// Complete: nothing may follow, the choice ends with `stop`.
+    Done,
+}
+
+/// The constraint of one choice. Runs on the engine's threads: [`Self::fill_mask`] of several
+/// choices may run at once (each on its own constraint), so it must not block on shared state.
+pub trait Constraint: Send {
+    /// Whether the next sample point is constrained (a constraint may start later in the
+    /// output, e.g. after the reasoning).
+    fn is_active(&self) -> bool;
+    /// Writes the tokens allowed at the next sample point into `mask`.
+    fn fill_mask(&mut self, mask: &mut TokenMask) -> Result<(), String>;
+    /// `token` was appended to the output (sampled or forced, active or not). Tokens pushed
+    /// onto `forced` are emitted next without sampling; they are observed here in turn.
+    fn observe(&mut self, token: u32, forced: &mut VecDeque<u32>) -> Result<Progress, String>;
+}
+
+/// Makes the constraint of each choice (its index is the argument).
+pub type ConstraintFactory = Arc<dyn Fn(usize) -> Box<dyn Constraint> + Send + Sync>;
+
+/// A choice's constraint and the mask computed for its next sample point.
+pub(super) struct Constrained {
+    constraint: Box<dyn Constraint>,
+    mask: TokenMask,
+    /// `mask` is for the coming sample point.
+    ready: bool,
+    /// Why the constraint failed, once it has.
+    failed: Option<String>,
+}
+
+impl Constrained {
+    pub(super) fn new(constraint: Box<dyn Constraint>) -> Self {
+        Self {
+            constraint,
+            mask: TokenMask::default(),
+            ready: false,
+            failed: None,
+        }
+    }
+
+    pub(super) fn is_active(&self) -> bool {
+        self.failed.is_none() && self.constraint.is_active()
+    }
+
+    /// Computes the mask for the coming sample point.
+    pub(super) fn prepare(&mut self) {
+        if self.ready || !self.is_active() {
+            return;
+        }
+        match self.constraint.fill_mask(&mut self.mask) {
+            Ok(()) => self.ready = true,
+            Err(e) => self.failed = Some(e),
+        }
+    }
+
+    /// The mask for this sample point (computed now if the step did not do it ahead).
+    pub(super) fn mask(&mut self) -> Result<Option<&TokenMask>, String> {
+        if !self.is_active() {
+            return match &self.failed {
+                Some(e) => Err(e.clone()),
+                None => Ok(None),
+            };
+        }
+        self.prepare();
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(Some(&self.mask)),
+        }
+    }
+
+    pub(super) fn observe(
+        &mut self,
+        token: u32,
+        forced: &mut VecDeque<u32>,
+    ) -> Result<Progress, String> {
+        self.ready = false;
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.constraint.observe(token, forced).inspect_err(|e| {
+            self.failed = Some(e.clone());
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mask_keeps_exactly_its_bits() {
+        let mut mask = TokenMask { words: vec![0; 3] };
+        for id in [0u32, 31, 32, 65] {
+            mask.words[id as usize / 32] |= 1 << (id % 32);
+        }
+        let mut row = vec![1.0f32; 100];
+        mask.apply(&mut row);
+        for (i, l) in row.iter().enumerate() {
+            let allowed = [0, 31, 32, 65].contains(&i);
+            assert_eq!(l.is_finite(), allowed, "id {i}");
+            assert_eq!(mask.allows(i as u32), allowed);
+        }
+        assert!(!mask.is_empty());
+        assert!(TokenMask::default().is_empty());
+    }
+
+    #[test]
+    fn a_full_word_leaves_its_logits_alone() {
+        let mask = TokenMask {
+            words: vec![u32::MAX],
+        };
+        let mut row = vec![0.5f32; 40];
+        mask.apply(&mut row);
+        assert!(row[..32].iter().all(|&l| l == 0.5));
+        assert!(row[32..].iter().all(|&l| l == f32::NEG_INFINITY));
+    }
+}

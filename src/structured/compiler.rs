@@ -1,0 +1,235 @@
+//! Grammar compilation: the llguidance parser factory (built once, on first use, from the
+//! served tokenizer) and a bounded cache of compiled grammars, so the same schema at
+//! thousands of requests per second compiles once. Compilation is blocking work: callers run
+//! it off the engine thread, before admission.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::{ParserFactory, TokenParser};
+use serde_json::Value;
+
+use super::{quoted, GrammarSpec, Kind};
+use crate::metrics::GrammarMetrics;
+use crate::tokenizer::Tokenizer;
+
+/// The largest grammar source accepted (a schema's JSON text, a regex, a Lark grammar).
+pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
+
+/// Compiled grammars kept; the least recently used goes first.
+const CACHE_ENTRIES: usize = 512;
+
+/// Why a grammar cannot constrain a request: the client's fault, a 400.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrammarError(pub String);
+
+impl std::fmt::Display for GrammarError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A grammar ready to constrain choices: each choice gets its own copy of the parser.
+pub struct Compiled {
+    pub(super) parser: TokenParser,
+    pub(super) eos_ids: Arc<[u32]>,
+}
+
+/// The server's grammar compiler.
+pub struct Grammars {
+    tokenizer: Arc<Tokenizer>,
+    eos_ids: Arc<[u32]>,
+    vocab_size: usize,
+    factory: OnceLock<Result<ParserFactory, String>>,
+    cache: Mutex<Lru>,
+    metrics: Option<GrammarMetrics>,
+}
+
+impl Grammars {
+    /// `eos_ids`: every id that ends a choice (the grammar's end allows them all);
+    /// `vocab_size`: the model's logit row.
+    pub fn new(
+        tokenizer: Arc<Tokenizer>,
+        eos_ids: &[u32],
+        vocab_size: usize,
+        metrics: Option<GrammarMetrics>,
+    ) -> Self {
+        Self {
+            tokenizer,
+            eos_ids: eos_ids.into(),
+            vocab_size,
+            factory: OnceLock::new(),
+            cache: Mutex::new(Lru::default()),
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> Option<&GrammarMetrics> {
+        self.metrics.as_ref()
+    }
+
+    /// The compiled grammar for `spec`, from the cache or compiled now (blocking: seconds at
+    /// worst for a large schema, milliseconds usually).
+    pub fn compile(&self, spec: &GrammarSpec, kind: Kind) -> Result<Arc<Compiled>, GrammarError> {
+        if let Some(m) = &self.metrics {
+            m.requests.with_label_values(&[kind.as_str()]).inc();
+        }
+        let key = spec.key();
+        if key.len() > MAX_GRAMMAR_BYTES {
+            return Err(GrammarError(format!(
+                "is {} bytes; at most {MAX_GRAMMAR_BYTES} are accepted",
+                key.len()
+            )));
+        }
+        if let Some(hit) = self.lock().get(&key) {
+            if let Some(m) = &self.metrics {
+                m.cache_hits.inc();
+            }
+            return hit;
+        }
+        if let Some(m) = &self.metrics {
+            m.cache_misses.inc();
+        }
+        let start = Instant::now();
+        let result = self.build(spec).map(Arc::new);
+        if let Some(m) = &self.metrics {
+            m.compile.observe(start.elapsed().as_secs_f64());
+        }
+        self.lock().insert(key, result.clone());
+        result
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
+        // The cache holds no invariant a panic could break half-way: use it as it is.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn factory(&self) -> Result<&ParserFactory, GrammarError> {
+        self.factory
+            .get_or_init(|| build_factory(&self.tokenizer, &self.eos_ids, self.vocab_size))
+            .as_ref()
+            .map_err(|e| GrammarError(format!("structured outputs are unavailable: {e}")))
+    }
+
+    fn build(&self, spec: &GrammarSpec) -> Result<Compiled, GrammarError> {
+        let factory = self.factory()?;
+        let grammar = top_level(spec)?;
+        // llguidance reports a broken grammar as an error, but a bug in it should still not
+        // take the server down: a panic here fails this request alone.
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            factory.create_parser(grammar)
+        }))
+        .map_err(|_| GrammarError("the grammar compiler failed on it".into()))?
+        .map_err(|e| GrammarError(first_line(&e.to_string())))?;
+        Ok(Compiled {
+            parser,
+            eos_ids: self.eos_ids.clone(),
+        })
+    }
+}
+
+fn build_factory(
+    tokenizer: &Tokenizer,
+    eos_ids: &[u32],
+    vocab_size: usize,
+) -> Result<ParserFactory, String> {
+    let json = tokenizer
+        .to_json()
+        .map_err(|e| format!("the tokenizer cannot be serialised: {e}"))?;
+    let mut bytes = toktrie_hf_tokenizers::ByteTokenizer::from_json_bytes(json.as_bytes())
+        .map_err(|e| format!("the tokenizer has no byte-level token table: {e}"))?;
+    if !eos_ids.is_empty() {
+        bytes.set_eos_tokens(eos_ids);
+    }
+    let n_vocab = vocab_size.max(tokenizer.vocab_size());
+    let env = bytes
+        .into_tok_env(Some(n_vocab))
+        .map_err(|e| format!("cannot build the token trie: {e}"))?;
+    let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+    factory.quiet();
+    // An error names what is wrong, not the whole grammar (which may be a megabyte).
+    *factory.limits_mut() = ParserLimits {
+        verbose_errors: false,
+        ..ParserLimits::default()
+    };
+    Ok(factory)
+}
+
+/// `spec` as llguidance's top-level grammar. JSON is compact and without free whitespace
+/// unless the schema says otherwise (`x-guidance`): a constrained answer should not spend
+/// tokens on indentation.
+fn top_level(spec: &GrammarSpec) -> Result<TopLevelGrammar, GrammarError> {
+    Ok(match spec {
+        GrammarSpec::JsonSchema(schema) => {
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(GrammarError("a JSON schema must be an object".into()));
+            }
+            TopLevelGrammar::from_json_schema(compact(schema.clone()))
+        }
+        GrammarSpec::Regex(rx) => {
+            // llguidance takes a regex that fails to parse as a lexer error at compile time.
+            TopLevelGrammar::from_regex(rx)
+        }
+        GrammarSpec::Choice(choices) => {
+            if choices.is_empty() {
+                return Err(GrammarError("must list at least one choice".into()));
+            }
+            let alts: Vec<String> = choices.iter().map(|c| quoted(c)).collect();
+            TopLevelGrammar::from_lark(format!("start: {}\n", alts.join(" | ")))
+        }
+        GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+    })
+}
+
+/// Adds `x-guidance: {whitespace_flexible: false}` to a schema that sets no options itself.
+pub(crate) fn compact(mut schema: Value) -> Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
+    schema
+}
+
+fn first_line(s: &str) -> String {
+    let line = s.lines().next().unwrap_or(s);
+    let mut out: String = line.chars().take(500).collect();
+    if out.len() < line.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// A least-recently-used map, small enough that eviction scans it.
+#[derive(Default)]
+struct Lru {
+    entries: HashMap<String, (Result<Arc<Compiled>, GrammarError>, u64)>,
+    clock: u64,
+}
+
+impl Lru {
+    fn get(&mut self, key: &str) -> Option<Result<Arc<Compiled>, GrammarError>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(key).map(|(v, used)| {
+            *used = clock;
+            v.clone()
+        })
+    }
+
+    fn insert(&mut self, key: String, value: Result<Arc<Compiled>, GrammarError>) {
+        self.clock += 1;
+        if self.entries.len() >= CACHE_ENTRIES && !self.entries.contains_key(&key) {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.entries.remove(&k);
+            }
+        }
+        self.entries.insert(key, (value, self.clock));
+    }
+}
