@@ -596,6 +596,131 @@ fn forced_tokens_are_emitted_scored_and_cached() {
     assert_all_free(&tight);
 }
 
+/// A constraint that allows `allowed` only, forces `prefix` first, and is complete after
+/// `done_after` tokens (forced ones included).
+struct Only {
+    allowed: Vec<u32>,
+    prefix: Vec<u32>,
+    done_after: usize,
+    seen: Vec<u32>,
+}
+
+impl engine::Constraint for Only {
+    fn begin(&mut self, forced: &mut std::collections::VecDeque<u32>) -> Result<(), String> {
+        forced.extend(&self.prefix);
+        Ok(())
+    }
+
+    fn is_active(&self) -> bool {
+        true
+    }
+
+    fn fill_mask(&mut self, mask: &mut engine::TokenMask) -> Result<(), String> {
+        mask.words.clear();
+        for &id in &self.allowed {
+            let w = id as usize / 32;
+            if mask.words.len() <= w {
+                mask.words.resize(w + 1, 0);
+            }
+            mask.words[w] |= 1 << (id % 32);
+        }
+        Ok(())
+    }
+
+    fn observe(
+        &mut self,
+        token: u32,
+        _forced: &mut std::collections::VecDeque<u32>,
+    ) -> Result<engine::Progress, String> {
+        let from_prefix = self.seen.len() < self.prefix.len();
+        if !from_prefix && !self.allowed.contains(&token) {
+            return Err(format!("{token} was not allowed"));
+        }
+        self.seen.push(token);
+        Ok(if self.seen.len() >= self.done_after {
+            engine::Progress::Done
+        } else {
+            engine::Progress::Open
+        })
+    }
+}
+
+fn only(allowed: Vec<u32>, prefix: Vec<u32>, done_after: usize) -> engine::ConstraintFactory {
+    Arc::new(move |_| {
+        Box::new(Only {
+            allowed: allowed.clone(),
+            prefix: prefix.clone(),
+            done_after,
+            seen: Vec::new(),
+        })
+    })
+}
+
+/// The constraint seam: its forced prefix comes first, every sampled token is one it allows
+/// (greedy and seeded sampling alike, each choice of `n > 1`, through preemption by
+/// recompute), and once it is complete the choice ends with `stop` before `max_tokens`.
+#[test]
+fn a_constraint_masks_every_sample_forces_its_prefix_and_ends_the_choice() {
+    let Some(dec) = decoder("tiny-llama-v512") else {
+        return;
+    };
+    let prompt = [0u32, 17, 300, 42, 9, 111];
+    // Tokens the unconstrained greedy continuation does not take, so the mask must act.
+    let free = alone(&dec, &prompt, 8);
+    let allowed: Vec<u32> = (400..420).filter(|t| !free.contains(t)).collect();
+    let sampled = |seed: u64| SamplingParams {
+        temperature: 1.0,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    let mut tight = engine::build(dec.clone(), &config(8, 4, 8, 2048, true)).unwrap();
+    let reqs: Vec<EngineRequest> = (0..6)
+        .map(|i| EngineRequest {
+            n: 2,
+            params: if i % 2 == 0 {
+                SamplingParams::default()
+            } else {
+                sampled(i)
+            },
+            constraint: Some(only(allowed.clone(), vec![7, 8], 6)),
+            ..greedy(&prompt, 20)
+        })
+        .collect();
+    let logs = run_all(&mut tight, reqs);
+    assert!(
+        tight.stats().num_preemptions > 0,
+        "the cache was tight enough"
+    );
+    for log in &logs {
+        assert_eq!(log.errors, 0);
+        assert_eq!(log.finishes, vec![FinishReason::Stop, FinishReason::Stop]);
+        for tokens in &log.tokens {
+            assert_eq!(tokens.len(), 6, "{tokens:?}");
+            assert_eq!(tokens[..2], [7, 8], "the forced prefix first");
+            assert!(
+                tokens[2..].iter().all(|t| allowed.contains(t)),
+                "{tokens:?} leaves {allowed:?}"
+            );
+        }
+    }
+    assert_all_free(&tight);
+    // Unconstrained requests beside constrained ones are untouched.
+    let mut core = engine::build(dec.clone(), &config(256, 16, 8, 2048, true)).unwrap();
+    let logs = run_all(
+        &mut core,
+        vec![
+            greedy(&prompt, 8),
+            EngineRequest {
+                constraint: Some(only(allowed.clone(), vec![], 3)),
+                ..greedy(&prompt, 8)
+            },
+        ],
+    );
+    assert_eq!(logs[0].tokens[0], free);
+    assert_eq!(logs[1].tokens[0].len(), 3);
+    assert_all_free(&core);
+}
+
 /// Per scored position: the token, its logprob and the top ids of the row that scored it.
 type Scores = Vec<(u32, f32, Vec<u32>)>;
 

@@ -65,6 +65,11 @@ pub enum Progress {
 /// The constraint of one choice. Runs on the engine's threads: [`Self::fill_mask`] of several
 /// choices may run at once (each on its own constraint), so it must not block on shared state.
 pub trait Constraint: Send {
+    /// The choice starts: tokens pushed onto `forced` are its first ones (what the grammar
+    /// alone allows from its start).
+    fn begin(&mut self, _forced: &mut VecDeque<u32>) -> Result<(), String> {
+        Ok(())
+    }
     /// Whether the next sample point is constrained (a constraint may start later in the
     /// output, e.g. after the reasoning).
     fn is_active(&self) -> bool;
@@ -89,12 +94,13 @@ pub(super) struct Constrained {
 }
 
 impl Constrained {
-    pub(super) fn new(constraint: Box<dyn Constraint>) -> Self {
+    pub(super) fn new(mut constraint: Box<dyn Constraint>, forced: &mut VecDeque<u32>) -> Self {
+        let failed = constraint.begin(forced).err();
         Self {
             constraint,
             mask: TokenMask::default(),
             ready: false,
-            failed: None,
+            failed,
         }
     }
 

@@ -43,10 +43,12 @@ impl Steering {
         constraint: Option<&ConstraintFactory>,
         choice: usize,
     ) -> Self {
+        let mut forced = VecDeque::new();
+        let constraint = constraint.map(|f| Constrained::new(f(choice), &mut forced));
         Self {
             steer: factory.map(|f| f(choice)),
-            constraint: constraint.map(|f| Constrained::new(f(choice))),
-            forced: VecDeque::new(),
+            constraint,
+            forced,
         }
     }
 

@@ -501,7 +501,7 @@ mod tests {
             ),
             (
                 json!({"structured_outputs": {"regex": "a", "choice": ["b"]}}),
-                "structured_outputs.regex",
+                "structured_outputs.choice",
             ),
             (
                 json!({"guided_regex": "a", "guided_choice": ["b"]}),

@@ -92,13 +92,24 @@ impl GrammarConstraint {
 }
 
 impl Constraint for GrammarConstraint {
+    fn begin(&mut self, forced: &mut VecDeque<u32>) -> Result<(), String> {
+        if self.is_active() {
+            self.force(forced)?;
+        }
+        Ok(())
+    }
+
     fn is_active(&self) -> bool {
         matches!(self.state, State::Active)
     }
 
     fn fill_mask(&mut self, mask: &mut TokenMask) -> Result<(), String> {
         let start = Instant::now();
-        let vob = self.matcher.compute_mask().map_err(|e| e.to_string())?;
+        // A grammar complete from the start (or a stopped one) allows only the end.
+        let vob = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| e.to_string())?;
         mask.words.clear();
         mask.words.extend_from_slice(vob.as_slice());
         if vob.is_allowed(self.eos) {
