@@ -4,7 +4,7 @@
 //!
 //! The parsing is [`crate::tools`]'; this file names the calls and shapes them.
 
-use super::protocol::{FunctionCallOut, FunctionDelta, ToolCallDelta, ToolCallOut};
+use super::protocol::{ChatDelta, FunctionCallOut, FunctionDelta, ToolCallDelta, ToolCallOut};
 use crate::tools::{ToolDelta, ToolFormat, ToolStream};
 
 /// OpenAI's ids are opaque; vLLM's read `chatcmpl-tool-…`.
@@ -50,6 +50,15 @@ pub struct ChunkParts {
 impl ChunkParts {
     pub fn is_empty(&self) -> bool {
         self.content.is_empty() && self.calls.is_empty()
+    }
+
+    /// As a chunk's delta: the content and the calls, each only when there is some.
+    pub fn into_delta(self) -> ChatDelta {
+        ChatDelta {
+            content: (!self.content.is_empty()).then_some(self.content),
+            tool_calls: (!self.calls.is_empty()).then_some(self.calls),
+            ..ChatDelta::default()
+        }
     }
 }
 

@@ -566,11 +566,7 @@ impl StreamState {
                                 if parts.is_empty() && logprobs.is_empty() {
                                     continue;
                                 }
-                                ChatDelta {
-                                    content: (!parts.content.is_empty()).then_some(parts.content),
-                                    tool_calls: (!parts.calls.is_empty()).then_some(parts.calls),
-                                    ..ChatDelta::default()
-                                }
+                                parts.into_delta()
                             }
                             None => ChatDelta {
                                 content: Some(text),
@@ -610,14 +606,9 @@ impl StreamState {
                     let called = self.calls.get(index).is_some_and(|c| c.started > 0);
                     let mut bytes = Vec::new();
                     if let Some(parts) = held.filter(|p| !p.is_empty()) {
-                        let delta = ChatDelta {
-                            content: (!parts.content.is_empty()).then_some(parts.content),
-                            tool_calls: (!parts.calls.is_empty()).then_some(parts.calls),
-                            ..ChatDelta::default()
-                        };
                         let choice = ChatChunkChoice {
                             index,
-                            delta,
+                            delta: parts.into_delta(),
                             logprobs: None,
                             finish_reason: None,
                         };
