@@ -8,7 +8,7 @@
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::structured::{GrammarSpec, Kind};
+use crate::structured::{closed_objects, GrammarSpec, Kind};
 use crate::tools::{ToolFormat, ToolSpec};
 
 /// A grammar asked for, and the field that asked (errors name it).
@@ -360,7 +360,8 @@ fn tool_specs(tools: &[Value]) -> Result<Vec<ToolSpec>, ApiError> {
                 })?;
             let parameters = match f.get("parameters") {
                 None | Some(Value::Null) => serde_json::json!({"type": "object"}),
-                Some(p @ Value::Object(_)) => p.clone(),
+                // Closed, as the schema of a function's arguments means.
+                Some(p @ Value::Object(_)) => closed_objects(p.clone()),
                 Some(_) => {
                     return Err(ApiError::invalid(
                         "parameters must be a JSON schema object",

@@ -11,7 +11,7 @@ use llguidance::api::{ParserLimits, TopLevelGrammar};
 use llguidance::{ParserFactory, TokenParser};
 use serde_json::Value;
 
-use super::{quoted, GrammarSpec, Kind};
+use super::{closed_objects, quoted, GrammarSpec, Kind};
 use crate::metrics::GrammarMetrics;
 use crate::tokenizer::Tokenizer;
 
@@ -159,14 +159,14 @@ fn build_factory(
 
 /// `spec` as llguidance's top-level grammar. JSON is compact and without free whitespace
 /// unless the schema says otherwise (`x-guidance`): a constrained answer should not spend
-/// tokens on indentation.
+/// tokens on indentation. Objects that list their properties are closed (see `strict`).
 fn top_level(spec: &GrammarSpec) -> Result<TopLevelGrammar, GrammarError> {
     Ok(match spec {
         GrammarSpec::JsonSchema(schema) => {
             if !schema.is_object() && !schema.is_boolean() {
                 return Err(GrammarError("a JSON schema must be an object".into()));
             }
-            TopLevelGrammar::from_json_schema(compact(schema.clone()))
+            TopLevelGrammar::from_json_schema(compact(closed_objects(schema.clone())))
         }
         GrammarSpec::Regex(rx) => {
             // llguidance takes a regex that fails to parse as a lexer error at compile time.

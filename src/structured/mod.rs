@@ -14,9 +14,11 @@
 
 mod compiler;
 mod constraint;
+mod strict;
 
 pub use compiler::{Compiled, GrammarError, Grammars, MAX_GRAMMAR_BYTES};
 pub use constraint::{Gate, GrammarConstraint};
+pub use strict::closed_objects;
 
 use serde_json::Value;
 
