@@ -73,9 +73,14 @@ impl Grammars {
     /// The compiled grammar for `spec`, from the cache or compiled now (blocking: seconds at
     /// worst for a large schema, milliseconds usually).
     pub fn compile(&self, spec: &GrammarSpec, kind: Kind) -> Result<Arc<Compiled>, GrammarError> {
-        if let Some(m) = &self.metrics {
+        let compiled = self.cached_or_built(spec);
+        if let (Some(m), Ok(_)) = (&self.metrics, &compiled) {
             m.requests.with_label_values(&[kind.as_str()]).inc();
         }
+        compiled
+    }
+
+    fn cached_or_built(&self, spec: &GrammarSpec) -> Result<Arc<Compiled>, GrammarError> {
         let key = spec.key();
         if key.len() > MAX_GRAMMAR_BYTES {
             return Err(GrammarError(format!(
@@ -84,7 +89,7 @@ impl Grammars {
             )));
         }
         if let Some(hit) = self.lock().get(&key) {
-            if let Some(m) = &self.metrics {
+            if let (Some(m), Ok(_)) = (&self.metrics, &hit) {
                 m.cache_hits.inc();
             }
             return hit;
@@ -123,11 +128,25 @@ impl Grammars {
         }))
         .map_err(|_| GrammarError("the grammar compiler failed on it".into()))?
         .map_err(|e| GrammarError(first_line(&e.to_string())))?;
+        admits_something(&parser)?;
         Ok(Compiled {
             parser,
             eos_ids: self.eos_ids.clone(),
         })
     }
+}
+
+/// A grammar that compiles may still admit no output at all (`[^\s\S]`, a rule defined only
+/// by itself): its first mask fails. That is the request's fault, so it is found here, once
+/// per grammar, rather than as a failure in the engine.
+fn admits_something(parser: &TokenParser) -> Result<(), GrammarError> {
+    let mut probe = llguidance::Matcher::new(Ok(parser.deep_clone()));
+    let unusable = || GrammarError("admits no output at all".into());
+    let mask = probe.compute_mask_or_eos().map_err(|_| unusable())?;
+    if mask.is_zero() {
+        return Err(unusable());
+    }
+    Ok(())
 }
 
 fn build_factory(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod fixtures;
 pub mod http;
 pub mod scrape;
 pub mod served;
