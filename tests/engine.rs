@@ -615,7 +615,11 @@ impl engine::Constraint for Only {
         true
     }
 
-    fn fill_mask(&mut self, mask: &mut engine::TokenMask) -> Result<(), String> {
+    fn fill_mask(
+        &mut self,
+        mask: &mut engine::TokenMask,
+        _forced: &mut std::collections::VecDeque<u32>,
+    ) -> Result<(), String> {
         mask.words.clear();
         for &id in &self.allowed {
             let w = id as usize / 32;

@@ -35,6 +35,27 @@ impl TokenMask {
         self.words.iter().all(|&w| w == 0)
     }
 
+    /// The allowed id with the largest logit (the first on ties), without touching the row:
+    /// greedy decoding under a mask reads only the allowed entries.
+    pub fn argmax(&self, logits: &[f32]) -> Option<u32> {
+        let mut best: Option<(u32, f32)> = None;
+        for (w, &word) in self.words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let id = w * 32 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let Some(&l) = logits.get(id) else {
+                    return best.map(|b| b.0);
+                };
+                let l = if l.is_nan() { f32::NEG_INFINITY } else { l };
+                if best.is_none_or(|(_, b)| l > b) {
+                    best = Some((id as u32, l));
+                }
+            }
+        }
+        best.map(|b| b.0)
+    }
+
     /// Sets every logit the mask does not allow to -inf.
     pub fn apply(&self, logits: &mut [f32]) {
         for (w, chunk) in logits.chunks_mut(32).enumerate() {
@@ -73,8 +94,11 @@ pub trait Constraint: Send {
     /// Whether the next sample point is constrained (a constraint may start later in the
     /// output, e.g. after the reasoning).
     fn is_active(&self) -> bool;
-    /// Writes the tokens allowed at the next sample point into `mask`.
-    fn fill_mask(&mut self, mask: &mut TokenMask) -> Result<(), String>;
+    /// Prepares the next sample point: either queues onto `forced` the tokens the constraint
+    /// alone allows from here (then `mask` is not read), or writes the allowed tokens into
+    /// `mask`. Runs beside the forward pass, in parallel with other choices'.
+    fn fill_mask(&mut self, mask: &mut TokenMask, forced: &mut VecDeque<u32>)
+        -> Result<(), String>;
     /// `token` was appended to the output (sampled or forced, active or not). Tokens pushed
     /// onto `forced` are emitted next without sampling; they are observed here in turn.
     fn observe(&mut self, token: u32, forced: &mut VecDeque<u32>) -> Result<Progress, String>;
@@ -108,29 +132,25 @@ impl Constrained {
         self.failed.is_none() && self.constraint.is_active()
     }
 
-    /// Computes the mask for the coming sample point.
-    pub(super) fn prepare(&mut self) {
-        if self.ready || !self.is_active() {
+    /// Prepares the coming sample point (forced tokens or a mask), unless tokens are already
+    /// queued for it.
+    pub(super) fn prepare(&mut self, forced: &mut VecDeque<u32>) {
+        if self.ready || !forced.is_empty() || !self.is_active() {
             return;
         }
-        match self.constraint.fill_mask(&mut self.mask) {
-            Ok(()) => self.ready = true,
+        match self.constraint.fill_mask(&mut self.mask, forced) {
+            Ok(()) => self.ready = forced.is_empty(),
             Err(e) => self.failed = Some(e),
         }
     }
 
-    /// The mask for this sample point (computed now if the step did not do it ahead).
-    pub(super) fn mask(&mut self) -> Result<Option<&TokenMask>, String> {
-        if !self.is_active() {
-            return match &self.failed {
-                Some(e) => Err(e.clone()),
-                None => Ok(None),
-            };
-        }
-        self.prepare();
-        match &self.failed {
-            Some(e) => Err(e.clone()),
-            None => Ok(Some(&self.mask)),
+    /// The mask for a sample point that [`Self::prepare`] prepared and nothing forced.
+    pub(super) fn mask(&self) -> Result<Option<&TokenMask>, String> {
+        match (&self.failed, self.is_active(), self.ready) {
+            (Some(e), _, _) => Err(e.clone()),
+            (None, false, _) => Ok(None),
+            (None, true, true) => Ok(Some(&self.mask)),
+            (None, true, false) => Err("a constrained sample point had no mask".into()),
         }
     }
 
@@ -168,6 +188,23 @@ mod tests {
         }
         assert!(!mask.is_empty());
         assert!(TokenMask::default().is_empty());
+    }
+
+    #[test]
+    fn the_masked_argmax_is_the_best_allowed_first_on_ties() {
+        let mask = TokenMask {
+            words: vec![0b1011_0000, 1],
+        };
+        let mut row = vec![0.0f32; 40];
+        row[4] = f32::NAN;
+        row[5] = 2.0;
+        row[7] = 2.0;
+        row[6] = 9.0; // not allowed
+        row[32] = 1.0;
+        assert_eq!(mask.argmax(&row), Some(5));
+        row[32] = 3.0;
+        assert_eq!(mask.argmax(&row), Some(32));
+        assert_eq!(TokenMask::default().argmax(&row), None);
     }
 
     #[test]

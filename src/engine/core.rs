@@ -394,6 +394,9 @@ fn sample_and_emit(
         }
         masked.extend_from_slice(&stop.stop_token_ids);
     }
+    if chosen.is_none() {
+        s.steering.prepare_mask();
+    }
     let forced = s.steering.next_forced();
     let allowed = match forced.or(chosen) {
         Some(_) => None,
@@ -421,8 +424,13 @@ fn sample_and_emit(
         (token, logprobs)
     } else if let Some(token) = chosen {
         (token, None)
-    } else if masked.is_empty() && allowed.is_none() && req.params.is_plain_greedy() {
-        (argmax(logits), None)
+    } else if masked.is_empty() && req.params.is_plain_greedy() {
+        let token = match allowed {
+            None => argmax(logits),
+            // Checked non-empty above.
+            Some(m) => m.argmax(logits).unwrap_or_default(),
+        };
+        (token, None)
     } else {
         row.clear();
         row.extend_from_slice(logits);

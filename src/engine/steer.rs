@@ -57,16 +57,18 @@ impl Steering {
         self.forced.is_empty() && self.constraint.as_ref().is_some_and(|c| c.is_active())
     }
 
-    /// Computes the coming sample point's mask ahead of the sampling (see [`Self::mask`]).
+    /// Prepares the coming sample point of a constrained choice: its forced tokens or its
+    /// mask. The step does it ahead, beside the forward; the sample point does what is left.
     pub(super) fn prepare_mask(&mut self) {
         if let Some(c) = self.constraint.as_mut() {
-            c.prepare();
+            c.prepare(&mut self.forced);
         }
     }
 
-    /// The allowed tokens at this sample point: `Ok(None)` when unconstrained.
-    pub(super) fn mask(&mut self) -> Result<Option<&TokenMask>, String> {
-        match self.constraint.as_mut() {
+    /// The allowed tokens at this sample point (once prepared and nothing forced): `Ok(None)`
+    /// when unconstrained.
+    pub(super) fn mask(&self) -> Result<Option<&TokenMask>, String> {
+        match self.constraint.as_ref() {
             Some(c) => c.mask(),
             None => Ok(None),
         }

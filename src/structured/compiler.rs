@@ -4,11 +4,12 @@
 //! it off the engine thread, before admission.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use llguidance::api::{ParserLimits, TopLevelGrammar};
-use llguidance::{ParserFactory, TokenParser};
+use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
 use super::{closed_objects, quoted, GrammarSpec, Kind};
@@ -31,10 +32,54 @@ impl std::fmt::Display for GrammarError {
     }
 }
 
-/// A grammar ready to constrain choices: each choice gets its own copy of the parser.
+/// A grammar ready to constrain choices: each choice starts from its own copy of a matcher
+/// at the grammar's start.
 pub struct Compiled {
-    pub(super) parser: TokenParser,
+    /// Where choices start. llguidance builds its lexer's states lazily, and a copy takes
+    /// them along: so now and then a finished choice's matcher, rolled back to the start,
+    /// takes this one's place, and the next choices start with the states it built.
+    template: Mutex<Matcher>,
+    /// Finished choices offered back so far.
+    offers: AtomicU64,
     pub(super) eos_ids: Arc<[u32]>,
+    /// The matcher's own end-of-sequence id (any of `eos_ids` stands for it).
+    pub(super) eos: u32,
+}
+
+/// The first offers replace the template (it warms quickly), then one in this many.
+const EARLY_OFFERS: u64 = 32;
+const LATER_OFFER_EVERY: u64 = 256;
+
+impl Compiled {
+    /// A matcher at the grammar's start for each of `n` choices: copying one is work for the
+    /// caller's thread, not the engine's.
+    pub fn starts(&self, n: usize) -> Vec<Matcher> {
+        let template = self.template();
+        (0..n).map(|_| template.deep_clone()).collect()
+    }
+
+    pub(super) fn start(&self) -> Matcher {
+        self.template().deep_clone()
+    }
+
+    fn template(&self) -> std::sync::MutexGuard<'_, Matcher> {
+        self.template.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A choice that completed its grammar hands its matcher back.
+    pub(super) fn offer(&self, mut finished: Matcher) {
+        let n = self.offers.fetch_add(1, Ordering::Relaxed);
+        if n >= EARLY_OFFERS && n % LATER_OFFER_EVERY != 0 {
+            return;
+        }
+        if finished.reset().is_err() || finished.is_error() {
+            return;
+        }
+        // Never wait for the template: a copy being made now is as good.
+        if let Ok(mut t) = self.template.try_lock() {
+            *t = finished;
+        }
+    }
 }
 
 /// The server's grammar compiler.
@@ -88,22 +133,34 @@ impl Grammars {
                 key.len()
             )));
         }
-        if let Some(hit) = self.lock().get(&key) {
-            if let (Some(m), Ok(_)) = (&self.metrics, &hit) {
+        // One cell per grammar: requests that miss together wait for one compilation.
+        let cell = self.lock().entry(key);
+        let mut compiled_here = false;
+        let result = cell
+            .get_or_init(|| {
+                compiled_here = true;
+                let start = Instant::now();
+                let result = self.build(spec).map(Arc::new);
+                if let Some(m) = &self.metrics {
+                    m.compile.observe(start.elapsed().as_secs_f64());
+                }
+                result
+            })
+            .clone();
+        if let (Some(m), Ok(_)) = (&self.metrics, &result) {
+            // A request that waited for another's compilation found it done: a hit.
+            if compiled_here {
+                m.cache_misses.inc();
+            } else {
                 m.cache_hits.inc();
             }
-            return hit;
         }
-        if let Some(m) = &self.metrics {
-            m.cache_misses.inc();
-        }
-        let start = Instant::now();
-        let result = self.build(spec).map(Arc::new);
-        if let Some(m) = &self.metrics {
-            m.compile.observe(start.elapsed().as_secs_f64());
-        }
-        self.lock().insert(key, result.clone());
         result
+    }
+
+    /// Whether `spec` is compiled and cached: if not, asking for it is blocking work.
+    pub fn is_compiled(&self, spec: &GrammarSpec) -> bool {
+        self.lock().peek(&spec.key())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
@@ -128,10 +185,14 @@ impl Grammars {
         }))
         .map_err(|_| GrammarError("the grammar compiler failed on it".into()))?
         .map_err(|e| GrammarError(first_line(&e.to_string())))?;
-        admits_something(&parser)?;
+        let eos = parser.token_env.tok_trie().eos_token();
+        let template = Matcher::new(Ok(parser));
+        admits_something(&template)?;
         Ok(Compiled {
-            parser,
+            template: Mutex::new(template),
+            offers: AtomicU64::new(0),
             eos_ids: self.eos_ids.clone(),
+            eos,
         })
     }
 }
@@ -139,8 +200,11 @@ impl Grammars {
 /// A grammar that compiles may still admit no output at all (`[^\s\S]`, a rule defined only
 /// by itself): its first mask fails. That is the request's fault, so it is found here, once
 /// per grammar, rather than as a failure in the engine.
-fn admits_something(parser: &TokenParser) -> Result<(), GrammarError> {
-    let mut probe = llguidance::Matcher::new(Ok(parser.deep_clone()));
+fn admits_something(template: &Matcher) -> Result<(), GrammarError> {
+    if let Some(e) = template.get_error() {
+        return Err(GrammarError(first_line(&e)));
+    }
+    let mut probe = template.deep_clone();
     let unusable = || GrammarError("admits no output at all".into());
     let mask = probe.compute_mask_or_eos().map_err(|_| unusable())?;
     if mask.is_zero() {
@@ -220,26 +284,26 @@ fn first_line(s: &str) -> String {
     out
 }
 
+/// A grammar's cache cell: empty while it is being compiled.
+type Cell = Arc<OnceLock<Result<Arc<Compiled>, GrammarError>>>;
+
 /// A least-recently-used map, small enough that eviction scans it.
 #[derive(Default)]
 struct Lru {
-    entries: HashMap<String, (Result<Arc<Compiled>, GrammarError>, u64)>,
+    entries: HashMap<String, (Cell, u64)>,
     clock: u64,
 }
 
 impl Lru {
-    fn get(&mut self, key: &str) -> Option<Result<Arc<Compiled>, GrammarError>> {
+    /// The cell for `key` (a new, empty one on a miss).
+    fn entry(&mut self, key: String) -> Cell {
         self.clock += 1;
         let clock = self.clock;
-        self.entries.get_mut(key).map(|(v, used)| {
+        if let Some((cell, used)) = self.entries.get_mut(&key) {
             *used = clock;
-            v.clone()
-        })
-    }
-
-    fn insert(&mut self, key: String, value: Result<Arc<Compiled>, GrammarError>) {
-        self.clock += 1;
-        if self.entries.len() >= CACHE_ENTRIES && !self.entries.contains_key(&key) {
+            return cell.clone();
+        }
+        if self.entries.len() >= CACHE_ENTRIES {
             let oldest = self
                 .entries
                 .iter()
@@ -249,6 +313,15 @@ impl Lru {
                 self.entries.remove(&k);
             }
         }
-        self.entries.insert(key, (value, self.clock));
+        let cell = Cell::default();
+        self.entries.insert(key, (cell.clone(), clock));
+        cell
+    }
+
+    /// Compiled (successfully or not) and cached.
+    fn peek(&self, key: &str) -> bool {
+        self.entries
+            .get(key)
+            .is_some_and(|(cell, _)| cell.get().is_some())
     }
 }

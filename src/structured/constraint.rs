@@ -2,7 +2,7 @@
 //! [`Constraint`] seam.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use llguidance::Matcher;
@@ -31,40 +31,55 @@ enum State {
 
 pub struct GrammarConstraint {
     matcher: Matcher,
+    compiled: Arc<Compiled>,
     state: State,
-    eos_ids: Arc<[u32]>,
-    /// The matcher's own end-of-sequence id (any of `eos_ids` stands for it).
-    eos: u32,
+    /// The grammar completed: the matcher goes back to warm the template.
+    done: bool,
     mask_time: Option<Histogram>,
 }
 
 impl Compiled {
-    /// A constraint per choice, each starting from a copy of the compiled parser.
+    /// A constraint per choice, starting from `starts` (see [`Compiled::starts`]; a choice
+    /// without one copies the template itself).
     pub fn factory(
         self: &Arc<Self>,
+        starts: Vec<Matcher>,
         gate: Gate,
         mask_time: Option<Histogram>,
     ) -> ConstraintFactory {
         let compiled = self.clone();
-        Arc::new(move |_choice| {
-            Box::new(GrammarConstraint::new(&compiled, gate, mask_time.clone()))
-                as Box<dyn Constraint>
+        let starts = Mutex::new(starts.into_iter().map(Some).collect::<Vec<_>>());
+        Arc::new(move |choice| {
+            let start = starts
+                .lock()
+                .ok()
+                .and_then(|mut s| s.get_mut(choice).and_then(Option::take))
+                .unwrap_or_else(|| compiled.start());
+            Box::new(GrammarConstraint::new(
+                compiled.clone(),
+                start,
+                gate,
+                mask_time.clone(),
+            )) as Box<dyn Constraint>
         })
     }
 }
 
 impl GrammarConstraint {
-    pub fn new(compiled: &Compiled, gate: Gate, mask_time: Option<Histogram>) -> Self {
-        let parser = compiled.parser.deep_clone();
-        let eos = parser.token_env.tok_trie().eos_token();
+    pub fn new(
+        compiled: Arc<Compiled>,
+        matcher: Matcher,
+        gate: Gate,
+        mask_time: Option<Histogram>,
+    ) -> Self {
         Self {
-            matcher: Matcher::new(Ok(parser)),
+            matcher,
+            compiled,
             state: match gate {
                 Gate::Open => State::Active,
                 Gate::After(t) => State::Waiting(t),
             },
-            eos_ids: compiled.eos_ids.clone(),
-            eos,
+            done: false,
             mask_time,
         }
     }
@@ -75,50 +90,44 @@ impl GrammarConstraint {
             None => Ok(()),
         }
     }
-
-    /// Queues what the grammar alone allows next, unless tokens are already queued (they
-    /// are what it forced last time, or a steer's: each is observed in turn).
-    fn force(&mut self, forced: &mut VecDeque<u32>) -> Result<Progress, String> {
-        if self.matcher.is_stopped() {
-            self.check()?;
-            return Ok(Progress::Done);
-        }
-        if forced.is_empty() {
-            forced.extend(self.matcher.compute_ff_tokens());
-        }
-        self.check()?;
-        Ok(Progress::Open)
-    }
 }
 
 impl Constraint for GrammarConstraint {
-    fn begin(&mut self, forced: &mut VecDeque<u32>) -> Result<(), String> {
-        if self.is_active() {
-            self.force(forced)?;
-        }
-        Ok(())
-    }
-
     fn is_active(&self) -> bool {
         matches!(self.state, State::Active)
     }
 
-    fn fill_mask(&mut self, mask: &mut TokenMask) -> Result<(), String> {
+    fn fill_mask(
+        &mut self,
+        mask: &mut TokenMask,
+        forced: &mut VecDeque<u32>,
+    ) -> Result<(), String> {
         let start = Instant::now();
-        // A grammar complete from the start (or a stopped one) allows only the end.
-        let vob = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| e.to_string())?;
-        mask.words.clear();
-        mask.words.extend_from_slice(vob.as_slice());
-        if vob.is_allowed(self.eos) {
-            for &id in self.eos_ids.iter() {
-                let w = id as usize / 32;
-                if w >= mask.words.len() {
-                    mask.words.resize(w + 1, 0);
+        // What the grammar alone allows from here goes in without a mask or a draw.
+        let ff = if self.matcher.is_stopped() {
+            Vec::new()
+        } else {
+            self.matcher.compute_ff_tokens()
+        };
+        self.check()?;
+        if !ff.is_empty() {
+            forced.extend(ff);
+        } else {
+            // A stopped grammar (complete from its start) allows only the end.
+            let vob = self
+                .matcher
+                .compute_mask_or_eos()
+                .map_err(|e| e.to_string())?;
+            mask.words.clear();
+            mask.words.extend_from_slice(vob.as_slice());
+            if vob.is_allowed(self.compiled.eos) {
+                for &id in self.compiled.eos_ids.iter() {
+                    let w = id as usize / 32;
+                    if w >= mask.words.len() {
+                        mask.words.resize(w + 1, 0);
+                    }
+                    mask.words[w] |= 1 << (id % 32);
                 }
-                mask.words[w] |= 1 << (id % 32);
             }
         }
         if let Some(h) = &self.mask_time {
@@ -131,32 +140,46 @@ impl Constraint for GrammarConstraint {
         match self.state {
             State::Waiting(end) => {
                 if token == end {
-                    self.state = State::Draining;
-                    if forced.is_empty() {
-                        self.state = State::Active;
-                        return self.force(forced);
-                    }
+                    self.state = if forced.is_empty() {
+                        State::Active
+                    } else {
+                        State::Draining
+                    };
                 }
                 Ok(Progress::Open)
             }
             State::Draining => {
                 if forced.is_empty() {
                     self.state = State::Active;
-                    return self.force(forced);
                 }
                 Ok(Progress::Open)
             }
             State::Active => {
-                let token = if self.eos_ids.contains(&token) {
-                    self.eos
+                let token = if self.compiled.eos_ids.contains(&token) {
+                    self.compiled.eos
                 } else {
                     token
                 };
                 self.matcher
                     .consume_token(token)
                     .map_err(|e| e.to_string())?;
-                self.force(forced)
+                self.check()?;
+                if self.matcher.is_stopped() {
+                    self.done = true;
+                    return Ok(Progress::Done);
+                }
+                Ok(Progress::Open)
             }
+        }
+    }
+}
+
+impl Drop for GrammarConstraint {
+    fn drop(&mut self) {
+        if self.done {
+            let placeholder = Matcher::new(Err(anyhow::anyhow!("handed back")));
+            self.compiled
+                .offer(std::mem::replace(&mut self.matcher, placeholder));
         }
     }
 }

@@ -65,6 +65,16 @@ impl GrammarSpec {
         Self::JsonSchema(serde_json::json!({"type": "object"}))
     }
 
+    /// Roughly how large the grammar's source is.
+    pub fn source_len(&self) -> usize {
+        match self {
+            Self::JsonSchema(_) => self.key().len(),
+            Self::Regex(r) => r.len(),
+            Self::Choice(c) => c.iter().map(|s| s.len() + 3).sum(),
+            Self::Lark(g) => g.len(),
+        }
+    }
+
     /// The text the cache keys on and the size limit applies to.
     pub(crate) fn key(&self) -> String {
         match self {

@@ -31,7 +31,14 @@ fn drive(c: &mut dyn Constraint, limit: usize) -> (Vec<u32>, bool) {
         let token = match forced.pop_front() {
             Some(t) => t,
             None => {
-                c.fill_mask(&mut mask).expect("mask");
+                c.fill_mask(&mut mask, &mut forced).expect("mask");
+                if let Some(t) = forced.pop_front() {
+                    out.push(t);
+                    if c.observe(t, &mut forced).expect("observe") == Progress::Done {
+                        return (out, true);
+                    }
+                    continue;
+                }
                 let Some(t) = (0..mask.words.len() as u32 * 32)
                     .rev()
                     .find(|&i| mask.allows(i))
@@ -62,7 +69,7 @@ fn a_json_schema_constrains_choice_by_choice_with_forced_tokens() {
     let compiled = grammars
         .compile(&GrammarSpec::JsonSchema(schema.clone()), Kind::JsonSchema)
         .expect("compiles");
-    let factory = compiled.factory(Gate::Open, None);
+    let factory = compiled.factory(compiled.starts(1), Gate::Open, None);
     let mut c = factory(0);
     let (ids, done) = drive(c.as_mut(), 64);
     let text = tok.decode(&ids, false).unwrap();

@@ -23,7 +23,7 @@ use crate::server::scores::{chat_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
 use crate::server::tool_calls::{split_answer, StreamedCalls};
 use crate::server::{json, sse, validate};
-use crate::structured::{Compiled, Gate};
+use crate::structured::{Gate, GrammarError};
 use crate::tokenizer::{ChatMessage, RenderArgs};
 use crate::tools::ToolFormat;
 
@@ -258,13 +258,19 @@ async fn handle(
     // small work.
     let text_bytes = messages.iter().map(|m| m.text().len() + 64).sum::<usize>()
         + tools.as_ref().map_or(0, |t| t.to_string().len());
+    let text_bytes = text_bytes + compile_work(&st, requested.as_ref());
+    let choices = prepared.n;
     let grammars = st.grammars.clone();
     let grammar = requested.clone();
     let (ids, compiled) = st
         .preprocess
         .run_sized(text_bytes, move || {
             // Compiled here, before admission and off the engine thread (a cache hit usually).
-            let compiled = grammar.map(|r| grammars.compile(&r.spec, r.kind));
+            let compiled = grammar.map(|r| {
+                let c = grammars.compile(&r.spec, r.kind)?;
+                let starts = c.starts(choices);
+                Ok((c, starts))
+            });
             let ids = tokenizer
                 .render_chat(
                     &messages,
@@ -295,8 +301,9 @@ async fn handle(
         arrival,
     );
     r.steer = plan.as_ref().and_then(|p| p.steer.clone());
-    r.constraint = compiled.map(|c| {
+    r.constraint = compiled.map(|(c, starts)| {
         c.factory(
+            starts,
             answer_gate(plan.as_ref()),
             Some(st.metrics.grammar().mask.clone()),
         )
@@ -352,11 +359,23 @@ async fn handle(
     }
 }
 
+/// Bytes of work a grammar adds to the request's preprocessing: none once it is cached, else
+/// enough that it runs on the pool, never on the connection's task (building the token trie
+/// for the first grammar takes a second on a 150k vocabulary).
+pub fn compile_work(st: &AppState, requested: Option<&Requested>) -> usize {
+    match requested {
+        Some(r) if !st.grammars.is_compiled(&r.spec) => {
+            crate::server::preprocess::INLINE_BYTES + r.spec.source_len()
+        }
+        _ => 0,
+    }
+}
+
 /// The compiled grammar a request asked for, or the 400 that names its field.
-pub fn compiled_or_400(
-    compiled: Option<Result<Arc<Compiled>, crate::structured::GrammarError>>,
+pub fn compiled_or_400<T>(
+    compiled: Option<Result<T, GrammarError>>,
     requested: Option<&Requested>,
-) -> Result<Option<Arc<Compiled>>, ApiError> {
+) -> Result<Option<T>, ApiError> {
     match (compiled, requested) {
         (Some(Err(e)), Some(r)) => Err(ApiError::invalid(
             format!("{} cannot be used: {e}", r.field),

@@ -19,7 +19,7 @@ use crate::server::protocol::{
     Prompt, PromptLogprobs, Usage,
 };
 use crate::server::request_log::{RequestId, RequestLogger};
-use crate::server::routes::chat::compiled_or_400;
+use crate::server::routes::chat::{compile_work, compiled_or_400};
 use crate::server::scores::{completion_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
@@ -126,20 +126,27 @@ async fn handle(
     }
     let add_special = req.add_special_tokens.unwrap_or(true);
     let tokenizer = st.tokenizer.clone();
-    let text_bytes = prompts
+    let text_bytes: usize = prompts
         .iter()
         .map(|p| match p {
             PromptIn::Text(s) => s.len(),
             PromptIn::Ids(ids) => ids.len() * 4,
         })
         .sum();
+    let text_bytes = text_bytes + compile_work(&st, requested.as_ref());
+    // A matcher per choice of every prompt, copied here rather than on the engine thread.
+    let choices = prepared.n * prompts.len();
     let grammars = st.grammars.clone();
     let grammar = requested.clone();
     let (encoded, compiled) = st
         .preprocess
         .run_sized(text_bytes, move || {
             // Compiled here, before admission and off the engine thread (a cache hit usually).
-            let compiled = grammar.map(|r| grammars.compile(&r.spec, r.kind));
+            let compiled = grammar.map(|r| {
+                let c = grammars.compile(&r.spec, r.kind)?;
+                let starts = c.starts(choices);
+                Ok((c, starts))
+            });
             let encoded = prompts
                 .into_iter()
                 .map(|p| match p {
@@ -161,8 +168,7 @@ async fn handle(
         })
         .await?;
     let encoded = encoded.map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-    let constraint = compiled_or_400(compiled, requested.as_ref())?
-        .map(|c| c.factory(Gate::Open, Some(st.metrics.grammar().mask.clone())));
+    let mut compiled = compiled_or_400(compiled, requested.as_ref())?;
     let prompt_tokens: usize = encoded.iter().map(|(ids, _)| ids.len()).sum();
     let permit = st.admission.try_admit(prompt_tokens * prepared.n)?;
     let mut streams = Vec::with_capacity(encoded.len());
@@ -170,7 +176,11 @@ async fn handle(
     let mut shapes = Vec::with_capacity(encoded.len());
     for (ids, text) in encoded {
         let mut r = prepared.engine_request(Arc::from(ids), true, st.max_model_len, arrival);
-        r.constraint = constraint.clone();
+        r.constraint = compiled.as_mut().map(|(c, starts)| {
+            let rest = starts.split_off(prepared.n.min(starts.len()));
+            let mine = std::mem::replace(starts, rest);
+            c.factory(mine, Gate::Open, Some(st.metrics.grammar().mask.clone()))
+        });
         shapes.push(PromptShape {
             tokens: r.prompt_ids.len(),
             max_tokens: r.stop.max_tokens,
