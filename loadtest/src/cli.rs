@@ -52,6 +52,12 @@ pub struct Args {
     #[arg(long)]
     pub stream: Option<bool>,
 
+    /// Drop the constraint fields (`response_format`, `structured_outputs`, `guided_json`,
+    /// `guided_regex`, `guided_choice`, `guided_grammar`, `tools`, `tool_choice`) from the
+    /// scenario's `extra_body`: the paired baseline of a structured-outputs scenario.
+    #[arg(long)]
+    pub unconstrained: bool,
+
     /// Closed loop: this many requests always in flight. With --request-rate or --sweep: the
     /// most requests in flight at once.
     #[arg(long)]
@@ -342,6 +348,8 @@ mod tests {
         );
 
         assert!(args(&[]).unwrap().plan().is_err(), "a mode is required");
+        assert!(!args(&[]).unwrap().unconstrained);
+        assert!(args(&["--unconstrained"]).unwrap().unconstrained);
         assert!(
             args(&["--request-rate", "inf"]).unwrap().plan().is_err(),
             "inf needs a count"

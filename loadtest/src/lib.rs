@@ -42,7 +42,10 @@ pub enum Outcome {
 /// chart), and returns the result.
 pub async fn run_cli(args: &Args) -> Result<Outcome> {
     let plan = args.plan()?;
-    let scenario = Scenario::load(&args.scenario)?;
+    let mut scenario = Scenario::load(&args.scenario)?;
+    if args.unconstrained {
+        scenario = scenario.unconstrained();
+    }
     let target = client::Target::new(&args.url, args.api_key.as_deref())?;
     let http = client::build_client();
     let model = match &args.model {
@@ -60,6 +63,7 @@ pub async fn run_cli(args: &Args) -> Result<Outcome> {
         scenario: scenario.name.clone(),
         endpoint: workload.endpoint.path().to_string(),
         stream: workload.stream,
+        unconstrained: args.unconstrained,
         mode: match p.mode {
             Mode::Closed { .. } => "closed-loop".into(),
             Mode::Open { .. } => "open-loop".into(),

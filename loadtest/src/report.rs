@@ -264,6 +264,9 @@ pub struct RunConfig {
     pub scenario: String,
     pub endpoint: String,
     pub stream: bool,
+    /// `--unconstrained`: the scenario's constraint fields were dropped from every body.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unconstrained: bool,
     pub mode: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_rate: Option<f64>,

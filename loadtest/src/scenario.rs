@@ -58,6 +58,20 @@ fn default_max_tokens() -> u32 {
     16
 }
 
+/// The body fields that constrain what a server may generate (structured outputs and tool
+/// calls, in OpenAI's and vLLM's spellings): `--unconstrained` drops them from `extra_body`, so
+/// a constrained scenario's paired baseline differs from it by the constraint alone.
+pub const CONSTRAINT_FIELDS: &[&str] = &[
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "tools",
+    "tool_choice",
+];
+
 /// Where prompts come from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "source", rename_all = "kebab-case", deny_unknown_fields)]
@@ -149,6 +163,14 @@ impl Scenario {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading scenario {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in scenario {}", path.display()))
+    }
+
+    /// The same scenario without the [`CONSTRAINT_FIELDS`] in its `extra_body`; every other
+    /// field is kept as it is.
+    pub fn unconstrained(mut self) -> Scenario {
+        self.extra_body
+            .retain(|k, _| !CONSTRAINT_FIELDS.contains(&k.as_str()));
+        self
     }
 
     pub fn parse(text: &str) -> Result<Scenario> {
@@ -484,6 +506,102 @@ mod tests {
             assert!((2..=4).contains(&v["max_tokens"].as_u64().unwrap()));
             assert_eq!(v["ignore_eos"], true);
         }
+    }
+
+    #[test]
+    fn unconstrained_drops_exactly_the_constraint_fields() {
+        let s = Scenario::parse(
+            r#"
+            name = "c"
+            endpoint = "chat"
+            max_tokens = 7
+            ignore_eos = true
+            [extra_body]
+            top_p = 0.9
+            seed = 3
+            parallel_tool_calls = false
+            guided_decoding_backend = "auto"
+            guided_json = { type = "object" }
+            guided_regex = "[a-z]+"
+            guided_choice = ["yes", "no"]
+            guided_grammar = "start: \"x\""
+            tool_choice = "auto"
+            tools = [{ type = "function", function = { name = "f" } }]
+            [extra_body.structured_outputs]
+            regex = "[0-9]+"
+            [extra_body.response_format]
+            type = "json_schema"
+            json_schema = { name = "n", schema = { type = "object" } }
+            [prompts]
+            source = "pool"
+            system = "be brief"
+            prompts = ["hi", "where is my order?"]
+            "#,
+        )
+        .unwrap();
+        let constrained = s.prepare("m", None, 5).unwrap();
+        let plain = s.clone().unconstrained().prepare("m", None, 5).unwrap();
+        assert_eq!(constrained.order, plain.order);
+        assert_eq!(constrained.bodies.len(), plain.bodies.len());
+        for (c, p) in constrained.bodies.iter().zip(&plain.bodies) {
+            let Value::Object(mut c) = serde_json::from_slice(c).unwrap() else {
+                panic!("a body is an object");
+            };
+            let Value::Object(p) = serde_json::from_slice(p).unwrap() else {
+                panic!("a body is an object");
+            };
+            for field in CONSTRAINT_FIELDS {
+                assert!(c.contains_key(*field), "{field} was sent");
+                assert!(!p.contains_key(*field), "{field} is dropped");
+                c.remove(*field);
+            }
+            // Everything else is untouched: prompt, sampling, ignore_eos, other extras.
+            assert_eq!(c, p);
+            assert_eq!(p["top_p"], 0.9);
+            assert_eq!(p["parallel_tool_calls"], false);
+            assert_eq!(p["guided_decoding_backend"], "auto");
+            assert_eq!(p["ignore_eos"], true);
+            assert_eq!(p["max_tokens"], 7);
+        }
+    }
+
+    #[test]
+    fn customer_service_intent_differs_from_its_baseline_by_the_schema_alone() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let intent = Scenario::load(&dir.join("customer-service-intent.toml")).unwrap();
+        let plain = Scenario::load(&dir.join("customer-service.toml")).unwrap();
+        let (
+            PromptSource::Pool {
+                system: a,
+                prompts: pa,
+            },
+            PromptSource::Pool {
+                system: b,
+                prompts: pb,
+            },
+        ) = (&intent.prompts, &plain.prompts)
+        else {
+            panic!("both use a pool");
+        };
+        assert_eq!((a, pa), (b, pb), "the customer-service prompts");
+        assert_eq!(intent.endpoint, Endpoint::Chat);
+        let w = intent.prepare("m", None, 0).unwrap();
+        let v: Value = serde_json::from_slice(&w.bodies[0]).unwrap();
+        let schema = &v["response_format"]["json_schema"]["schema"];
+        assert_eq!(v["response_format"]["type"], "json_schema");
+        assert_eq!(
+            schema["properties"]["intent"]["enum"]
+                .as_array()
+                .unwrap()
+                .len(),
+            8
+        );
+        assert_eq!(schema["properties"]["reply"]["maxLength"], 200);
+        assert_eq!(schema["additionalProperties"], false);
+        let w = intent.unconstrained().prepare("m", None, 0).unwrap();
+        let v: Value = serde_json::from_slice(&w.bodies[0]).unwrap();
+        assert!(v.get("response_format").is_none());
+        assert_eq!(v["ignore_eos"], true);
     }
 
     #[test]

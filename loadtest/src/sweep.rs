@@ -291,6 +291,7 @@ mod tests {
                 scenario: String::new(),
                 endpoint: String::new(),
                 stream: false,
+                unconstrained: false,
                 mode: "open-loop".into(),
                 request_rate: None,
                 burstiness: None,
