@@ -69,7 +69,7 @@ impl Compiled {
     /// A choice that completed its grammar hands its matcher back.
     pub(super) fn offer(&self, mut finished: Matcher) {
         let n = self.offers.fetch_add(1, Ordering::Relaxed);
-        if n >= EARLY_OFFERS && n % LATER_OFFER_EVERY != 0 {
+        if n >= EARLY_OFFERS && !n.is_multiple_of(LATER_OFFER_EVERY) {
             return;
         }
         if finished.reset().is_err() || finished.is_error() {
