@@ -631,6 +631,14 @@ impl engine::Constraint for Only {
         Ok(())
     }
 
+    fn force(&mut self, _forced: &mut std::collections::VecDeque<u32>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn allows(&mut self, token: u32) -> Result<bool, String> {
+        Ok(self.allowed.contains(&token))
+    }
+
     fn observe(
         &mut self,
         token: u32,

@@ -99,6 +99,12 @@ pub trait Constraint: Send {
     /// `mask`. Runs beside the forward pass, in parallel with other choices'.
     fn fill_mask(&mut self, mask: &mut TokenMask, forced: &mut VecDeque<u32>)
         -> Result<(), String>;
+    /// The forced half of [`Self::fill_mask`] alone: queues the tokens the constraint alone
+    /// allows from here, if any.
+    fn force(&mut self, forced: &mut VecDeque<u32>) -> Result<(), String>;
+    /// Whether `token` may come next: one token checked, not the whole mask (greedy decoding
+    /// asks this of the model's best token first, and needs the mask only when it is refused).
+    fn allows(&mut self, token: u32) -> Result<bool, String>;
     /// `token` was appended to the output (sampled or forced, active or not). Tokens pushed
     /// onto `forced` are emitted next without sampling; they are observed here in turn.
     fn observe(&mut self, token: u32, forced: &mut VecDeque<u32>) -> Result<Progress, String>;
@@ -107,12 +113,21 @@ pub trait Constraint: Send {
 /// Makes the constraint of each choice (its index is the argument).
 pub type ConstraintFactory = Arc<dyn Fn(usize) -> Box<dyn Constraint> + Send + Sync>;
 
+/// How a greedy sample point under a constraint came out.
+pub(super) enum Pick {
+    Token(u32),
+    /// The constraint allows nothing more: the choice is done.
+    Nothing,
+}
+
 /// A choice's constraint and the mask computed for its next sample point.
 pub(super) struct Constrained {
     constraint: Box<dyn Constraint>,
     mask: TokenMask,
     /// `mask` is for the coming sample point.
     ready: bool,
+    /// The coming sample point's forced tokens were looked for (none were found).
+    forced_checked: bool,
     /// Why the constraint failed, once it has.
     failed: Option<String>,
 }
@@ -124,6 +139,7 @@ impl Constrained {
             constraint,
             mask: TokenMask::default(),
             ready: false,
+            forced_checked: false,
             failed,
         }
     }
@@ -132,16 +148,50 @@ impl Constrained {
         self.failed.is_none() && self.constraint.is_active()
     }
 
-    /// Prepares the coming sample point (forced tokens or a mask), unless tokens are already
-    /// queued for it.
-    pub(super) fn prepare(&mut self, forced: &mut VecDeque<u32>) {
+    /// Prepares the coming sample point, unless tokens are already queued for it: its
+    /// forced tokens, or else (`with_mask`) its mask.
+    pub(super) fn prepare(&mut self, forced: &mut VecDeque<u32>, with_mask: bool) {
         if self.ready || !forced.is_empty() || !self.is_active() {
             return;
         }
-        match self.constraint.fill_mask(&mut self.mask, forced) {
-            Ok(()) => self.ready = forced.is_empty(),
+        let done = if with_mask {
+            self.constraint.fill_mask(&mut self.mask, forced)
+        } else if self.forced_checked {
+            return;
+        } else {
+            self.constraint.force(forced)
+        };
+        match done {
+            Ok(()) => {
+                self.forced_checked = forced.is_empty();
+                self.ready = with_mask && forced.is_empty();
+            }
             Err(e) => self.failed = Some(e),
         }
+    }
+
+    /// Greedy decoding at a prepared sample point with nothing forced: the model's best
+    /// token if the constraint allows it (one check), else the best of the mask.
+    pub(super) fn greedy(&mut self, logits: &[f32], best: u32) -> Result<Pick, String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if !self.ready {
+            if self.constraint.allows(best)? {
+                return Ok(Pick::Token(best));
+            }
+            let mut none = VecDeque::new();
+            self.constraint.fill_mask(&mut self.mask, &mut none)?;
+            if !none.is_empty() {
+                return Err("a constraint forced tokens after saying it forced none".into());
+            }
+            self.ready = true;
+        }
+        Ok(match self.mask.argmax(logits) {
+            _ if self.mask.is_empty() => Pick::Nothing,
+            Some(t) => Pick::Token(t),
+            None => Pick::Nothing,
+        })
     }
 
     /// The mask for a sample point that [`Self::prepare`] prepared and nothing forced.
@@ -160,6 +210,7 @@ impl Constrained {
         forced: &mut VecDeque<u32>,
     ) -> Result<Progress, String> {
         self.ready = false;
+        self.forced_checked = false;
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }

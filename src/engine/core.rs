@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::constraint::Progress;
+use super::constraint::{Pick, Progress};
 use super::device_sampling;
 use super::kv_manager::KvManager;
 use super::request::{Delivery, EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
@@ -213,6 +213,7 @@ impl EngineCore {
             if samples && s.steering.needs_mask() {
                 self.mask_seqs.push(sch.index);
             }
+            // (Plain greedy ones look for forced tokens only: see sample_and_emit.)
         }
         let logits = if self.mask_seqs.is_empty() {
             self.decoder.forward(&self.batch, &self.cache)?
@@ -226,7 +227,9 @@ impl EngineCore {
                 || {
                     running.par_iter_mut().enumerate().for_each(|(i, s)| {
                         if want.binary_search(&i).is_ok() {
-                            s.steering.prepare_mask();
+                            let lazy = s.request.params.is_plain_greedy()
+                                && s.output_len() >= s.request.stop.min_tokens;
+                            s.steering.prepare_mask(!lazy);
                         }
                     })
                 },
@@ -394,13 +397,15 @@ fn sample_and_emit(
         }
         masked.extend_from_slice(&stop.stop_token_ids);
     }
+    // Plain greedy needs no mask when the constraint allows the model's best token.
+    let lazy = masked.is_empty() && req.params.is_plain_greedy();
     if chosen.is_none() {
-        s.steering.prepare_mask();
+        s.steering.prepare_mask(!lazy);
     }
     let forced = s.steering.next_forced();
-    let allowed = match forced.or(chosen) {
-        Some(_) => None,
-        None => match s.steering.mask() {
+    let allowed = match (forced.or(chosen), lazy) {
+        (Some(_), _) | (None, true) => None,
+        (None, false) => match s.steering.mask() {
             Ok(mask) => mask,
             Err(e) => return fail(s, e, stats),
         },
@@ -424,11 +429,14 @@ fn sample_and_emit(
         (token, logprobs)
     } else if let Some(token) = chosen {
         (token, None)
-    } else if masked.is_empty() && req.params.is_plain_greedy() {
-        let token = match allowed {
-            None => argmax(logits),
-            // Checked non-empty above.
-            Some(m) => m.argmax(logits).unwrap_or_default(),
+    } else if lazy {
+        let best = argmax(logits);
+        let token = match s.steering.greedy(logits, best) {
+            Ok(None) => best,
+            Ok(Some(Pick::Token(t))) => t,
+            // Nothing may follow (a grammar that ended without a stop token).
+            Ok(Some(Pick::Nothing)) => return finish(s, FinishReason::Stop, None, stats),
+            Err(e) => return fail(s, e, stats),
         };
         (token, None)
     } else {

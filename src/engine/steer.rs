@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::constraint::{Constrained, ConstraintFactory, Progress, TokenMask};
+use super::constraint::{Constrained, ConstraintFactory, Pick, Progress, TokenMask};
 
 /// Decides the forced tokens of one choice. Runs on the engine thread, once per emitted token:
 /// it must be cheap and must not block.
@@ -59,9 +59,19 @@ impl Steering {
 
     /// Prepares the coming sample point of a constrained choice: its forced tokens or its
     /// mask. The step does it ahead, beside the forward; the sample point does what is left.
-    pub(super) fn prepare_mask(&mut self) {
+    pub(super) fn prepare_mask(&mut self, with_mask: bool) {
         if let Some(c) = self.constraint.as_mut() {
-            c.prepare(&mut self.forced);
+            c.prepare(&mut self.forced, with_mask);
+        }
+    }
+
+    /// Greedy decoding of a prepared sample point with nothing forced (`best` is the row's
+    /// argmax): `None` when unconstrained.
+    pub(super) fn greedy(&mut self, logits: &[f32], best: u32) -> Result<Option<Pick>, String> {
+        match self.constraint.as_mut() {
+            Some(c) if c.is_active() => c.greedy(logits, best).map(Some),
+            Some(c) => c.mask().map(|_| None),
+            None => Ok(None),
         }
     }
 

@@ -66,7 +66,7 @@ impl Compiled {
         self.template.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A choice that completed its grammar hands its matcher back.
+    /// A choice that ended (complete or cut) hands its matcher back.
     pub(super) fn offer(&self, mut finished: Matcher) {
         let n = self.offers.fetch_add(1, Ordering::Relaxed);
         if n >= EARLY_OFFERS && !n.is_multiple_of(LATER_OFFER_EVERY) {

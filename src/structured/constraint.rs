@@ -33,8 +33,9 @@ pub struct GrammarConstraint {
     matcher: Matcher,
     compiled: Arc<Compiled>,
     state: State,
-    /// The grammar completed: the matcher goes back to warm the template.
-    done: bool,
+    /// The matcher took tokens (built lexer states): when the choice ends, it goes back to
+    /// warm the template, whether the grammar completed or `max_tokens` cut it.
+    worked: bool,
     mask_time: Option<Histogram>,
 }
 
@@ -79,8 +80,17 @@ impl GrammarConstraint {
                 Gate::Open => State::Active,
                 Gate::After(t) => State::Waiting(t),
             },
-            done: false,
+            worked: false,
             mask_time,
+        }
+    }
+
+    /// Any of the model's end ids is the matcher's one.
+    fn own_id(&self, token: u32) -> u32 {
+        if self.compiled.eos_ids.contains(&token) {
+            self.compiled.eos
+        } else {
+            token
         }
     }
 
@@ -97,22 +107,31 @@ impl Constraint for GrammarConstraint {
         matches!(self.state, State::Active)
     }
 
+    fn force(&mut self, forced: &mut VecDeque<u32>) -> Result<(), String> {
+        // What the grammar alone allows from here goes in without a mask or a draw.
+        if !self.matcher.is_stopped() {
+            forced.extend(self.matcher.compute_ff_tokens());
+        }
+        self.check()
+    }
+
+    fn allows(&mut self, token: u32) -> Result<bool, String> {
+        let token = self.own_id(token);
+        let ok = self
+            .matcher
+            .validate_tokens(&[token])
+            .map_err(|e| e.to_string())?;
+        Ok(ok == 1)
+    }
+
     fn fill_mask(
         &mut self,
         mask: &mut TokenMask,
         forced: &mut VecDeque<u32>,
     ) -> Result<(), String> {
         let start = Instant::now();
-        // What the grammar alone allows from here goes in without a mask or a draw.
-        let ff = if self.matcher.is_stopped() {
-            Vec::new()
-        } else {
-            self.matcher.compute_ff_tokens()
-        };
-        self.check()?;
-        if !ff.is_empty() {
-            forced.extend(ff);
-        } else {
+        self.force(forced)?;
+        if forced.is_empty() {
             // A stopped grammar (complete from its start) allows only the end.
             let vob = self
                 .matcher
@@ -155,17 +174,13 @@ impl Constraint for GrammarConstraint {
                 Ok(Progress::Open)
             }
             State::Active => {
-                let token = if self.compiled.eos_ids.contains(&token) {
-                    self.compiled.eos
-                } else {
-                    token
-                };
+                let token = self.own_id(token);
+                self.worked = true;
                 self.matcher
                     .consume_token(token)
                     .map_err(|e| e.to_string())?;
                 self.check()?;
                 if self.matcher.is_stopped() {
-                    self.done = true;
                     return Ok(Progress::Done);
                 }
                 Ok(Progress::Open)
@@ -176,7 +191,7 @@ impl Constraint for GrammarConstraint {
 
 impl Drop for GrammarConstraint {
     fn drop(&mut self) {
-        if self.done {
+        if self.worked && !self.matcher.is_error() {
             let placeholder = Matcher::new(Err(anyhow::anyhow!("handed back")));
             self.compiled
                 .offer(std::mem::replace(&mut self.matcher, placeholder));
