@@ -52,14 +52,23 @@ const LATER_OFFER_EVERY: u64 = 256;
 
 impl Compiled {
     /// A matcher at the grammar's start for each of `n` choices: copying one is work for the
-    /// caller's thread, not the engine's.
-    pub fn starts(&self, n: usize) -> Vec<Matcher> {
+    /// caller's thread, not the engine's. `shared`: the copies share the template's lexer
+    /// (behind llguidance's lock) instead of taking a copy of it. Sharing costs nothing per
+    /// request and warms one lexer for all; it suits choices that ask the grammar about one
+    /// token at a time (plain greedy: see `engine::constraint`), not ones whose masks are
+    /// computed in parallel, which would wait on each other.
+    pub fn starts(&self, n: usize, shared: bool) -> Vec<(Matcher, bool)> {
         let template = self.template();
-        (0..n).map(|_| template.deep_clone()).collect()
+        (0..n)
+            .map(|_| match shared {
+                true => (template.clone(), false),
+                false => (template.deep_clone(), true),
+            })
+            .collect()
     }
 
-    pub(super) fn start(&self) -> Matcher {
-        self.template().deep_clone()
+    pub(super) fn start(&self) -> (Matcher, bool) {
+        (self.template().deep_clone(), true)
     }
 
     fn template(&self) -> std::sync::MutexGuard<'_, Matcher> {

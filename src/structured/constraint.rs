@@ -36,6 +36,8 @@ pub struct GrammarConstraint {
     /// The matcher took tokens (built lexer states): when the choice ends, it goes back to
     /// warm the template, whether the grammar completed or `max_tokens` cut it.
     worked: bool,
+    /// Its lexer is its own copy (not the template's, shared).
+    private: bool,
     mask_time: Option<Histogram>,
 }
 
@@ -44,7 +46,7 @@ impl Compiled {
     /// without one copies the template itself).
     pub fn factory(
         self: &Arc<Self>,
-        starts: Vec<Matcher>,
+        starts: Vec<(Matcher, bool)>,
         gate: Gate,
         mask_time: Option<Histogram>,
     ) -> ConstraintFactory {
@@ -67,13 +69,15 @@ impl Compiled {
 }
 
 impl GrammarConstraint {
+    /// `start`: a matcher at the grammar's start, and whether its lexer is its own copy.
     pub fn new(
         compiled: Arc<Compiled>,
-        matcher: Matcher,
+        (matcher, private): (Matcher, bool),
         gate: Gate,
         mask_time: Option<Histogram>,
     ) -> Self {
         Self {
+            private,
             matcher,
             compiled,
             state: match gate {
@@ -191,7 +195,8 @@ impl Constraint for GrammarConstraint {
 
 impl Drop for GrammarConstraint {
     fn drop(&mut self) {
-        if self.worked && !self.matcher.is_error() {
+        // A shared lexer is the template's already.
+        if self.worked && self.private && !self.matcher.is_error() {
             let placeholder = Matcher::new(Err(anyhow::anyhow!("handed back")));
             self.compiled
                 .offer(std::mem::replace(&mut self.matcher, placeholder));

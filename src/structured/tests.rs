@@ -69,7 +69,7 @@ fn a_json_schema_constrains_choice_by_choice_with_forced_tokens() {
     let compiled = grammars
         .compile(&GrammarSpec::JsonSchema(schema.clone()), Kind::JsonSchema)
         .expect("compiles");
-    let factory = compiled.factory(compiled.starts(1), Gate::Open, None);
+    let factory = compiled.factory(compiled.starts(1, false), Gate::Open, None);
     let mut c = factory(0);
     let (ids, done) = drive(c.as_mut(), 64);
     let text = tok.decode(&ids, false).unwrap();

@@ -260,6 +260,8 @@ async fn handle(
         + tools.as_ref().map_or(0, |t| t.to_string().len());
     let text_bytes = text_bytes + compile_work(&st, requested.as_ref());
     let choices = prepared.n;
+    // Plain greedy choices ask the grammar one token at a time: they share its lexer.
+    let greedy = prepared.params.is_plain_greedy();
     let grammars = st.grammars.clone();
     let grammar = requested.clone();
     let (ids, compiled) = st
@@ -268,7 +270,7 @@ async fn handle(
             // Compiled here, before admission and off the engine thread (a cache hit usually).
             let compiled = grammar.map(|r| {
                 let c = grammars.compile(&r.spec, r.kind)?;
-                let starts = c.starts(choices);
+                let starts = c.starts(choices, greedy);
                 Ok((c, starts))
             });
             let ids = tokenizer

@@ -136,6 +136,8 @@ async fn handle(
     let text_bytes = text_bytes + compile_work(&st, requested.as_ref());
     // A matcher per choice of every prompt, copied here rather than on the engine thread.
     let choices = prepared.n * prompts.len();
+    // Plain greedy choices ask the grammar one token at a time: they share its lexer.
+    let greedy = prepared.params.is_plain_greedy();
     let grammars = st.grammars.clone();
     let grammar = requested.clone();
     let (encoded, compiled) = st
@@ -144,7 +146,7 @@ async fn handle(
             // Compiled here, before admission and off the engine thread (a cache hit usually).
             let compiled = grammar.map(|r| {
                 let c = grammars.compile(&r.spec, r.kind)?;
-                let starts = c.starts(choices);
+                let starts = c.starts(choices, greedy);
                 Ok((c, starts))
             });
             let encoded = prompts
