@@ -1435,3 +1435,75 @@ async fn refused_grammars_are_not_counted_as_constrained_requests() {
         "a refused grammar is no cache hit"
     );
 }
+
+/// A stop rule and a grammar that together leave nothing to sample (`min_tokens` forbids the
+/// very tokens, or the end, that the grammar alone allows): the grammar wins and the choice
+/// ends cleanly, greedy and sampled alike, instead of a failed request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grammar_that_allows_only_what_min_tokens_forbids_still_answers() {
+    let Some(d) = Daemon::start(LLAMA, &[]) else {
+        return;
+    };
+    let c = client();
+    let tokenize = |text: &str| json!({"prompt": text, "add_special_tokens": false});
+    let a = ok(&c, &d.url("/tokenize"), &tokenize("a")).await["tokens"][0].clone();
+    let b = ok(&c, &d.url("/tokenize"), &tokenize("b")).await["tokens"][0].clone();
+    for temperature in [0.0, 1.0] {
+        // Only `a` or `b`, both stop tokens, and at least one token first.
+        let body = Route::Completions.body(
+            "hi",
+            json!({"max_tokens": 4, "temperature": temperature, "seed": 5,
+                   "guided_regex": "[ab]", "stop_token_ids": [a, b], "min_tokens": 1}),
+        );
+        let v = ok(&c, &d.url("/v1/completions"), &body).await;
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        // The empty answer: only the end is allowed, and min_tokens forbids it.
+        let body = Route::Completions.body(
+            "hi",
+            json!({"max_tokens": 4, "temperature": temperature, "seed": 5,
+                   "guided_regex": "", "min_tokens": 2}),
+        );
+        let v = ok(&c, &d.url("/v1/completions"), &body).await;
+        assert_eq!(v["choices"][0]["text"], "", "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    }
+    still_serves(&c, &d, &json!({})).await;
+}
+
+/// Greedy decoding under a grammar asks it about the model's best token first and shares one
+/// lexer among requests: answers sent together are valid, and each is the answer the same
+/// request gets alone, on a large and a small vocabulary.
+#[tokio::test(flavor = "multi_thread")]
+async fn greedy_answers_under_a_grammar_are_valid_and_do_not_depend_on_company() {
+    for model in [QWEN, "tiny-llama-v512"] {
+        let Some(d) = Daemon::start(model, &[]) else {
+            return;
+        };
+        let c = client();
+        let schema = three_keys();
+        let v = validator(&schema);
+        let body = |i: usize| {
+            Route::Chat.body(
+                &format!("question number {i}"),
+                json!({"max_tokens": 200, "temperature": 0,
+                       "response_format": {"type": "json_schema",
+                                           "json_schema": {"name": "k", "schema": schema}}}),
+            )
+        };
+        let url = d.url("/v1/chat/completions");
+        let together = futures_util::future::join_all((0..16).map(|i| {
+            let (c, url, body) = (c.clone(), url.clone(), body(i));
+            async move { ok(&c, &url, &body).await }
+        }))
+        .await;
+        for (i, answer) in together.iter().enumerate() {
+            let (text, finish) = Route::Chat.outputs(answer).remove(0);
+            assert_eq!(finish, "stop", "{model}: {answer}");
+            check_instance(&v, &text).unwrap_or_else(|e| panic!("{model}: {e}"));
+            if i % 5 == 0 {
+                let alone = ok(&c, &url, &body(i)).await;
+                assert_eq!(Route::Chat.outputs(&alone).remove(0).0, text, "{model}");
+            }
+        }
+    }
+}

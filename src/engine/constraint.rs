@@ -35,6 +35,15 @@ impl TokenMask {
         self.words.iter().all(|&w| w == 0)
     }
 
+    /// Whether every allowed id is among `ids` (the mask leaves nothing else).
+    pub fn only_within(&self, ids: &[u32]) -> bool {
+        let allowed: u32 = self.words.iter().map(|w| w.count_ones()).sum();
+        let mut inside: Vec<u32> = ids.iter().copied().filter(|&id| self.allows(id)).collect();
+        inside.sort_unstable();
+        inside.dedup();
+        inside.len() as u32 == allowed
+    }
+
     /// The allowed id with the largest logit (the first on ties), without touching the row:
     /// greedy decoding under a mask reads only the allowed entries.
     pub fn argmax(&self, logits: &[f32]) -> Option<u32> {
@@ -239,6 +248,8 @@ mod tests {
         }
         assert!(!mask.is_empty());
         assert!(TokenMask::default().is_empty());
+        assert!(mask.only_within(&[65, 0, 31, 32, 0, 7]));
+        assert!(!mask.only_within(&[0, 31, 32]));
     }
 
     #[test]

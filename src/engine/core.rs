@@ -410,6 +410,11 @@ fn sample_and_emit(
             Err(e) => return fail(s, e, stats),
         },
     };
+    if allowed.is_some_and(|m| !masked.is_empty() && m.only_within(masked)) {
+        // The grammar allows only what a stop rule forbids (its end before min_tokens): the
+        // grammar wins, as a valid answer is what was asked for.
+        masked.clear();
+    }
     if allowed.is_some_and(|m| m.is_empty()) {
         // Nothing may follow (a grammar that ended without a stop token): the choice is done.
         return finish(s, FinishReason::Stop, None, stats);

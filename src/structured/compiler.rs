@@ -34,11 +34,20 @@ impl std::fmt::Display for GrammarError {
 
 /// A grammar ready to constrain choices: each choice starts from its own copy of a matcher
 /// at the grammar's start.
+///
+/// llguidance builds its lexer's states lazily and a copy takes them along, so copies of a
+/// warm matcher start fast. A lexer can also break for good (its fuel or state limit spent,
+/// or a panic inside it) and every matcher sharing it with it: so nothing generates with the
+/// compiled matcher itself, and a broken template or shared lexer is rebuilt from it.
 pub struct Compiled {
-    /// Where choices start. llguidance builds its lexer's states lazily, and a copy takes
-    /// them along: so now and then a finished choice's matcher, rolled back to the start,
-    /// takes this one's place, and the next choices start with the states it built.
+    /// As compiled: only ever copied.
+    pristine: Matcher,
+    /// Where private copies start. Now and then a finished choice's matcher, rolled back to
+    /// the start, takes its place, so the next choices start with the states it built.
     template: Mutex<Matcher>,
+    /// The lexer plain greedy choices share (a copy of the template), and how many choices
+    /// have shared it; replaced after [`SHARED_USES`] so it cannot grow without bound.
+    shared: Mutex<(Matcher, u64)>,
     /// Finished choices offered back so far.
     offers: AtomicU64,
     pub(super) eos_ids: Arc<[u32]>,
@@ -49,46 +58,85 @@ pub struct Compiled {
 /// The first offers replace the template (it warms quickly), then one in this many.
 const EARLY_OFFERS: u64 = 32;
 const LATER_OFFER_EVERY: u64 = 256;
+/// Choices that share one lexer before a fresh copy of the template replaces it.
+const SHARED_USES: u64 = 1 << 16;
 
 impl Compiled {
+    pub(super) fn new(pristine: Matcher, eos_ids: Arc<[u32]>, eos: u32) -> Self {
+        Self {
+            template: Mutex::new(pristine.deep_clone()),
+            shared: Mutex::new((pristine.deep_clone(), 0)),
+            pristine,
+            offers: AtomicU64::new(0),
+            eos_ids,
+            eos,
+        }
+    }
+
     /// A matcher at the grammar's start for each of `n` choices: copying one is work for the
-    /// caller's thread, not the engine's. `shared`: the copies share the template's lexer
-    /// (behind llguidance's lock) instead of taking a copy of it. Sharing costs nothing per
-    /// request and warms one lexer for all; it suits choices that ask the grammar about one
-    /// token at a time (plain greedy: see `engine::constraint`), not ones whose masks are
-    /// computed in parallel, which would wait on each other.
+    /// caller's thread, not the engine's. `shared`: the copies share one lexer (behind
+    /// llguidance's lock) instead of taking a copy each. Sharing costs nothing per request
+    /// and warms one lexer for all; it suits choices that ask the grammar about one token at
+    /// a time (plain greedy: see `engine::constraint`), not ones whose masks are computed in
+    /// parallel, which would wait on each other. The flag beside each matcher says whether
+    /// its lexer is its own.
     pub fn starts(&self, n: usize, shared: bool) -> Vec<(Matcher, bool)> {
-        let template = self.template();
-        (0..n)
-            .map(|_| match shared {
-                true => (template.clone(), false),
-                false => (template.deep_clone(), true),
-            })
-            .collect()
+        if !shared {
+            let template = self.template();
+            return (0..n).map(|_| (template.deep_clone(), true)).collect();
+        }
+        let mut s = lock(&self.shared);
+        if s.1 >= SHARED_USES || broken(&s.0) {
+            *s = (self.template().deep_clone(), 0);
+        }
+        s.1 += n as u64;
+        (0..n).map(|_| (s.0.clone(), false)).collect()
     }
 
     pub(super) fn start(&self) -> (Matcher, bool) {
         (self.template().deep_clone(), true)
     }
 
+    /// The template, rebuilt from the compiled matcher if its lexer broke.
     fn template(&self) -> std::sync::MutexGuard<'_, Matcher> {
-        self.template.lock().unwrap_or_else(|e| e.into_inner())
+        let mut t = lock(&self.template);
+        if broken(&t) {
+            *t = self.pristine.deep_clone();
+        }
+        t
     }
 
-    /// A choice that ended (complete or cut) hands its matcher back.
+    /// A choice that ended (complete or cut) with a lexer of its own hands its matcher back.
     pub(super) fn offer(&self, mut finished: Matcher) {
         let n = self.offers.fetch_add(1, Ordering::Relaxed);
         if n >= EARLY_OFFERS && !n.is_multiple_of(LATER_OFFER_EVERY) {
             return;
         }
-        if finished.reset().is_err() || finished.is_error() {
+        if finished.reset().is_err() || broken(&finished) {
             return;
         }
+        // The masks it cached were for the states it went through, not for the start.
+        finished.invalidate_bias_cache();
         // Never wait for the template: a copy being made now is as good.
         if let Ok(mut t) = self.template.try_lock() {
             *t = finished;
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // What these locks guard is replaced whole, never left half-changed.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A matcher in error, or whose lexer is (a lexer error is permanent and shared by every
+/// matcher sharing the lexer; a panic inside llguidance poisons its lock, and asking then
+/// panics again).
+fn broken(m: &Matcher) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.is_error() || m.get_error().is_some()
+    }))
+    .unwrap_or(true)
 }
 
 /// The server's grammar compiler.
@@ -195,14 +243,9 @@ impl Grammars {
         .map_err(|_| GrammarError("the grammar compiler failed on it".into()))?
         .map_err(|e| GrammarError(first_line(&e.to_string())))?;
         let eos = parser.token_env.tok_trie().eos_token();
-        let template = Matcher::new(Ok(parser));
-        admits_something(&template)?;
-        Ok(Compiled {
-            template: Mutex::new(template),
-            offers: AtomicU64::new(0),
-            eos_ids: self.eos_ids.clone(),
-            eos,
-        })
+        let pristine = Matcher::new(Ok(parser));
+        admits_something(&pristine)?;
+        Ok(Compiled::new(pristine, self.eos_ids.clone(), eos))
     }
 }
 

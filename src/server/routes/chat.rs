@@ -327,7 +327,8 @@ async fn handle(
         st.tokenizer.clone(),
         OutputOptions {
             stops: prepared.stop_strings.clone(),
-            skip_special_tokens: prepared.skip_special_tokens,
+            // A tool-call marker may be a special token: the parser must see it.
+            skip_special_tokens: prepared.skip_special_tokens && shown.tools.is_none(),
             logprobs: want_logprobs,
             n: prepared.n,
             metrics: st.metrics.clone(),
