@@ -175,15 +175,28 @@ impl Grammars {
     /// The compiled grammar for `spec`, from the cache or compiled now (blocking: seconds at
     /// worst for a large schema, milliseconds usually).
     pub fn compile(&self, spec: &GrammarSpec, kind: Kind) -> Result<Arc<Compiled>, GrammarError> {
-        let compiled = self.cached_or_built(spec);
+        self.compile_keyed(spec.key(), spec, kind)
+    }
+
+    /// [`Self::compile`] with the cache key already made ([`Self::key_if_compiled`]).
+    pub fn compile_keyed(
+        &self,
+        key: String,
+        spec: &GrammarSpec,
+        kind: Kind,
+    ) -> Result<Arc<Compiled>, GrammarError> {
+        let compiled = self.cached_or_built(key, spec);
         if let (Some(m), Ok(_)) = (&self.metrics, &compiled) {
             m.requests.with_label_values(&[kind.as_str()]).inc();
         }
         compiled
     }
 
-    fn cached_or_built(&self, spec: &GrammarSpec) -> Result<Arc<Compiled>, GrammarError> {
-        let key = spec.key();
+    fn cached_or_built(
+        &self,
+        key: String,
+        spec: &GrammarSpec,
+    ) -> Result<Arc<Compiled>, GrammarError> {
         if key.len() > MAX_GRAMMAR_BYTES {
             return Err(GrammarError(format!(
                 "is {} bytes; at most {MAX_GRAMMAR_BYTES} are accepted",
@@ -215,9 +228,12 @@ impl Grammars {
         result
     }
 
-    /// Whether `spec` is compiled and cached: if not, asking for it is blocking work.
-    pub fn is_compiled(&self, spec: &GrammarSpec) -> bool {
-        self.lock().peek(&spec.key())
+    /// `spec`'s cache key (made once per request), and whether it is compiled and cached:
+    /// if not, asking for it is blocking work.
+    pub fn key_if_compiled(&self, spec: &GrammarSpec) -> (String, bool) {
+        let key = spec.key();
+        let compiled = self.lock().peek(&key);
+        (key, compiled)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {

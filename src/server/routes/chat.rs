@@ -258,18 +258,20 @@ async fn handle(
     // small work.
     let text_bytes = messages.iter().map(|m| m.text().len() + 64).sum::<usize>()
         + tools.as_ref().map_or(0, |t| t.to_string().len());
-    let text_bytes = text_bytes + compile_work(&st, requested.as_ref());
+    let (key, work) = grammar_job(&st, requested.as_ref());
+    let text_bytes = text_bytes + work;
     let choices = prepared.n;
     // Plain greedy choices ask the grammar one token at a time: they share its lexer.
     let greedy = prepared.params.is_plain_greedy();
     let grammars = st.grammars.clone();
-    let grammar = requested.clone();
+    let field = requested.as_ref().map(|r| r.field.clone());
+    let grammar = requested.zip(key);
     let (ids, compiled) = st
         .preprocess
         .run_sized(text_bytes, move || {
             // Compiled here, before admission and off the engine thread (a cache hit usually).
-            let compiled = grammar.map(|r| {
-                let c = grammars.compile(&r.spec, r.kind)?;
+            let compiled = grammar.map(|(r, key)| {
+                let c = grammars.compile_keyed(key, &r.spec, r.kind)?;
                 let starts = c.starts(choices, greedy);
                 Ok((c, starts))
             });
@@ -289,7 +291,7 @@ async fn handle(
         })
         .await?;
     let mut ids = ids.map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-    let compiled = compiled_or_400(compiled, requested.as_ref())?;
+    let compiled = compiled_or_400(compiled, field.as_deref())?;
     let plan = st.reasoning.as_ref().map(|r| r.plan(&ids, budget));
     if let Some(p) = &plan {
         ids.extend_from_slice(&p.prompt_suffix);
@@ -362,27 +364,31 @@ async fn handle(
     }
 }
 
-/// Bytes of work a grammar adds to the request's preprocessing: none once it is cached, else
-/// enough that it runs on the pool, never on the connection's task (building the token trie
-/// for the first grammar takes a second on a 150k vocabulary).
-pub fn compile_work(st: &AppState, requested: Option<&Requested>) -> usize {
-    match requested {
-        Some(r) if !st.grammars.is_compiled(&r.spec) => {
-            crate::server::preprocess::INLINE_BYTES + r.spec.source_len()
-        }
-        _ => 0,
-    }
+/// A request's grammar on its way to the tokenizer pool: its cache key (made once), and the
+/// bytes of work it adds to the request's preprocessing: none once it is cached, else enough
+/// that it runs on the pool, never on the connection's task (building the token trie for the
+/// first grammar takes a second on a 150k vocabulary).
+pub fn grammar_job(st: &AppState, requested: Option<&Requested>) -> (Option<String>, usize) {
+    let Some(r) = requested else {
+        return (None, 0);
+    };
+    let (key, compiled) = st.grammars.key_if_compiled(&r.spec);
+    let work = match compiled {
+        true => 0,
+        false => crate::server::preprocess::INLINE_BYTES + r.spec.source_len(),
+    };
+    (Some(key), work)
 }
 
 /// The compiled grammar a request asked for, or the 400 that names its field.
 pub fn compiled_or_400<T>(
     compiled: Option<Result<T, GrammarError>>,
-    requested: Option<&Requested>,
+    field: Option<&str>,
 ) -> Result<Option<T>, ApiError> {
-    match (compiled, requested) {
-        (Some(Err(e)), Some(r)) => Err(ApiError::invalid(
-            format!("{} cannot be used: {e}", r.field),
-            Some(&r.field),
+    match (compiled, field) {
+        (Some(Err(e)), Some(field)) => Err(ApiError::invalid(
+            format!("{field} cannot be used: {e}"),
+            Some(field),
         )),
         (Some(Ok(c)), _) => Ok(Some(c)),
         _ => Ok(None),

@@ -19,7 +19,7 @@ use crate::server::protocol::{
     Prompt, PromptLogprobs, Usage,
 };
 use crate::server::request_log::{RequestId, RequestLogger};
-use crate::server::routes::chat::{compile_work, compiled_or_400};
+use crate::server::routes::chat::{compiled_or_400, grammar_job};
 use crate::server::scores::{completion_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
@@ -133,19 +133,21 @@ async fn handle(
             PromptIn::Ids(ids) => ids.len() * 4,
         })
         .sum();
-    let text_bytes = text_bytes + compile_work(&st, requested.as_ref());
+    let (key, work) = grammar_job(&st, requested.as_ref());
+    let text_bytes = text_bytes + work;
     // A matcher per choice of every prompt, copied here rather than on the engine thread.
     let choices = prepared.n * prompts.len();
     // Plain greedy choices ask the grammar one token at a time: they share its lexer.
     let greedy = prepared.params.is_plain_greedy();
     let grammars = st.grammars.clone();
-    let grammar = requested.clone();
+    let field = requested.as_ref().map(|r| r.field.clone());
+    let grammar = requested.zip(key);
     let (encoded, compiled) = st
         .preprocess
         .run_sized(text_bytes, move || {
             // Compiled here, before admission and off the engine thread (a cache hit usually).
-            let compiled = grammar.map(|r| {
-                let c = grammars.compile(&r.spec, r.kind)?;
+            let compiled = grammar.map(|(r, key)| {
+                let c = grammars.compile_keyed(key, &r.spec, r.kind)?;
                 let starts = c.starts(choices, greedy);
                 Ok((c, starts))
             });
@@ -170,7 +172,7 @@ async fn handle(
         })
         .await?;
     let encoded = encoded.map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
-    let mut compiled = compiled_or_400(compiled, requested.as_ref())?;
+    let mut compiled = compiled_or_400(compiled, field.as_deref())?;
     let prompt_tokens: usize = encoded.iter().map(|(ids, _)| ids.len()).sum();
     let permit = st.admission.try_admit(prompt_tokens * prepared.n)?;
     let mut streams = Vec::with_capacity(encoded.len());
