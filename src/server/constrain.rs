@@ -2,13 +2,15 @@
 //! `response_format`, vLLM's `structured_outputs` object and its older `guided_*` fields,
 //! and (chat) `tools` with `tool_choice` and `parallel_tool_calls`.
 //!
-//! Owns their shapes and the 400s that name them; the grammar itself is
+//! Owns their shapes, the 400s that name them, and how a request's grammar reaches the
+//! tokenizer pool (`grammar_job`, `compiled_or_400`, shared by both routes); the grammar itself is
 //! [`crate::structured`]'s, the tool-call formats [`crate::tools`]'.
 
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::structured::{closed_objects, GrammarSpec, Kind};
+use super::state::AppState;
+use crate::structured::{closed_objects, GrammarError, GrammarSpec, Kind};
 use crate::tools::{ToolFormat, ToolSpec};
 
 /// A grammar asked for, and the field that asked (errors name it).
@@ -430,6 +432,37 @@ fn tool_choice(v: Option<&Value>, specs: &[ToolSpec]) -> Result<ToolChoice, ApiE
         ));
     }
     Ok(choice)
+}
+
+/// A request's grammar on its way to the tokenizer pool: its cache key (made once), and the
+/// bytes of work it adds to the request's preprocessing: none once it is cached, else enough
+/// that it runs on the pool, never on the connection's task (building the token trie for the
+/// first grammar takes a second on a 150k vocabulary).
+pub fn grammar_job(st: &AppState, requested: Option<&Requested>) -> (Option<String>, usize) {
+    let Some(r) = requested else {
+        return (None, 0);
+    };
+    let (key, compiled) = st.grammars.key_if_compiled(&r.spec);
+    let work = match compiled {
+        true => 0,
+        false => super::preprocess::INLINE_BYTES + r.spec.source_len(),
+    };
+    (Some(key), work)
+}
+
+/// The compiled grammar a request asked for, or the 400 that names its field.
+pub fn compiled_or_400<T>(
+    compiled: Option<Result<T, GrammarError>>,
+    field: Option<&str>,
+) -> Result<Option<T>, ApiError> {
+    match (compiled, field) {
+        (Some(Err(e)), Some(field)) => Err(ApiError::invalid(
+            format!("{field} cannot be used: {e}"),
+            Some(field),
+        )),
+        (Some(Ok(c)), _) => Ok(Some(c)),
+        _ => Ok(None),
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use axum::Extension;
 use futures_util::stream;
 
 use crate::reasoning::{Effort, Phase, Reasoning, ReasoningPlan};
-use crate::server::constrain::{self, Requested};
+use crate::server::constrain::{self, compiled_or_400, grammar_job};
 use crate::server::error::ApiError;
 use crate::server::fields::{self, Endpoint};
 use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TextPart};
@@ -23,7 +23,7 @@ use crate::server::scores::{chat_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
 use crate::server::tool_calls::{split_answer, StreamedCalls};
 use crate::server::{json, sse, validate};
-use crate::structured::{Gate, GrammarError};
+use crate::structured::Gate;
 use crate::tokenizer::{ChatMessage, RenderArgs};
 use crate::tools::ToolFormat;
 
@@ -361,37 +361,6 @@ async fn handle(
             shown,
         )
         .await
-    }
-}
-
-/// A request's grammar on its way to the tokenizer pool: its cache key (made once), and the
-/// bytes of work it adds to the request's preprocessing: none once it is cached, else enough
-/// that it runs on the pool, never on the connection's task (building the token trie for the
-/// first grammar takes a second on a 150k vocabulary).
-pub fn grammar_job(st: &AppState, requested: Option<&Requested>) -> (Option<String>, usize) {
-    let Some(r) = requested else {
-        return (None, 0);
-    };
-    let (key, compiled) = st.grammars.key_if_compiled(&r.spec);
-    let work = match compiled {
-        true => 0,
-        false => crate::server::preprocess::INLINE_BYTES + r.spec.source_len(),
-    };
-    (Some(key), work)
-}
-
-/// The compiled grammar a request asked for, or the 400 that names its field.
-pub fn compiled_or_400<T>(
-    compiled: Option<Result<T, GrammarError>>,
-    field: Option<&str>,
-) -> Result<Option<T>, ApiError> {
-    match (compiled, field) {
-        (Some(Err(e)), Some(field)) => Err(ApiError::invalid(
-            format!("{field} cannot be used: {e}"),
-            Some(field),
-        )),
-        (Some(Ok(c)), _) => Ok(Some(c)),
-        _ => Ok(None),
     }
 }
 

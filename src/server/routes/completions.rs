@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::stream;
 
-use crate::server::constrain;
+use crate::server::constrain::{self, compiled_or_400, grammar_job};
 use crate::server::error::ApiError;
 use crate::server::fields::{self, Endpoint};
 use crate::server::output::{OutputEvent, OutputOptions, Outputs, PromptShape, TokenLogprob};
@@ -19,7 +19,6 @@ use crate::server::protocol::{
     Prompt, PromptLogprobs, Usage,
 };
 use crate::server::request_log::{RequestId, RequestLogger};
-use crate::server::routes::chat::{compiled_or_400, grammar_job};
 use crate::server::scores::{completion_logprobs, vllm_prompt_logprobs};
 use crate::server::state::{unix_now, AppState};
 use crate::server::{json, sse, validate};
