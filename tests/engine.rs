@@ -596,6 +596,87 @@ fn forced_tokens_are_emitted_scored_and_cached() {
     assert_all_free(&tight);
 }
 
+/// Without logprobs a forced run jumps forward: it goes out in the step that queued it and the
+/// next forward writes it to the cache as one chunk. The tokens are those of one token a step
+/// (the logprobs run), in fewer steps; a run longer than `max_tokens` allows is cut there.
+#[test]
+fn a_forced_run_goes_out_at_once_and_is_cached_as_a_chunk() {
+    let Some(dec) = decoder("tiny-llama-v512") else {
+        return;
+    };
+    let prompt = [0u32, 17, 300, 42, 9, 111];
+    let forced = vec![5u32, 77, 300, 42, 9, 200, 3];
+    let run_with = |params: SamplingParams, max_tokens: usize| {
+        let mut core = engine::build(dec.clone(), &config(64, 4, 8, 2048, true)).unwrap();
+        let mut stream = core
+            .submit(EngineRequest {
+                params,
+                steer: Some(force_at(2, forced.clone())),
+                ..greedy(&prompt, max_tokens)
+            })
+            .unwrap();
+        while core.has_work() {
+            core.step();
+        }
+        let mut out = Vec::new();
+        let mut finished = None;
+        while let Some(ev) = stream.try_recv() {
+            match ev {
+                EngineEvent::Token {
+                    token, at, forced, ..
+                } => out.push((token, at, forced)),
+                EngineEvent::Finished { reason, .. } => finished = Some(reason),
+                EngineEvent::Error { message } => panic!("{message}"),
+                EngineEvent::PromptLogprobs { .. } => {}
+            }
+        }
+        assert_all_free(&core);
+        (out, core.stats().steps, finished)
+    };
+    let run = |logprobs: Option<usize>, max_tokens: usize| {
+        let params = SamplingParams {
+            logprobs,
+            ..SamplingParams::default()
+        };
+        run_with(params, max_tokens)
+    };
+    let (stepwise, stepwise_steps, _) = run(Some(1), 14);
+    let (jumped, jumped_steps, reason) = run(None, 14);
+    let tokens = |o: &[(u32, Instant, bool)]| o.iter().map(|t| t.0).collect::<Vec<_>>();
+    assert_eq!(tokens(&jumped), tokens(&stepwise));
+    assert_eq!(&tokens(&jumped)[2..9], &forced[..]);
+    assert_eq!(reason, Some(FinishReason::Length));
+    let flags: Vec<bool> = jumped.iter().map(|t| t.2).collect();
+    assert_eq!(
+        flags,
+        [[false; 2].as_slice(), &[true; 7], &[false; 5]].concat()
+    );
+    // Stepwise: every token a step apart. Jumped: the run leaves with the token that queued it.
+    assert!(stepwise.windows(2).all(|w| w[0].1 < w[1].1));
+    assert!(jumped[1..9].iter().all(|t| t.1 == jumped[1].1));
+    assert!(jumped[8].1 < jumped[9].1);
+    // The run rides with the token that queued it and the forward after: no step of its own.
+    assert_eq!(stepwise_steps - jumped_steps, 7);
+
+    // max_tokens inside the run: cut there, by length.
+    let (cut, _, reason) = run(None, 5);
+    assert_eq!(tokens(&cut), tokens(&stepwise)[..5]);
+    assert_eq!(reason, Some(FinishReason::Length));
+
+    // Seeded sampling: a forced token takes its draw either way, so the tokens sampled after
+    // the run are the same with logprobs (one a step) and without (jumped).
+    let seeded = |logprobs| SamplingParams {
+        temperature: 1.0,
+        seed: Some(7),
+        logprobs,
+        ..SamplingParams::default()
+    };
+    let (a, _, _) = run_with(seeded(Some(1)), 14);
+    let (b, _, _) = run_with(seeded(None), 14);
+    assert_eq!(tokens(&a), tokens(&b));
+    assert_eq!(&tokens(&b)[2..9], &forced[..]);
+}
+
 /// A constraint that allows `allowed` only, forces `prefix` first, and is complete after
 /// `done_after` tokens (forced ones included).
 struct Only {

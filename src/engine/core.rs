@@ -422,7 +422,11 @@ fn sample_and_emit(
     let (token, logprobs) = if let Some(token) = forced {
         // The model's own view of a token it did not choose, when logprobs are asked for (a
         // device-side greedy step has no host row, but such a step never asks for them).
-        let logprobs = (req.params.logprobs.is_some() && !logits.is_empty()).then(|| {
+        let scores = req.params.logprobs.is_some() && !logits.is_empty();
+        if !scores {
+            s.sampler.skip_draw();
+        }
+        let logprobs = scores.then(|| {
             row.clear();
             row.extend_from_slice(logits);
             let scored = s.sampler.score_forced(&req.params, row, token, scratch);
@@ -456,11 +460,51 @@ fn sample_and_emit(
         });
         (sampled.token, logprobs)
     };
+    if emit(
+        s,
+        token,
+        logprobs,
+        forced.is_some(),
+        eos_token_ids,
+        now,
+        stats,
+    ) {
+        return;
+    }
+    // Jump forward: the rest of a forced run needs no logits (unless their logprobs are
+    // asked for), so it goes out now and the next forward writes it to the cache as one
+    // chunk, as a prefill continues, instead of one token a step.
+    if req.params.logprobs.is_none() {
+        while let Some(token) = s.steering.next_forced() {
+            s.sampler.skip_draw();
+            if emit(s, token, None, true, eos_token_ids, now, stats) {
+                return;
+            }
+        }
+    }
+}
+
+/// Appends `token` to the output of `s`, tells its steer, constraint and client, and finishes
+/// the choice when a stop condition holds (then returns true).
+fn emit(
+    s: &mut Sequence,
+    token: u32,
+    logprobs: Option<TokenLogprobs>,
+    forced: bool,
+    eos_token_ids: &[u32],
+    now: Instant,
+    stats: &EngineStats,
+) -> bool {
+    let req = s.request.clone();
+    let stop = &req.stop;
     s.sampler.record(token);
     s.tokens.push(token);
     let progress = match s.steering.observe(token) {
         Ok(p) => p,
-        Err(e) => return fail(s, e, stats),
+        Err(e) => {
+            fail(s, e, stats);
+            return true;
+        }
     };
     stats.generation_tokens.fetch_add(1, Relaxed);
     let first = s.timings.first_token.is_none();
@@ -480,7 +524,7 @@ fn sample_and_emit(
             },
             cached_prompt_tokens: s.cached_prompt_tokens,
             at: now,
-            forced: forced.is_some(),
+            forced,
         };
         // The first token always goes at once: it ends the request's wait in the queue,
         // which the caller bounds (admission) and times (TTFT).
@@ -494,9 +538,10 @@ fn sample_and_emit(
     } else if s.output_len() >= stop.max_tokens {
         FinishReason::Length
     } else {
-        return;
+        return false;
     };
     finish(s, reason, is_stop_token.then_some(token), stats);
+    true
 }
 
 /// Ends the request of `s` with an error (its constraint broke: a bug, not the client's).

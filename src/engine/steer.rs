@@ -4,7 +4,8 @@
 //! A [`Steer`] sees every token its choice emits, in order, and may queue tokens to come next.
 //! A queued token is not sampled: at the choice's next sample point it is taken as the token
 //! (and its logprob is the model's own, when logprobs are asked for), then written to the KV
-//! cache by the next forward like any other. Queued tokens are part of the output: they count
+//! cache by the next forward like any other. Without logprobs the rest of the queue goes out
+//! in the same step (jump forward) and the next forward computes it as one chunk. Queued tokens are part of the output: they count
 //! towards `max_tokens`, take part in stop checks and penalties, and survive preemption by
 //! recompute because the queue and the steer live in the sequence. Each choice of an `n > 1`
 //! request gets its own steer.
@@ -22,7 +23,7 @@ use super::constraint::{Constrained, ConstraintFactory, Pick, Progress, TokenMas
 /// it must be cheap and must not block.
 pub trait Steer: Send {
     /// `token` was just appended to the choice's output (sampled or forced). Tokens pushed
-    /// onto `forced` are emitted next, one per step, before anything is sampled again.
+    /// onto `forced` are emitted next, before anything is sampled again.
     fn observe(&mut self, token: u32, forced: &mut VecDeque<u32>);
 }
 

@@ -231,6 +231,13 @@ impl SequenceSampler {
         }
     }
 
+    /// Takes the draw of a token chosen outside the sampler without scoring it (a forced
+    /// token when no logprobs are asked for): one draw per output token, however it was
+    /// chosen, so a seeded choice's later draws are the same with and without logprobs.
+    pub fn skip_draw(&mut self) {
+        let _ = unit_interval(&mut self.rng);
+    }
+
     /// Must be told each token the sequence actually emits (the penalties count them).
     pub fn record(&mut self, token: u32) {
         match self
