@@ -16,9 +16,10 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use common::daemon::{distillery_command, DaemonProcess};
+use common::daemon::distillery_command;
 use common::http::{client, ok, post, stream};
 use common::models_dir;
+use common::served::Served;
 
 const MODEL: &str = "tiny-r1-distill-qwen2";
 const BUDGET_MESSAGE: &str = "\n</think>\n\n";
@@ -45,40 +46,6 @@ fn chat_cases() -> Option<Vec<ChatCase>> {
             .expect("chat_cases.json parses")
             .cases,
     )
-}
-
-struct Daemon(DaemonProcess);
-
-impl Daemon {
-    fn start(model: &str, extra: &[&str]) -> Option<Daemon> {
-        let dir = models_dir()?.join(model);
-        let mut cmd = distillery_command();
-        cmd.arg("serve")
-            .args(["--host", "127.0.0.1", "--port", "0", "--model"])
-            .arg(&dir)
-            .args(extra);
-        if !extra.contains(&"--kv-cache-memory") {
-            cmd.args(["--kv-cache-memory", "32MiB"]);
-        }
-        Some(Daemon(DaemonProcess::spawn(
-            cmd,
-            &format!("the daemon ({model}, {extra:?})"),
-            200,
-            |_| {},
-        )))
-    }
-
-    fn url(&self, path: &str) -> String {
-        self.0.url(path)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("----- daemon log -----\n{}\n-----", self.0.tail());
-        }
-    }
 }
 
 /// One choice's parts as a response shows them.
@@ -148,7 +115,7 @@ fn streamed(events: &[Value], n: usize) -> Vec<Split> {
     out
 }
 
-async fn tokenize_text(c: &reqwest::Client, d: &Daemon, text: &str) -> Vec<u32> {
+async fn tokenize_text(c: &reqwest::Client, d: &Served, text: &str) -> Vec<u32> {
     let v = ok(
         c,
         &d.url("/tokenize"),
@@ -158,13 +125,13 @@ async fn tokenize_text(c: &reqwest::Client, d: &Daemon, text: &str) -> Vec<u32> 
     serde_json::from_value(v["tokens"].clone()).expect("ids")
 }
 
-async fn detokenize(c: &reqwest::Client, d: &Daemon, ids: &[u32]) -> String {
+async fn detokenize(c: &reqwest::Client, d: &Served, ids: &[u32]) -> String {
     let v = ok(c, &d.url("/detokenize"), &json!({"tokens": ids})).await;
     v["prompt"].as_str().expect("text").to_owned()
 }
 
 /// Greedy text of a completions request on raw ids (no template, no reasoning split).
-async fn complete_ids(c: &reqwest::Client, d: &Daemon, ids: &[u32], max_tokens: usize) -> String {
+async fn complete_ids(c: &reqwest::Client, d: &Served, ids: &[u32], max_tokens: usize) -> String {
     let v = ok(
         c,
         &d.url("/v1/completions"),
@@ -174,7 +141,7 @@ async fn complete_ids(c: &reqwest::Client, d: &Daemon, ids: &[u32], max_tokens: 
     v["choices"][0]["text"].as_str().expect("text").to_owned()
 }
 
-async fn scrape(c: &reqwest::Client, d: &Daemon) -> Scrape {
+async fn scrape(c: &reqwest::Client, d: &Served) -> Scrape {
     common::scrape::scrape(c, &d.url("")).await
 }
 
@@ -198,7 +165,7 @@ fn chat(messages: &[Value], extra: Value) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_chat_case_is_rendered_exactly_and_all_reasoning() {
     let Some(cases) = chat_cases() else { return };
-    let Some(d) = Daemon::start(MODEL, &[]) else {
+    let Some(d) = Served::start(MODEL, &[]) else {
         return;
     };
     let c = client();
@@ -253,7 +220,7 @@ async fn every_chat_case_is_rendered_exactly_and_all_reasoning() {
 /// plus the model's own continuation of those ids.
 async fn expected_with_budget(
     c: &reqwest::Client,
-    d: &Daemon,
+    d: &Served,
     case: &ChatCase,
     budget: usize,
     max_tokens: usize,
@@ -281,7 +248,7 @@ async fn expected_with_budget(
 async fn a_budget_forces_the_end_of_thinking_and_the_model_answers() {
     let Some(cases) = chat_cases() else { return };
     let case = &cases[0];
-    let Some(d) = Daemon::start(MODEL, &[]) else {
+    let Some(d) = Served::start(MODEL, &[]) else {
         return;
     };
     let c = client();
@@ -435,7 +402,7 @@ async fn a_budget_forces_the_end_of_thinking_and_the_model_answers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn budgets_hold_per_choice_under_preemption_and_without_prefix_caching() {
     let Some(cases) = chat_cases() else { return };
-    let Some(roomy) = Daemon::start(MODEL, &[]) else {
+    let Some(roomy) = Served::start(MODEL, &[]) else {
         return;
     };
     let c = client();
@@ -487,7 +454,7 @@ async fn budgets_hold_per_choice_under_preemption_and_without_prefix_caching() {
         (&["--no-enable-prefix-caching"], true),
     ];
     for (flags, sampled) in variants {
-        let Some(d) = Daemon::start(MODEL, flags) else {
+        let Some(d) = Served::start(MODEL, flags) else {
             return;
         };
         let tasks: Vec<_> = cases
@@ -528,7 +495,7 @@ async fn budgets_hold_per_choice_under_preemption_and_without_prefix_caching() {
 async fn server_budget_and_effort_budgets_apply_to_requests_that_set_none() {
     let Some(cases) = chat_cases() else { return };
     let case = &cases[1];
-    let Some(d) = Daemon::start(
+    let Some(d) = Served::start(
         MODEL,
         &[
             "--reasoning-budget",
@@ -607,7 +574,7 @@ async fn requests_without_sampling_fields_get_the_models_defaults() {
     let Some(cases) = chat_cases() else { return };
     let case = &cases[0];
     let c = client();
-    let run = |d: &Daemon, fields: Value| {
+    let run = |d: &Served, fields: Value| {
         let c = c.clone();
         let url = d.url("/v1/chat/completions");
         let mut body = json!({"messages": case.messages, "max_tokens": 24, "seed": 11,
@@ -617,7 +584,7 @@ async fn requests_without_sampling_fields_get_the_models_defaults() {
         }
         async move { choices(&ok(&c, &url, &body).await)[0].clone() }
     };
-    let Some(d) = Daemon::start(MODEL, &[]) else {
+    let Some(d) = Served::start(MODEL, &[]) else {
         return;
     };
     let models: Value = c
@@ -644,7 +611,7 @@ async fn requests_without_sampling_fields_get_the_models_defaults() {
     );
     drop(d);
 
-    let Some(d) = Daemon::start(MODEL, &["--generation-config", "vllm"]) else {
+    let Some(d) = Served::start(MODEL, &["--generation-config", "vllm"]) else {
         return;
     };
     let omitted = run(&d, json!({})).await;
@@ -663,7 +630,7 @@ async fn requests_without_sampling_fields_get_the_models_defaults() {
 #[tokio::test(flavor = "multi_thread")]
 async fn history_reasoning_and_tool_calls_reach_the_template() {
     let Some(cases) = chat_cases() else { return };
-    let Some(d) = Daemon::start(MODEL, &[]) else {
+    let Some(d) = Served::start(MODEL, &[]) else {
         return;
     };
     let c = client();
@@ -726,7 +693,7 @@ async fn reasoning_fields_are_refused_where_they_cannot_be_honoured() {
     let Some(_) = models_dir() else { return };
     // tiny-random-qwen2 has the <think> tokens but a template that never writes <think>: auto
     // leaves the parser off.
-    let Some(d) = Daemon::start("tiny-random-qwen2", &[]) else {
+    let Some(d) = Served::start("tiny-random-qwen2", &[]) else {
         return;
     };
     let c = client();
@@ -754,7 +721,7 @@ async fn reasoning_fields_are_refused_where_they_cannot_be_honoured() {
     assert!(v["usage"].get("completion_tokens_details").is_none());
     drop(d);
 
-    let Some(d) = Daemon::start(MODEL, &[]) else {
+    let Some(d) = Served::start(MODEL, &[]) else {
         return;
     };
     let url = d.url("/v1/chat/completions");

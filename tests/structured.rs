@@ -1,8 +1,8 @@
-//! Structured outputs and tool calls end to end, through the real daemon on the shared test
-//! models (random weights): generated JSON schemas on every model, checked by a real
-//! JSON-schema validator (`jsonschema`); regexes (checked by the `regex` crate), choices and a
-//! Lark grammar; finish reasons; a reasoning budget ahead of a constrained answer; DeepSeek and
-//! Hermes tool calls, whole and streamed; the refusals; the grammar metrics.
+//! Structured outputs end to end, through the real daemon on the shared test models (random
+//! weights): generated JSON schemas on every model, checked by a real JSON-schema validator
+//! (`jsonschema`); regexes (checked by the `regex` crate), choices and a Lark grammar; finish
+//! reasons; a reasoning budget ahead of a constrained answer; the refusals; the grammar
+//! metrics. Tool calls are `tests/tool_calls.rs`.
 //!
 //! A random model picks the closing token of an open-ended value rarely, so every schema here
 //! bounds its values (`maxLength`, `maxItems`, integer bounds, numbers with `multipleOf`,
@@ -13,8 +13,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use jsonschema::Validator;
@@ -25,11 +24,10 @@ use regex::Regex;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use common::daemon::{distillery_command, DaemonProcess};
-use common::fixtures::hermes_qwen2;
+use common::constrained::{merge, sampled, tools, validator, Route};
 use common::http::{client, ok, post, stream};
 use common::scrape::scrape;
-use common::served::refused;
+use common::served::{refused, Served};
 
 /// The DeepSeek vocabulary (129k ids), no tool format in its template.
 const QWEN: &str = "tiny-random-qwen2";
@@ -38,113 +36,9 @@ const LLAMA: &str = "tiny-random-llama";
 /// R1-Distill's template over random weights: reasoning parser and DeepSeek tool calls on.
 const R1: &str = "tiny-r1-distill-qwen2";
 
-/// `distillery serve` on a free port; its log's tail printed when the test fails.
-struct Daemon(DaemonProcess);
-
-impl Daemon {
-    /// A shared model, or `None` (after a loud message) where the shared models are absent.
-    fn start(model: &str, extra: &[&str]) -> Option<Daemon> {
-        let dir = common::model_dir(model)?;
-        Some(Daemon::serve(&dir, model, extra))
-    }
-
-    fn serve(dir: &Path, what: &str, extra: &[&str]) -> Daemon {
-        let mut cmd = distillery_command();
-        cmd.arg("serve")
-            .args(["--host", "127.0.0.1", "--port", "0", "--model"])
-            .arg(dir)
-            .args(extra);
-        if !extra.contains(&"--kv-cache-memory") {
-            cmd.args(["--kv-cache-memory", "32MiB"]);
-        }
-        Daemon(DaemonProcess::spawn(
-            cmd,
-            &format!("the daemon ({what}, {extra:?})"),
-            200,
-            |_| {},
-        ))
-    }
-
-    fn url(&self, path: &str) -> String {
-        self.0.url(path)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("----- daemon log -----\n{}\n-----", self.0.tail());
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Requests and answers
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route {
-    Chat,
-    Completions,
-}
-
-impl Route {
-    fn path(self) -> &'static str {
-        match self {
-            Route::Chat => "/v1/chat/completions",
-            Route::Completions => "/v1/completions",
-        }
-    }
-
-    /// A request of this route (one user message, or a prompt) with `fields` added.
-    fn body(self, prompt: &str, fields: Value) -> Value {
-        let mut body = match self {
-            Route::Chat => json!({"messages": [{"role": "user", "content": prompt}]}),
-            Route::Completions => json!({ "prompt": prompt }),
-        };
-        merge(&mut body, fields);
-        body
-    }
-
-    /// Each choice's text and finish reason, in index order.
-    fn outputs(self, v: &Value) -> Vec<(String, String)> {
-        let mut choices: Vec<&Value> = v["choices"].as_array().expect("choices").iter().collect();
-        choices.sort_by_key(|c| c["index"].as_u64().expect("index"));
-        choices
-            .iter()
-            .map(|c| {
-                let text = match self {
-                    Route::Chat => &c["message"]["content"],
-                    Route::Completions => &c["text"],
-                };
-                (
-                    text.as_str()
-                        .unwrap_or_else(|| panic!("no text in {c}"))
-                        .to_string(),
-                    c["finish_reason"]
-                        .as_str()
-                        .expect("finish_reason")
-                        .to_string(),
-                )
-            })
-            .collect()
-    }
-}
-
-/// Adds `fields`' keys to the object `body`.
-fn merge(body: &mut Value, fields: Value) {
-    let Value::Object(fields) = fields else {
-        panic!("fields must be an object: {fields}")
-    };
-    let body = body.as_object_mut().expect("an object body");
-    body.extend(fields);
-}
-
-/// Temperature 1 over the whole vocabulary (the models' generation configs say 0.6 and a
-/// top_p), `n` choices from `seed`.
-fn sampled(seed: u64, n: usize, max_tokens: usize) -> Value {
-    json!({"temperature": 1.0, "top_p": 1.0, "seed": seed, "n": n, "max_tokens": max_tokens})
-}
 
 /// The ways a request asks for a JSON schema.
 #[derive(Clone, Copy, Debug)]
@@ -175,11 +69,6 @@ impl Spelling {
             Spelling::GuidedJsonText => json!({"guided_json": schema.to_string()}),
         }
     }
-}
-
-fn validator(schema: &Value) -> Validator {
-    jsonschema::validator_for(schema)
-        .unwrap_or_else(|e| panic!("the test's schema is not a valid JSON schema: {e}: {schema}"))
 }
 
 /// `text` is one JSON value, written without whitespace outside its strings, that `schema`
@@ -397,7 +286,7 @@ fn top_schema() -> impl Strategy<Value = Gen> {
 /// must end "stop" and validate. The number of outputs checked.
 async fn schema_case(
     c: &reqwest::Client,
-    d: &Daemon,
+    d: &Served,
     model: &str,
     case: usize,
     g: &Gen,
@@ -456,7 +345,7 @@ fn every_model_writes_json_its_generated_schema_accepts() {
     let mut total = 0;
     for (m, model) in models.iter().enumerate() {
         // bench-llama-25m's KV takes 18 KiB a token in f32.
-        let Some(d) = Daemon::start(model, &["--kv-cache-memory", "256MiB"]) else {
+        let Some(d) = Served::start(model, &["--kv-cache-memory", "256MiB"]) else {
             continue;
         };
         let started = std::time::Instant::now();
@@ -523,7 +412,7 @@ const LARK: &str = "start: greeting \" \" name\ngreeting: \"hi\" | \"hello\"\nna
 /// What [`LARK`] generates.
 const LARK_AS_REGEX: &str = "^(?:(hi|hello) [a-z]{2,5})$";
 
-async fn regex_choice_lark(c: &reqwest::Client, d: &Daemon, model: &str) -> usize {
+async fn regex_choice_lark(c: &reqwest::Client, d: &Served, model: &str) -> usize {
     let mut checked = 0;
     let mut case = 0u64;
     let mut run = |route: Route, fields: Value, max_chars: usize| {
@@ -601,7 +490,7 @@ async fn regex_choice_and_lark_outputs_match_on_deepseek_and_llama_vocabularies(
     let c = client();
     let mut checked = 0;
     for model in [QWEN, LLAMA] {
-        let Some(d) = Daemon::start(model, &[]) else {
+        let Some(d) = Served::start(model, &[]) else {
             return;
         };
         checked += regex_choice_lark(&c, &d, model).await;
@@ -650,7 +539,7 @@ fn streamed_texts(route: Route, events: &[Value], n: usize) -> Vec<(String, Stri
 /// first character.
 #[tokio::test(flavor = "multi_thread")]
 async fn json_ends_stop_when_complete_and_length_when_cut() {
-    let Some(d) = Daemon::start(LLAMA, &[]) else {
+    let Some(d) = Served::start(LLAMA, &[]) else {
         return;
     };
     let c = client();
@@ -710,7 +599,7 @@ async fn json_ends_stop_when_complete_and_length_when_cut() {
 /// validates, and the choice ends "stop".
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reasoning_budget_leaves_the_thinking_free_and_constrains_the_answer() {
-    let Some(d) = Daemon::start(R1, &[]) else {
+    let Some(d) = Served::start(R1, &[]) else {
         return;
     };
     let c = client();
@@ -747,290 +636,6 @@ async fn a_reasoning_budget_leaves_the_thinking_free_and_constrains_the_answer()
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tool calls
-// ---------------------------------------------------------------------------------------------
-
-fn tools() -> Value {
-    json!([
-        {"type": "function", "function": {
-            "name": "get_weather", "description": "The weather in a city.",
-            "parameters": {"type": "object",
-                "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 10},
-                               "unit": {"enum": ["celsius", "fahrenheit"]},
-                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                "required": ["city"], "additionalProperties": false}}},
-        {"type": "function", "function": {
-            "name": "lookup_order",
-            "parameters": {"type": "object",
-                "properties": {"order_id": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"},
-                               "items": {"type": "array", "maxItems": 2,
-                                         "items": {"type": "object",
-                                                   "properties": {"sku": {"type": "string", "maxLength": 6},
-                                                                  "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
-                                                   "required": ["sku", "qty"],
-                                                   "additionalProperties": false}},
-                               "express": {"type": "boolean"}},
-                "required": ["order_id"], "additionalProperties": false}}}
-    ])
-}
-
-/// Each tool's name and a validator of its parameters.
-fn tool_validators() -> HashMap<String, Validator> {
-    tools()
-        .as_array()
-        .expect("tools")
-        .iter()
-        .map(|t| {
-            let f = &t["function"];
-            (
-                f["name"].as_str().expect("name").to_string(),
-                validator(&f["parameters"]),
-            )
-        })
-        .collect()
-}
-
-/// One call: its name and arguments text.
-type Call = (String, String);
-
-/// A choice's calls, each checked: an id, type function, a name among `allowed`, arguments that
-/// the tool's schema accepts.
-fn checked_calls(
-    msg: &Value,
-    validators: &HashMap<String, Validator>,
-    allowed: &[&str],
-) -> Vec<Call> {
-    let calls = msg["tool_calls"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no tool_calls: {msg}"));
-    assert!(!calls.is_empty(), "{msg}");
-    let mut ids = BTreeSet::new();
-    calls
-        .iter()
-        .map(|call| {
-            let id = call["id"].as_str().expect("an id");
-            assert!(!id.is_empty() && ids.insert(id), "ids distinct: {msg}");
-            assert_eq!(call["type"], "function", "{call}");
-            let name = call["function"]["name"].as_str().expect("a name");
-            assert!(allowed.contains(&name), "{name} not among {allowed:?}");
-            let args = call["function"]["arguments"]
-                .as_str()
-                .expect("arguments are a string");
-            let value: Value = serde_json::from_str(args)
-                .unwrap_or_else(|e| panic!("{name}'s arguments are no JSON ({e}): {args:?}"));
-            let errors: Vec<String> = validators[name]
-                .iter_errors(&value)
-                .map(|e| e.to_string())
-                .collect();
-            assert!(errors.is_empty(), "{name}({args}): {errors:?}");
-            (name.to_string(), args.to_string())
-        })
-        .collect()
-}
-
-/// A streamed chat's calls per choice, reassembled by index: the first chunk of a call has its
-/// id, type and name (and empty arguments), later ones fragments of its arguments. Also each
-/// choice's finish reason and any content.
-fn streamed_calls(events: &[Value], n: usize) -> Vec<(Vec<Call>, String, String)> {
-    let mut out = vec![(Vec::<Call>::new(), String::new(), String::new()); n];
-    for e in events {
-        for ch in e["choices"].as_array().expect("choices") {
-            let i = ch["index"].as_u64().expect("index") as usize;
-            let delta = &ch["delta"];
-            if let Some(t) = delta["content"].as_str() {
-                out[i].2.push_str(t);
-            }
-            for tc in delta["tool_calls"].as_array().into_iter().flatten() {
-                let index = tc["index"].as_u64().expect("index") as usize;
-                let calls = &mut out[i].0;
-                if let Some(id) = tc["id"].as_str() {
-                    assert!(!id.is_empty(), "{tc}");
-                    assert_eq!(index, calls.len(), "calls start in order: {e}");
-                    assert_eq!(tc["type"], "function", "{tc}");
-                    let name = tc["function"]["name"].as_str().expect("first chunk: name");
-                    assert_eq!(tc["function"]["arguments"], "", "{tc}");
-                    calls.push((name.to_string(), String::new()));
-                } else {
-                    assert!(index < calls.len(), "arguments before their call: {e}");
-                    assert!(tc["function"].get("name").is_none(), "{tc}");
-                    let frag = tc["function"]["arguments"].as_str().expect("fragment");
-                    calls[index].1.push_str(frag);
-                }
-            }
-            if let Some(f) = ch["finish_reason"].as_str() {
-                out[i].1 = f.to_string();
-            }
-        }
-    }
-    out
-}
-
-/// `tool_choice` required (two tools) and named, `parallel_tool_calls` true and false, their
-/// streams, and auto, on a daemon whose model has a tool format. `extra`: what every request
-/// adds (the reasoning model skips thinking).
-async fn tool_calls_hold(c: &reqwest::Client, d: &Daemon, extra: &Value, what: &str) {
-    let url = d.url(Route::Chat.path());
-    let validators = tool_validators();
-    let both = ["get_weather", "lookup_order"];
-    let request = |seed: u64, n: usize, fields: Value| {
-        let mut body = sampled(seed, n, 1024);
-        merge(&mut body, extra.clone());
-        merge(&mut body, json!({ "tools": tools() }));
-        merge(&mut body, fields);
-        Route::Chat.body("Where is order AB123, and what's the weather?", body)
-    };
-    let named = json!({"type": "function", "function": {"name": "lookup_order"}});
-    let mut multi = 0;
-    let mut choices = 0;
-    for (seed, fields, allowed) in [
-        // Choice i samples from seed + i: seeds far apart.
-        (100, json!({"tool_choice": "required"}), &both[..]),
-        (
-            200,
-            json!({"tool_choice": "required", "parallel_tool_calls": true}),
-            &both[..],
-        ),
-        (300, json!({ "tool_choice": named }), &["lookup_order"][..]),
-    ] {
-        let body = request(seed, 4, fields);
-        let v = ok(c, &url, &body).await;
-        let mut whole = Vec::new();
-        for ch in v["choices"].as_array().expect("choices") {
-            let msg = &ch["message"];
-            assert_eq!(ch["finish_reason"], "tool_calls", "{what}: {ch}");
-            assert!(msg["content"].is_null(), "{what}: only calls: {msg}");
-            let calls = checked_calls(msg, &validators, allowed);
-            multi += usize::from(calls.len() > 1);
-            choices += 1;
-            whole.push(calls);
-        }
-        assert_eq!(whole.len(), 4, "{v}");
-        // The same seed streamed: the same calls, by index, argument fragments joined.
-        let mut s = body.clone();
-        s["stream"] = json!(true);
-        let events = stream(c, &url, &s).await;
-        let streamed = streamed_calls(&events, 4);
-        for (i, (calls, finish, content)) in streamed.into_iter().enumerate() {
-            assert_eq!(calls, whole[i], "{what}: choice {i} of {s}");
-            assert_eq!(finish, "tool_calls", "{what}: choice {i}");
-            assert!(content.is_empty(), "{what}: content {content:?}");
-        }
-    }
-    assert!(
-        multi > 0,
-        "{what}: parallel_tool_calls true (explicit and by default) made one call in each of \
-         {choices} choices"
-    );
-    // One call at most, whatever the seed.
-    for seed in [1100, 1200, 1300] {
-        let body = request(
-            seed,
-            4,
-            json!({"tool_choice": "required", "parallel_tool_calls": false}),
-        );
-        let v = ok(c, &url, &body).await;
-        for ch in v["choices"].as_array().expect("choices") {
-            assert_eq!(ch["finish_reason"], "tool_calls", "{what}: {ch}");
-            let calls = checked_calls(&ch["message"], &validators, &both);
-            assert_eq!(calls.len(), 1, "{what}: parallel_tool_calls false: {ch}");
-        }
-    }
-    // auto (explicit, and the default with tools): the model chooses; a random one writes text.
-    for fields in [json!({"tool_choice": "auto"}), json!({})] {
-        let mut body = request(2100, 2, fields);
-        body["max_tokens"] = json!(24);
-        let v = ok(c, &url, &body).await;
-        for ch in v["choices"].as_array().expect("choices") {
-            let msg = &ch["message"];
-            if msg["tool_calls"].is_array() {
-                checked_calls(msg, &validators, &both);
-                assert_eq!(ch["finish_reason"], "tool_calls", "{ch}");
-            } else {
-                let text = msg["content"].as_str().expect("content or calls");
-                assert!(!text.is_empty(), "{what}: {ch}");
-                assert!(
-                    ["stop", "length"].contains(&ch["finish_reason"].as_str().unwrap()),
-                    "{ch}"
-                );
-            }
-        }
-    }
-}
-
-/// DeepSeek's format (`<｜tool▁calls▁begin｜>`, auto-detected from R1-Distill's template), the
-/// thinking skipped: `tool_choice` required over two tools and named give `tool_calls` (names
-/// among the tools, the named one when named; arguments valid for that tool's schema), null
-/// content, finish "tool_calls"; streamed with the same seed, `delta.tool_calls` reassemble to
-/// the same calls; `parallel_tool_calls` makes several calls at least once, and false exactly
-/// one; auto answers 200. With a thinking budget, the thinking is free text and the calls'
-/// grammar starts after it.
-#[tokio::test(flavor = "multi_thread")]
-async fn deepseek_tool_calls_are_valid_whole_and_streamed() {
-    let Some(d) = Daemon::start(R1, &[]) else {
-        return;
-    };
-    let c = client();
-    tool_calls_hold(&c, &d, &json!({"max_reasoning_tokens": 0}), "deepseek").await;
-
-    let mut body = sampled(4000, 4, 1024);
-    merge(
-        &mut body,
-        json!({"max_reasoning_tokens": 4, "tools": tools(), "tool_choice": "required"}),
-    );
-    let body = Route::Chat.body("Think, then call.", body);
-    let v = ok(&c, &d.url(Route::Chat.path()), &body).await;
-    let validators = tool_validators();
-    for ch in v["choices"].as_array().expect("choices") {
-        let msg = &ch["message"];
-        let thought = msg["reasoning_content"].as_str().unwrap_or_default();
-        assert!(!thought.is_empty(), "the budget's thinking is shown: {ch}");
-        assert_eq!(ch["finish_reason"], "tool_calls", "{ch}");
-        checked_calls(msg, &validators, &["get_weather", "lookup_order"]);
-    }
-}
-
-/// Hermes' format (`<tool_call>` blocks; Qwen2.5's template on tiny-random-qwen2, assembled in
-/// a temporary folder): the same as for DeepSeek.
-#[tokio::test(flavor = "multi_thread")]
-async fn hermes_tool_calls_are_valid_whole_and_streamed() {
-    let Some(folder) = hermes_qwen2() else {
-        return;
-    };
-    let d = Daemon::serve(folder.path(), "hermes-qwen2", &[]);
-    let c = client();
-    tool_calls_hold(&c, &d, &json!({}), "hermes").await;
-}
-
-/// A model whose chat template writes no tool calls (tiny-random-qwen2 as shipped) refuses
-/// tool_choice auto (explicit or the default with tools), required and named, naming
-/// `tool_choice` and the flag that would help; tool_choice "none" passes.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_template_without_a_tool_format_refuses_tool_calls() {
-    let Some(d) = Daemon::start(QWEN, &[]) else {
-        return;
-    };
-    let c = client();
-    let url = d.url(Route::Chat.path());
-    let body = |fields: Value| {
-        let mut b = json!({"max_tokens": 4, "tools": tools()});
-        merge(&mut b, fields);
-        Route::Chat.body("hi", b)
-    };
-    for fields in [
-        json!({"tool_choice": "auto"}),
-        json!({}),
-        json!({"tool_choice": "required"}),
-        json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
-    ] {
-        let v = refused(&c, &url, &body(fields), "tool_choice").await;
-        let msg = v["error"]["message"].as_str().expect("message");
-        assert!(msg.contains("--tool-call-parser"), "{msg}");
-    }
-    let v = ok(&c, &url, &body(json!({"tool_choice": "none"}))).await;
-    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
-}
-
-// ---------------------------------------------------------------------------------------------
 // Refusals
 // ---------------------------------------------------------------------------------------------
 
@@ -1048,7 +653,7 @@ fn huge_schema(n: usize) -> Value {
 }
 
 /// A normal constrained request answers and validates, and `/health` says 200.
-async fn still_serves(c: &reqwest::Client, d: &Daemon, chat_extra: &Value) {
+async fn still_serves(c: &reqwest::Client, d: &Served, chat_extra: &Value) {
     let schema = three_keys();
     let mut fields = chat_extra.clone();
     merge(&mut fields, sampled(3, 2, 200));
@@ -1076,7 +681,7 @@ async fn still_serves(c: &reqwest::Client, d: &Daemon, chat_extra: &Value) {
 /// daemon still answers a constrained request and `/health`.
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_constraints_are_400s_naming_the_field_and_the_daemon_carries_on() {
-    let Some(d) = Daemon::start(R1, &[]) else {
+    let Some(d) = Served::start(R1, &[]) else {
         return;
     };
     let c = client();
@@ -1191,7 +796,7 @@ async fn bad_constraints_are_400s_naming_the_field_and_the_daemon_carries_on() {
 /// llguidance refuses. The daemon carries on after each.
 #[tokio::test(flavor = "multi_thread")]
 async fn grammars_that_admit_nothing_are_400s() {
-    let Some(d) = Daemon::start(QWEN, &[]) else {
+    let Some(d) = Served::start(QWEN, &[]) else {
         return;
     };
     let c = client();
@@ -1226,7 +831,7 @@ async fn grammars_that_admit_nothing_are_400s() {
 /// matter).
 #[tokio::test(flavor = "multi_thread")]
 async fn recursive_refs_neither_hang_nor_harm_the_daemon() {
-    let Some(d) = Daemon::start(QWEN, &[]) else {
+    let Some(d) = Served::start(QWEN, &[]) else {
         return;
     };
     let c = client();
@@ -1325,7 +930,7 @@ fn constrained(s: &Scrape, kind: &str) -> f64 {
 /// their kind.
 #[tokio::test(flavor = "multi_thread")]
 async fn grammar_metrics_count_compiles_cache_hits_masks_and_kinds() {
-    let Some(d) = Daemon::start(R1, &[]) else {
+    let Some(d) = Served::start(R1, &[]) else {
         return;
     };
     let c = client();
@@ -1418,7 +1023,7 @@ async fn grammar_metrics_count_compiles_cache_hits_masks_and_kinds() {
 /// request, and a grammar that failed to compile is no cache hit when it comes again.
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_grammars_are_not_counted_as_constrained_requests() {
-    let Some(d) = Daemon::start(LLAMA, &[]) else {
+    let Some(d) = Served::start(LLAMA, &[]) else {
         return;
     };
     let c = client();
@@ -1441,7 +1046,7 @@ async fn refused_grammars_are_not_counted_as_constrained_requests() {
 /// ends cleanly, greedy and sampled alike, instead of a failed request.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grammar_that_allows_only_what_min_tokens_forbids_still_answers() {
-    let Some(d) = Daemon::start(LLAMA, &[]) else {
+    let Some(d) = Served::start(LLAMA, &[]) else {
         return;
     };
     let c = client();
@@ -1476,7 +1081,7 @@ async fn a_grammar_that_allows_only_what_min_tokens_forbids_still_answers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn greedy_answers_under_a_grammar_are_valid_and_do_not_depend_on_company() {
     for model in [QWEN, "tiny-llama-v512"] {
-        let Some(d) = Daemon::start(model, &[]) else {
+        let Some(d) = Served::start(model, &[]) else {
             return;
         };
         let c = client();

@@ -2,6 +2,7 @@
 //! golden files read, and the daemon binary as a child process ([`daemon`]).
 #![allow(dead_code)]
 
+pub mod constrained;
 pub mod daemon;
 pub mod fixtures;
 pub mod http;

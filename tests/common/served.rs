@@ -2,6 +2,7 @@
 //! request helpers the OpenAI-fidelity tests share: a refusal naming its field, ids and
 //! logprobs out of JSON, `/tokenize` and `/detokenize`.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use reqwest::StatusCode;
@@ -9,7 +10,6 @@ use serde_json::{json, Value};
 
 use super::daemon::{distillery_command, DaemonProcess};
 use super::http::{ok, post};
-use super::models_dir;
 
 /// `distillery serve --model MODELS/<model>` on a free port, every stderr line kept.
 pub struct Served {
@@ -18,23 +18,36 @@ pub struct Served {
 }
 
 impl Served {
+    /// A shared model, or `None` (after a loud message) where the shared models are absent.
     pub fn start(model: &str, extra: &[&str]) -> Option<Served> {
-        let dir = models_dir()?.join(model);
+        let dir = super::model_dir(model)?;
+        Some(Served::serve(&dir, model, extra))
+    }
+
+    /// The model folder `dir` (a fixture assembled for the test, say); `what` names it in
+    /// failure messages. The KV cache is 32 MiB unless `extra` sets `--kv-cache-memory`.
+    pub fn serve(dir: &Path, what: &str, extra: &[&str]) -> Served {
         let mut cmd = distillery_command();
         cmd.arg("serve")
             .args(["--host", "127.0.0.1", "--port", "0", "--model"])
-            .arg(&dir)
-            .args(["--kv-cache-memory", "32MiB"])
+            .arg(dir)
             .args(extra);
+        if !extra.contains(&"--kv-cache-memory") {
+            cmd.args(["--kv-cache-memory", "32MiB"]);
+        }
         let log = Arc::new(Mutex::new(Vec::new()));
         let keep = log.clone();
-        let process =
-            DaemonProcess::spawn(cmd, &format!("the daemon ({extra:?})"), 200, move |l| {
+        let process = DaemonProcess::spawn(
+            cmd,
+            &format!("the daemon ({what}, {extra:?})"),
+            200,
+            move |l| {
                 keep.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(l.to_string());
-            });
-        Some(Served { process, log })
+            },
+        );
+        Served { process, log }
     }
 
     pub fn url(&self, path: &str) -> String {
