@@ -134,6 +134,17 @@ pub enum ToolCallParserChoice {
     None,
 }
 
+/// `--get-load-format`: the shape of `GET /get_load`, where the routers in front disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GetLoadFormat {
+    /// SGLang's: an array with one `{dp_rank, num_reqs, num_waiting_reqs, num_tokens}` per
+    /// replica (sglang-router reads no other shape: it takes any other as the lowest load).
+    Sglang,
+    /// vllm-router's: `{"load": N}` (it falls back on its own counts for any other shape).
+    Vllm,
+}
+
 /// `--generation-config`: where requests' omitted sampling fields come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GenerationConfigChoice {
@@ -216,6 +227,7 @@ pub struct ServeSettings {
     pub reasoning_budget_message: String,
     pub reasoning_effort_budgets: EffortBudgets,
     pub tool_call_parser: ToolCallParserChoice,
+    pub get_load_format: GetLoadFormat,
 }
 
 impl Default for ServeSettings {
@@ -265,6 +277,8 @@ impl Default for ServeSettings {
             reasoning_budget_message: reasoning.budget_message,
             reasoning_effort_budgets: reasoning.effort,
             tool_call_parser: ToolCallParserChoice::Auto,
+            // The shape whose misreading does harm (see GetLoadFormat::Sglang).
+            get_load_format: GetLoadFormat::Sglang,
         }
     }
 }

@@ -10,15 +10,17 @@ use clap::Args;
 
 use distillery::config::KvCacheSize;
 use distillery::config::{
-    parse_bytes, GenerationConfigChoice, InvalidSettings, LoadFormat, LogFormat, MetricsCompat,
-    NumericSetting, ServeSettings, ToolCallParserChoice, WorkerCount,
+    parse_bytes, GenerationConfigChoice, GetLoadFormat, InvalidSettings, LoadFormat, LogFormat,
+    MetricsCompat, NumericSetting, ServeSettings, ToolCallParserChoice, WorkerCount,
 };
 use distillery::metrics::{Metrics, MetricsOptions};
 use distillery::model::{
     self, builtin, source, DTypeChoice, DeviceChoice, GenerationDefaults, KvCache,
 };
 use distillery::reasoning::{EffortBudgets, Reasoning, ReasoningParserChoice};
-use distillery::server::{self, ConnectionLimits, ModelBehaviour, SamplingDefaults, ServerOptions};
+use distillery::server::{
+    self, ConnectionLimits, ModelBehaviour, SamplingDefaults, ServerOptions, WorkerInfo,
+};
 use distillery::tokenizer::Tokenizer;
 use distillery::tools::ToolFormat;
 use distillery::{engine, model::Decoder};
@@ -160,6 +162,10 @@ pub struct ServeArgs {
     /// llama3_json, none [default: auto]
     #[arg(long, env = "DISTILLERY_TOOL_CALL_PARSER", value_enum)]
     tool_call_parser: Option<ToolCallParserChoice>,
+    /// The shape of GET /get_load: sglang (one entry per replica, for sglang-router) or vllm
+    /// ({"load": N}, for vllm-router's power_of_two) [default: sglang]
+    #[arg(long, env = "DISTILLERY_GET_LOAD_FORMAT", value_enum)]
+    get_load_format: Option<GetLoadFormat>,
 }
 
 impl ServeArgs {
@@ -208,7 +214,8 @@ impl ServeArgs {
             reasoning_budget,
             reasoning_budget_message,
             reasoning_effort_budgets,
-            tool_call_parser
+            tool_call_parser,
+            get_load_format
         );
         if self.served_model_name.is_some() {
             s.served_model_name = self.served_model_name.clone();
@@ -425,6 +432,7 @@ fn behaviour(
         model_root: s.model.clone(),
         tool_format,
         eos_token_ids: eos_token_ids.to_vec(),
+        worker: WorkerInfo::default(),
     })
 }
 
@@ -522,12 +530,21 @@ pub fn run(s: ServeSettings) -> Result<()> {
         name: default_name,
         dir,
     } = load(&s)?;
-    let behaviour = behaviour(
+    let mut behaviour = behaviour(
         &s,
         &tokenizer,
         dir.as_deref(),
         &decoder.config().eos_token_ids,
     )?;
+    let architecture = decoder.config().architecture;
+    behaviour.worker = WorkerInfo {
+        model_type: architecture.model_type().into(),
+        architectures: vec![architecture.hf_name().into()],
+        max_num_seqs: s.max_num_seqs,
+        max_num_batched_tokens: s.max_num_batched_tokens,
+        get_load_format: s.get_load_format,
+        ..WorkerInfo::default()
+    };
     // An empty name (e.g. `DISTILLERY_SERVED_MODEL_NAME=` in a manifest) means "not set".
     let model_name = s
         .served_model_name

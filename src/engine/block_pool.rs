@@ -165,6 +165,25 @@ impl BlockPool {
         }
     }
 
+    /// Forgets the content of every free cached block (they become plain free blocks, taken
+    /// before any other on the next allocation); blocks in use keep theirs. Returns how many
+    /// were forgotten.
+    pub fn forget_free_cached(&mut self) -> usize {
+        let mut forgotten = 0;
+        let mut id = self.head;
+        while id != NONE {
+            let b = &mut self.blocks[id as usize];
+            let next = b.next;
+            if let Some(hash) = b.hash.take() {
+                self.cached.remove(&hash);
+                forgotten += 1;
+            }
+            id = next;
+        }
+        self.num_cached_free -= forgotten;
+        forgotten
+    }
+
     fn push_front(&mut self, id: BlockId) {
         let b = &mut self.blocks[id as usize];
         b.prev = NONE;
@@ -201,6 +220,20 @@ mod tests {
         assert_eq!(pool.take_cached(10), None);
         assert_eq!(pool.take_cached(20), Some(b));
         assert_eq!(pool.num_free(), 0);
+    }
+
+    #[test]
+    fn forgetting_drops_free_cached_content_and_keeps_blocks_in_use() {
+        let mut pool = BlockPool::new(3);
+        let (a, b) = (pool.allocate().unwrap(), pool.allocate().unwrap());
+        pool.register(a, 10);
+        pool.register(b, 20);
+        pool.release(a);
+        assert_eq!(pool.num_cached_free(), 1);
+        assert_eq!(pool.forget_free_cached(), 1);
+        assert_eq!((pool.num_cached_free(), pool.num_free()), (0, 2));
+        assert_eq!(pool.take_cached(10), None, "free content is gone");
+        assert_eq!(pool.take_cached(20), Some(b), "content in use stays");
     }
 
     #[test]

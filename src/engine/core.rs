@@ -312,6 +312,13 @@ impl EngineCore {
         with_host_rows(&logits, body)
     }
 
+    /// Drops the cached content of every block no sequence holds; returns how many blocks.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        let n = self.kv.forget_free_cached();
+        self.publish();
+        n
+    }
+
     fn drop_cancelled(&mut self) {
         let kv = &mut self.kv;
         let stats = &self.stats;

@@ -70,6 +70,12 @@ impl KvManager {
         self.pool.num_cached_free()
     }
 
+    /// Drops the prefix cache's content in every block no sequence holds (`/flush_cache`);
+    /// returns how many blocks lost theirs.
+    pub fn forget_free_cached(&mut self) -> usize {
+        self.pool.forget_free_cached()
+    }
+
     /// Fraction of blocks held by live sequences (cached-but-free blocks count as free).
     pub fn usage(&self) -> f64 {
         let total = self.pool.num_blocks().max(1);

@@ -41,12 +41,17 @@ use crate::model::{Decoder, KvCache, ModelError};
 pub use core::EngineCore;
 use scheduler::SchedulerLimits;
 
+// Nearly every command is an `Add`: boxing its request would cost an allocation per request
+// to save bytes only in the rare other commands.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     Add(
         EngineRequest,
         tokio::sync::mpsc::UnboundedSender<EngineEvent>,
         Arc<[AtomicBool]>,
     ),
+    /// Drop the prefix cache's free content; the answer is how many blocks lost theirs.
+    ResetPrefixCache(tokio::sync::oneshot::Sender<usize>),
 }
 
 /// What a request may ask for; checked at submission so a request that can never run is
@@ -186,6 +191,24 @@ impl EngineHandle {
     /// and liveness says so, so an orchestrator restarts it.
     pub fn is_alive(&self) -> bool {
         self.replicas.iter().any(|r| r.alive.load(Acquire))
+    }
+
+    /// Drops the prefix cache's content in every block no sequence holds, on every running
+    /// replica (vLLM's `reset_prefix_cache`); returns how many blocks lost theirs.
+    pub async fn reset_prefix_cache(&self) -> usize {
+        let mut answers = Vec::new();
+        for replica in self.replicas.iter().filter(|r| r.alive.load(Acquire)) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if replica.commands.send(Command::ResetPrefixCache(tx)).is_ok() {
+                answers.push(rx);
+            }
+        }
+        let mut dropped = 0;
+        for rx in answers {
+            // A replica that stopped meanwhile dropped its cache with it.
+            dropped += rx.await.unwrap_or(0);
+        }
+        dropped
     }
 
     /// Validates `req` against the model and cache and queues it on the least loaded replica
@@ -387,18 +410,27 @@ fn start_thread(index: usize, core: EngineCore) -> Result<Replica, ModelError> {
 }
 
 fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>) {
+    let apply = |core: &mut EngineCore, command| match command {
+        Command::Add(req, events, stops) => core.add_request(req, events, stops),
+        Command::ResetPrefixCache(done) => {
+            // The caller may have gone: nothing to tell then.
+            let _ = done.send(core.reset_prefix_cache());
+        }
+    };
     loop {
-        // Idle: sleep until a request comes; busy: take whatever has arrived and step.
+        // Idle: sleep until a command comes; busy: take whatever has arrived and step.
         if !core.has_work() {
             match rx.recv() {
-                Ok(Command::Add(req, events, stops)) => core.add_request(req, events, stops),
+                Ok(command) => apply(&mut core, command),
                 Err(_) => return,
             }
         }
-        while let Ok(Command::Add(req, events, stops)) = rx.try_recv() {
-            core.add_request(req, events, stops);
+        while let Ok(command) = rx.try_recv() {
+            apply(&mut core, command);
         }
-        core.step();
+        if core.has_work() {
+            core.step();
+        }
     }
 }
 

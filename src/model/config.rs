@@ -18,6 +18,22 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// transformers' class name, as `config.json` lists it in `architectures`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    /// transformers' `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
     fn from_hf(name: &str) -> Option<Self> {
         match name {
             "LlamaForCausalLM" => Some(Self::Llama),

@@ -25,7 +25,7 @@ mod validate;
 
 pub use error::ApiError;
 pub use metrics::step_observer;
-pub use state::ModelBehaviour;
+pub use state::{ModelBehaviour, WorkerInfo};
 pub use validate::SamplingDefaults;
 
 use std::net::SocketAddr;
@@ -180,6 +180,14 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
     let v1 = Router::new()
         .route("/completions", post(routes::completions::completions))
         .route("/chat/completions", post(routes::chat::chat_completions))
+        .route(
+            "/completions/render",
+            post(routes::worker::render_completions),
+        )
+        .route(
+            "/chat/completions/render",
+            post(routes::worker::render_chat),
+        )
         .route("/models", get(routes::info::models))
         .route("/models/{*id}", get(routes::info::model))
         .route_layer(middleware::from_fn_with_state(
@@ -190,6 +198,8 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
         .route("/tokenizer_info", get(routes::info::tokenizer_info))
+        .route("/flush_cache", post(routes::worker::flush_cache))
+        .route("/reset_prefix_cache", post(routes::worker::flush_cache))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -198,6 +208,13 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
         .nest("/v1", v1)
         .merge(tokenize)
         .route("/health", get(routes::info::health))
+        .route("/health_generate", get(routes::worker::health_generate))
+        .route("/server_info", get(routes::worker::server_info))
+        .route("/get_server_info", get(routes::worker::server_info))
+        .route("/model_info", get(routes::worker::model_info))
+        .route("/get_model_info", get(routes::worker::model_info))
+        .route("/get_load", get(routes::worker::get_load))
+        .route("/load", get(routes::worker::load))
         .route("/ready", get(routes::info::ready))
         .route("/version", get(routes::info::version))
         .route("/openapi.json", get(routes::info::openapi))

@@ -10,6 +10,7 @@ use super::error::ApiError;
 use super::preprocess::PreprocessPool;
 use super::request_log::RequestLog;
 use super::validate::SamplingDefaults;
+use crate::config::GetLoadFormat;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::reasoning::Reasoning;
@@ -29,6 +30,35 @@ pub struct ModelBehaviour {
     pub tool_format: Option<ToolFormat>,
     /// Every id that ends a choice (a finished grammar allows them all).
     pub eos_token_ids: Vec<u32>,
+    /// What the routers in front read about this worker.
+    pub worker: WorkerInfo,
+}
+
+/// What `/server_info`, `/model_info` and `/get_load` tell a router (vllm-router, the SGLang
+/// gateway) about this worker, besides what the engine and the tokenizer say.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    /// transformers' `model_type` and `architectures` of the served model.
+    pub model_type: String,
+    pub architectures: Vec<String>,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Unique per process: a router tells restarted or duplicated workers apart by it.
+    pub instance_id: String,
+    pub get_load_format: GetLoadFormat,
+}
+
+impl Default for WorkerInfo {
+    fn default() -> Self {
+        Self {
+            model_type: String::new(),
+            architectures: Vec::new(),
+            max_num_seqs: 0,
+            max_num_batched_tokens: 0,
+            instance_id: format!("distillery-{:016x}", rand::random::<u64>()),
+            get_load_format: GetLoadFormat::Sglang,
+        }
+    }
 }
 
 pub struct AppState {
@@ -37,6 +67,7 @@ pub struct AppState {
     pub sampling_defaults: SamplingDefaults,
     pub model_root: String,
     pub tool_format: Option<ToolFormat>,
+    pub worker: WorkerInfo,
     /// Compiles and caches the grammars of structured outputs and tool calls.
     pub grammars: Arc<Grammars>,
     pub tokenizer: Arc<Tokenizer>,
@@ -77,6 +108,7 @@ impl AppState {
         ));
         Self {
             tool_format: behaviour.tool_format,
+            worker: behaviour.worker,
             grammars,
             reasoning: behaviour.reasoning,
             sampling_defaults: behaviour.sampling_defaults,

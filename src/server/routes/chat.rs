@@ -132,7 +132,7 @@ pub fn template_tools(tools: &Option<Vec<serde_json::Value>>) -> Option<serde_js
 }
 
 /// The thinking budget a request asks for, checked against the served model.
-fn requested_budget(
+pub fn requested_budget(
     req: &ChatRequest,
     reasoning: Option<&Reasoning>,
 ) -> Result<Option<usize>, ApiError> {

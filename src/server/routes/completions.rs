@@ -27,7 +27,7 @@ use crate::structured::Gate;
 /// OpenAI's default for the completions endpoint.
 const DEFAULT_MAX_TOKENS: u32 = 16;
 
-enum PromptIn {
+pub enum PromptIn {
     Text(String),
     Ids(Vec<u32>),
 }
