@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -256,6 +256,30 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
 }
 
 async fn not_found(req: Request) -> Response {
+    let grpc = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/grpc"));
+    if grpc {
+        // A gRPC probe (the SGLang gateway asks each worker whether it speaks gRPC): gRPC's
+        // own answer for a service we do not have, UNIMPLEMENTED, trailers-only.
+        tracing::debug!(path = req.uri().path(), "gRPC call answered UNIMPLEMENTED");
+        return (
+            StatusCode::OK,
+            [
+                (axum::http::header::CONTENT_TYPE, "application/grpc"),
+                (HeaderName::from_static("grpc-status"), "12"),
+                (
+                    HeaderName::from_static("grpc-message"),
+                    "this server speaks HTTP, not gRPC",
+                ),
+            ],
+        )
+            .into_response();
+    }
+    // Logged: a router or balancer in front calling an endpoint we lack shows up here.
+    tracing::info!(method = %req.method(), path = req.uri().path(), "no such endpoint (404)");
     ApiError::not_found(req.uri().path()).into_response()
 }
 

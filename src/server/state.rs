@@ -61,6 +61,10 @@ impl Default for WorkerInfo {
     }
 }
 
+/// The model name the SGLang gateway (sglang-router) writes into a request that named none:
+/// such a request is served like one without `model`.
+pub const UNNAMED_MODEL: &str = "unknown";
+
 pub struct AppState {
     pub engine: EngineHandle,
     pub reasoning: Option<Reasoning>,
@@ -148,7 +152,10 @@ impl AppState {
             ));
         }
         match model {
-            Some(m) if m != self.model_name => Err(ApiError::model_not_found(m)),
+            // The SGLang gateway forwards a request that named no model as "unknown".
+            Some(m) if m != self.model_name && m != UNNAMED_MODEL => {
+                Err(ApiError::model_not_found(m))
+            }
             _ => Ok(()),
         }
     }
