@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// Independent engine replicas (each its own thread, scheduler and share of the KV
     /// budget) that requests are spread over; the limits above apply to each.
     pub data_parallel_size: usize,
+    /// The seed of the prefix cache's block hashes (vLLM's `PYTHONHASHSEED` in its
+    /// `sha256_cbor` scheme: `engine::block_hash`).
+    pub prefix_caching_hash_seed: String,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +61,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             max_model_len: None,
             data_parallel_size: 1,
+            prefix_caching_hash_seed: crate::engine::block_hash::DEFAULT_SEED.into(),
         }
     }
 }
@@ -228,6 +232,14 @@ pub struct ServeSettings {
     pub reasoning_effort_budgets: EffortBudgets,
     pub tool_call_parser: ToolCallParserChoice,
     pub get_load_format: GetLoadFormat,
+    /// The seed of the prefix cache's block hashes (vLLM's `PYTHONHASHSEED`).
+    pub prefix_caching_hash_seed: String,
+    /// Where KV-cache events are published (ZMQ PUB), e.g. `tcp://*:5557`; none: off.
+    pub kv_events_endpoint: Option<String>,
+    /// Where a subscriber asks for the events it missed (ZMQ ROUTER); none: no replay.
+    pub kv_events_replay_endpoint: Option<String>,
+    /// The ZMQ topic of every event message.
+    pub kv_events_topic: String,
 }
 
 impl Default for ServeSettings {
@@ -279,6 +291,10 @@ impl Default for ServeSettings {
             tool_call_parser: ToolCallParserChoice::Auto,
             // The shape whose misreading does harm (see GetLoadFormat::Sglang).
             get_load_format: GetLoadFormat::Sglang,
+            prefix_caching_hash_seed: engine.prefix_caching_hash_seed.clone(),
+            kv_events_endpoint: None,
+            kv_events_replay_endpoint: None,
+            kv_events_topic: String::new(),
         }
     }
 }
@@ -335,6 +351,7 @@ impl ServeSettings {
             enable_prefix_caching: self.enable_prefix_caching,
             max_model_len: self.max_model_len,
             data_parallel_size: self.data_parallel_size,
+            prefix_caching_hash_seed: self.prefix_caching_hash_seed.clone(),
         }
     }
 }

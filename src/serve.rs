@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc::UnboundedReceiver;
+
 use anyhow::{Context, Result};
 use clap::Args;
 
@@ -13,6 +15,7 @@ use distillery::config::{
     parse_bytes, GenerationConfigChoice, GetLoadFormat, InvalidSettings, LoadFormat, LogFormat,
     MetricsCompat, NumericSetting, ServeSettings, ToolCallParserChoice, WorkerCount,
 };
+use distillery::kv_events;
 use distillery::metrics::{Metrics, MetricsOptions};
 use distillery::model::{
     self, builtin, source, DTypeChoice, DeviceChoice, GenerationDefaults, KvCache,
@@ -166,6 +169,21 @@ pub struct ServeArgs {
     /// ({"load": N}, for vllm-router's power_of_two) [default: sglang]
     #[arg(long, env = "DISTILLERY_GET_LOAD_FORMAT", value_enum)]
     get_load_format: Option<GetLoadFormat>,
+    /// Publish KV-cache events (vLLM's format) on this ZMQ endpoint, e.g. tcp://*:5557
+    /// (replica N on port + N) [default: off]
+    #[arg(long, env = "DISTILLERY_KV_EVENTS_ENDPOINT")]
+    kv_events_endpoint: Option<String>,
+    /// Answer subscribers' replay requests for missed events here (ZMQ ROUTER), e.g.
+    /// tcp://*:5558 (replica N on port + N) [default: none]
+    #[arg(long, env = "DISTILLERY_KV_EVENTS_REPLAY_ENDPOINT")]
+    kv_events_replay_endpoint: Option<String>,
+    /// The ZMQ topic of the KV-cache events [default: ""]
+    #[arg(long, env = "DISTILLERY_KV_EVENTS_TOPIC")]
+    kv_events_topic: Option<String>,
+    /// The seed of the prefix cache's block hashes (vLLM's PYTHONHASHSEED, sha256_cbor)
+    /// [default: "0"]
+    #[arg(long, env = "DISTILLERY_PREFIX_CACHING_HASH_SEED")]
+    prefix_caching_hash_seed: Option<String>,
 }
 
 impl ServeArgs {
@@ -215,13 +233,21 @@ impl ServeArgs {
             reasoning_budget_message,
             reasoning_effort_budgets,
             tool_call_parser,
-            get_load_format
+            get_load_format,
+            kv_events_topic,
+            prefix_caching_hash_seed
         );
         if self.served_model_name.is_some() {
             s.served_model_name = self.served_model_name.clone();
         }
         if self.max_model_len.is_some() {
             s.max_model_len = self.max_model_len;
+        }
+        if self.kv_events_endpoint.is_some() {
+            s.kv_events_endpoint = self.kv_events_endpoint.clone();
+        }
+        if self.kv_events_replay_endpoint.is_some() {
+            s.kv_events_replay_endpoint = self.kv_events_replay_endpoint.clone();
         }
         for (flag, key) in [
             (self.shutdown_grace, &mut s.shutdown_grace_secs),
@@ -552,6 +578,7 @@ pub fn run(s: ServeSettings) -> Result<()> {
         .filter(|n| !n.trim().is_empty())
         .unwrap_or(default_name);
     check_against_model(&s, &decoder)?;
+    let device_is_cpu = decoder.device().is_cpu();
     let engine_config = engine_config(&s, &decoder)?;
     let mut cores = engine::build_replicas(decoder, &engine_config)?;
     // Built here, before the engine threads start, so that they record their steps into the
@@ -575,6 +602,8 @@ pub fn run(s: ServeSettings) -> Result<()> {
     for core in &mut cores {
         core.set_step_observer(Some(server::step_observer(&metrics)));
     }
+    let publishers = kv_event_publishers(&s, &mut cores, limits.block_size, device_is_cpu)?;
+    behaviour.worker.kv_event_sources = publishers.iter().map(|(p, _)| p.source.clone()).collect();
     let engine = engine::start_replicas(cores)?;
     let opts = ServerOptions {
         host: s.host.clone(),
@@ -601,5 +630,62 @@ pub fn run(s: ServeSettings) -> Result<()> {
         .enable_all()
         .thread_name("distillery-http")
         .build()?;
-    runtime.block_on(server::serve(opts, engine, Arc::new(tokenizer), metrics))
+    runtime.block_on(async move {
+        for (publisher, batches) in publishers {
+            publisher.start(batches).await.map_err(InvalidSettings)?;
+        }
+        server::serve(opts, engine, Arc::new(tokenizer), metrics).await
+    })
+}
+
+/// With `--kv-events-endpoint`: a channel from each replica to its publisher (replica N on
+/// the endpoint's port + N), the publishers not started yet (they need the runtime).
+fn kv_event_publishers(
+    s: &ServeSettings,
+    cores: &mut [engine::EngineCore],
+    block_size: usize,
+    device_is_cpu: bool,
+) -> Result<
+    Vec<(
+        kv_events::Publisher,
+        UnboundedReceiver<engine::KvEventBatch>,
+    )>,
+> {
+    let Some(endpoint) = s.kv_events_endpoint.as_deref() else {
+        if s.kv_events_replay_endpoint.is_some() {
+            return Err(InvalidSettings(
+                "--kv-events-replay-endpoint needs --kv-events-endpoint".into(),
+            )
+            .into());
+        }
+        return Ok(Vec::new());
+    };
+    if !s.enable_prefix_caching {
+        return Err(InvalidSettings(
+            "--kv-events-endpoint reports the prefix cache: it needs prefix caching on".into(),
+        )
+        .into());
+    }
+    cores
+        .iter_mut()
+        .enumerate()
+        .map(|(rank, core)| {
+            let source = kv_events::source_for_rank(
+                endpoint,
+                s.kv_events_replay_endpoint.as_deref(),
+                &s.kv_events_topic,
+                rank,
+            )
+            .map_err(InvalidSettings)?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            core.set_kv_event_sink(tx);
+            let publisher = kv_events::Publisher {
+                source,
+                rank,
+                block_size,
+                medium: if device_is_cpu { "CPU" } else { "GPU" },
+            };
+            Ok((publisher, rx))
+        })
+        .collect()
 }

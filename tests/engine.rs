@@ -14,6 +14,7 @@ use distillery::engine::{
 };
 use distillery::model::{self, DTypeChoice, Decoder};
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 fn decoder(name: &str) -> Option<Decoder> {
     let dir = models_dir()?.join(name);
@@ -37,6 +38,7 @@ fn config(
         enable_prefix_caching: prefix,
         max_model_len: None,
         data_parallel_size: 1,
+        prefix_caching_hash_seed: "0".into(),
     }
 }
 
@@ -202,6 +204,111 @@ proptest! {
             let got = logs[i].tokens.first().cloned().unwrap_or_default();
             prop_assert_eq!(got, alone(&dec, &a.prompt, a.max_tokens), "request {}", i);
         }
+    }
+}
+
+/// Prompts from a few shared prefixes (so blocks are hit, shared and evicted) with random
+/// tails.
+fn shared_prefix_arrival() -> impl Strategy<Value = Arrival> {
+    (
+        0usize..3,
+        proptest::collection::vec(5u32..512, 0..20),
+        arrival(),
+    )
+        .prop_map(|(prefix, tail, a)| {
+            let mut prompt: Vec<u32> = (0..12).map(|i| 7 + prefix as u32 * 40 + i).collect();
+            prompt.extend(tail);
+            Arrival { prompt, ..a }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// A mirror of the prefix cache built only from the KV events (stores insert, removals
+    /// delete) equals the engine's own index after every step, through hits, evictions,
+    /// preemption, cancellations and a flush. A store is never of a hash already held, a
+    /// removal never of one not held, and each stored hash is the one its parent and token
+    /// ids give in vLLM's scheme.
+    #[test]
+    fn kv_events_mirror_the_prefix_cache(
+        arrivals in proptest::collection::vec(shared_prefix_arrival(), 1..10),
+        block_size in prop::sample::select(vec![1usize, 4]),
+        spare_blocks in 0usize..8,
+        max_seqs in 1usize..6,
+    ) {
+        let Some(dec) = decoder("tiny-llama-v512") else { return Ok(()) };
+        let biggest = arrivals
+            .iter()
+            .map(|a| (a.prompt.len() + a.max_tokens).div_ceil(block_size))
+            .max()
+            .unwrap_or(1);
+        let mut core = engine::build(
+            dec.clone(),
+            &config(biggest + spare_blocks, block_size, max_seqs, 32, true),
+        )
+        .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        core.set_kv_event_sink(tx);
+        let hasher = engine::BlockHasher::new("0");
+        let mut mirror = std::collections::HashSet::new();
+        let apply = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<engine::KvEventBatch>,
+                         mirror: &mut std::collections::HashSet<engine::BlockHash>|
+         -> Result<(), TestCaseError> {
+            while let Ok(batch) = rx.try_recv() {
+                for event in batch.events {
+                    match event {
+                        engine::KvEvent::Stored { hashes, parent, token_ids } => {
+                            prop_assert_eq!(token_ids.len(), hashes.len() * block_size);
+                            let mut prev = parent;
+                            for (h, block) in hashes.iter().zip(token_ids.chunks(block_size)) {
+                                prop_assert_eq!(*h, hasher.hash(prev.as_ref(), block));
+                                prop_assert!(mirror.insert(*h), "stored twice");
+                                prev = Some(*h);
+                            }
+                        }
+                        engine::KvEvent::Removed { hashes } => {
+                            for h in hashes {
+                                prop_assert!(mirror.remove(&h), "removed but never stored");
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        let same = |core: &EngineCore, mirror: &std::collections::HashSet<engine::BlockHash>| {
+            let mut held = core.indexed_block_hashes();
+            held.sort_unstable();
+            let mut seen: Vec<_> = mirror.iter().copied().collect();
+            seen.sort_unstable();
+            held == seen
+        };
+        let mut streams: Vec<Option<RequestStream>> = arrivals.iter().map(|_| None).collect();
+        let mut step = 0;
+        loop {
+            for (i, a) in arrivals.iter().enumerate() {
+                if a.at_step == step {
+                    streams[i] = Some(core.submit(greedy(&a.prompt, a.max_tokens)).unwrap());
+                }
+                if a.cancel_at == Some(step) {
+                    streams[i] = None;
+                }
+            }
+            let pending_arrivals = arrivals.iter().any(|a| a.at_step > step);
+            if !core.has_work() && !pending_arrivals {
+                break;
+            }
+            core.step();
+            apply(&mut rx, &mut mirror)?;
+            prop_assert!(same(&core, &mirror), "after step {}", step);
+            step += 1;
+            prop_assert!(step < 50_000, "no progress");
+        }
+        core.reset_prefix_cache();
+        apply(&mut rx, &mut mirror)?;
+        prop_assert!(mirror.is_empty(), "a flush with nothing running empties the index");
+        prop_assert!(same(&core, &mirror));
     }
 }
 

@@ -9,8 +9,9 @@
 
 use std::collections::HashMap;
 
+pub use super::block_hash::BlockHash;
+
 pub type BlockId = u32;
-pub type BlockHash = u64;
 
 const NONE: u32 = u32::MAX;
 
@@ -30,6 +31,9 @@ pub struct BlockPool {
     /// Free blocks that still hold indexed content (kept as a count: scanning is O(blocks)).
     num_cached_free: usize,
     cached: HashMap<BlockHash, BlockId>,
+    /// Hashes that left the index (evicted or forgotten) since the last
+    /// [`Self::take_removed`], kept only when someone mirrors the index (KV events).
+    removed: Option<Vec<BlockHash>>,
 }
 
 impl BlockPool {
@@ -50,7 +54,26 @@ impl BlockPool {
             num_free: num_blocks,
             num_cached_free: 0,
             cached: HashMap::new(),
+            removed: None,
         }
+    }
+
+    /// Every hash in the index.
+    pub fn indexed_hashes(&self) -> Vec<BlockHash> {
+        self.cached.keys().copied().collect()
+    }
+
+    /// Keeps the hashes that leave the index from now on, for [`Self::take_removed`].
+    pub fn record_removals(&mut self) {
+        self.removed.get_or_insert_with(Vec::new);
+    }
+
+    /// The hashes that left the index since the last call, oldest first.
+    pub fn take_removed(&mut self) -> Vec<BlockHash> {
+        self.removed
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -114,6 +137,9 @@ impl BlockPool {
             // A block carries a hash only while it is the index entry for it.
             self.cached.remove(&hash);
             self.num_cached_free -= 1;
+            if let Some(removed) = self.removed.as_mut() {
+                removed.push(hash);
+            }
         }
         Some(id)
     }
@@ -137,15 +163,18 @@ impl BlockPool {
     }
 
     /// Records that `id` now holds full content with `hash`. If another block already holds the
-    /// same content, that one stays the cache entry and `id` is simply not indexed.
-    pub fn register(&mut self, id: BlockId, hash: BlockHash) {
+    /// same content, that one stays the cache entry and `id` is simply not indexed. Returns
+    /// whether the index gained `hash`.
+    pub fn register(&mut self, id: BlockId, hash: BlockHash) -> bool {
         if self.blocks[id as usize].hash.is_some() {
-            return;
+            return false;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
             e.insert(id);
             self.blocks[id as usize].hash = Some(hash);
+            return true;
         }
+        false
     }
 
     /// Drops one reference. Blocks that become unused join the back of the free queue, so
@@ -177,6 +206,9 @@ impl BlockPool {
             if let Some(hash) = b.hash.take() {
                 self.cached.remove(&hash);
                 forgotten += 1;
+                if let Some(removed) = self.removed.as_mut() {
+                    removed.push(hash);
+                }
             }
             id = next;
         }
@@ -202,6 +234,10 @@ impl BlockPool {
 mod tests {
     use super::*;
 
+    fn h(n: u8) -> BlockHash {
+        [n; 32]
+    }
+
     #[test]
     fn evicts_least_recently_freed_cached_block_first() {
         let mut pool = BlockPool::new(3);
@@ -209,41 +245,46 @@ mod tests {
         let b = pool.allocate().unwrap();
         let c = pool.allocate().unwrap();
         assert!(pool.allocate().is_none());
-        pool.register(a, 10);
-        pool.register(b, 20);
+        pool.register(a, h(10));
+        pool.register(b, h(20));
         pool.release(a);
         pool.release(b);
         pool.release(c); // uncached: goes to the front
         assert_eq!(pool.num_free(), 3);
         assert_eq!(pool.allocate(), Some(c));
+        pool.record_removals();
         assert_eq!(pool.allocate(), Some(a)); // evicts hash 10
-        assert_eq!(pool.take_cached(10), None);
-        assert_eq!(pool.take_cached(20), Some(b));
+        assert_eq!(pool.take_removed(), vec![h(10)]);
+        assert_eq!(pool.take_cached(h(10)), None);
+        assert_eq!(pool.take_cached(h(20)), Some(b));
         assert_eq!(pool.num_free(), 0);
     }
 
     #[test]
     fn forgetting_drops_free_cached_content_and_keeps_blocks_in_use() {
         let mut pool = BlockPool::new(3);
+        pool.record_removals();
         let (a, b) = (pool.allocate().unwrap(), pool.allocate().unwrap());
-        pool.register(a, 10);
-        pool.register(b, 20);
+        assert!(pool.register(a, h(10)));
+        assert!(pool.register(b, h(20)));
         pool.release(a);
         assert_eq!(pool.num_cached_free(), 1);
         assert_eq!(pool.forget_free_cached(), 1);
+        assert_eq!(pool.take_removed(), vec![h(10)]);
+        assert!(pool.take_removed().is_empty());
         assert_eq!((pool.num_cached_free(), pool.num_free()), (0, 2));
-        assert_eq!(pool.take_cached(10), None, "free content is gone");
-        assert_eq!(pool.take_cached(20), Some(b), "content in use stays");
+        assert_eq!(pool.take_cached(h(10)), None, "free content is gone");
+        assert_eq!(pool.take_cached(h(20)), Some(b), "content in use stays");
     }
 
     #[test]
     fn a_hit_on_a_free_block_pulls_it_out_of_the_queue() {
         let mut pool = BlockPool::new(2);
         let a = pool.allocate().unwrap();
-        pool.register(a, 7);
+        pool.register(a, h(7));
         pool.release(a);
         assert_eq!(pool.num_cached_free(), 1);
-        assert_eq!(pool.take_cached(7), Some(a));
+        assert_eq!(pool.take_cached(h(7)), Some(a));
         assert_eq!(pool.num_free(), 1);
         let other = pool.allocate().unwrap();
         assert_ne!(other, a);

@@ -13,8 +13,10 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::block_hash::{BlockHash, BlockHasher};
 use super::constraint::{Pick, Progress};
 use super::device_sampling;
+use super::kv_events::{KvEventBatch, KvEventSink};
 use super::kv_manager::KvManager;
 use super::request::{Delivery, EngineEvent, EngineRequest, FinishReason, TokenLogprobs};
 use super::sampler::{argmax, score_prompt_token, SamplerScratch};
@@ -44,6 +46,8 @@ pub struct EngineCore {
     masked: Vec<u32>,
     /// Indices (in `running`, ascending) of this step's constrained sample points.
     mask_seqs: Vec<usize>,
+    /// Where the prefix cache's changes go, when a router mirrors them.
+    kv_events: Option<KvEventSink>,
 }
 
 impl EngineCore {
@@ -53,9 +57,15 @@ impl EngineCore {
         limits: SchedulerLimits,
         engine_limits: EngineLimits,
         prefix_caching: bool,
+        hasher: BlockHasher,
     ) -> Self {
         let stats = Arc::new(EngineStats::default());
-        let kv = KvManager::new(cache.num_blocks(), cache.block_size(), prefix_caching);
+        let kv = KvManager::with_hasher(
+            cache.num_blocks(),
+            cache.block_size(),
+            prefix_caching,
+            hasher,
+        );
         stats.total_blocks.store(cache.num_blocks() as u64, Relaxed);
         stats.free_blocks.store(cache.num_blocks() as u64, Relaxed);
         Self {
@@ -75,6 +85,32 @@ impl EngineCore {
             row: Vec::new(),
             masked: Vec::new(),
             mask_seqs: Vec::new(),
+            kv_events: None,
+        }
+    }
+
+    /// Sends the prefix cache's changes to `sink` from now on, one batch per step that made
+    /// any (see [`super::kv_events`]).
+    pub fn set_kv_event_sink(&mut self, sink: KvEventSink) {
+        self.kv.record_events();
+        self.kv_events = Some(sink);
+    }
+
+    /// Every block hash the prefix cache's index holds.
+    pub fn indexed_block_hashes(&self) -> Vec<BlockHash> {
+        self.kv.indexed_hashes()
+    }
+
+    fn send_kv_events(&mut self) {
+        if let Some(sink) = &self.kv_events {
+            let events = self.kv.take_events();
+            if !events.is_empty() {
+                // A receiver gone (the publisher stopped) only means nobody mirrors the index.
+                let _ = sink.send(KvEventBatch {
+                    at: std::time::SystemTime::now(),
+                    events,
+                });
+            }
         }
     }
 
@@ -155,6 +191,7 @@ impl EngineCore {
         self.scheduler
             .schedule(&self.limits, &mut self.kv, now, &mut self.scheduled);
         if self.scheduled.is_empty() {
+            self.send_kv_events();
             self.publish();
             return;
         }
@@ -178,6 +215,7 @@ impl EngineCore {
             !s.finished
         });
         self.stats.steps.fetch_add(1, Relaxed);
+        self.send_kv_events();
         self.publish();
         if let Some(observer) = &self.observer {
             let end = Instant::now();
@@ -315,6 +353,7 @@ impl EngineCore {
     /// Drops the cached content of every block no sequence holds; returns how many blocks.
     pub fn reset_prefix_cache(&mut self) -> usize {
         let n = self.kv.forget_free_cached();
+        self.send_kv_events();
         self.publish();
         n
     }

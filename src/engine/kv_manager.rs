@@ -2,12 +2,13 @@
 //! sequences advance, hashing blocks as they fill, and giving blocks back.
 //!
 //! A full block is identified by the hash of (its parent block's hash, its token ids), so equal
-//! hashes mean equal content at equal positions. Knows tokens and block ids; knows nothing of
-//! sampling, requests' channels or tensors.
+//! hashes mean equal content at equal positions ([`super::block_hash`]: vLLM's scheme). When
+//! asked, it also records what the index gains and loses, in order, as [`KvEvent`]s. Knows
+//! tokens and block ids; knows nothing of sampling, requests' channels or tensors.
 
-use std::hash::{Hash, Hasher};
-
+use super::block_hash::BlockHasher;
 use super::block_pool::{BlockHash, BlockId, BlockPool};
+use super::kv_events::KvEvent;
 
 /// The blocks one sequence holds and how many of them are hashed (full and registered).
 #[derive(Debug, Default, Clone)]
@@ -33,25 +34,62 @@ pub struct KvManager {
     pool: BlockPool,
     block_size: usize,
     prefix_caching: bool,
+    hasher: BlockHasher,
     pub counters: PrefixCacheCounters,
-}
-
-fn block_hash(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
-    // SipHash with fixed keys: stable within the process, which is all a cache key needs.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
+    /// What the index gained and lost since the last [`Self::take_events`], when recorded.
+    events: Option<Vec<KvEvent>>,
 }
 
 impl KvManager {
     pub fn new(num_blocks: usize, block_size: usize, prefix_caching: bool) -> Self {
+        Self::with_hasher(
+            num_blocks,
+            block_size,
+            prefix_caching,
+            BlockHasher::default(),
+        )
+    }
+
+    pub fn with_hasher(
+        num_blocks: usize,
+        block_size: usize,
+        prefix_caching: bool,
+        hasher: BlockHasher,
+    ) -> Self {
         Self {
             pool: BlockPool::new(num_blocks),
             block_size,
             prefix_caching,
+            hasher,
             counters: PrefixCacheCounters::default(),
+            events: None,
         }
+    }
+
+    /// Records the index's changes from now on, for [`Self::take_events`].
+    pub fn record_events(&mut self) {
+        self.pool.record_removals();
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The index's changes since the last call, in the order they happened.
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.note_removals();
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Moves the pool's removals into the event log (before anything stored after them).
+    fn note_removals(&mut self) {
+        if let Some(events) = self.events.as_mut() {
+            let removed = self.pool.take_removed();
+            if !removed.is_empty() {
+                events.push(KvEvent::Removed { hashes: removed });
+            }
+        }
+    }
+
+    fn block_hash(&self, parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
+        self.hasher.hash(parent, tokens)
     }
 
     pub fn block_size(&self) -> usize {
@@ -73,7 +111,15 @@ impl KvManager {
     /// Drops the prefix cache's content in every block no sequence holds (`/flush_cache`);
     /// returns how many blocks lost theirs.
     pub fn forget_free_cached(&mut self) -> usize {
-        self.pool.forget_free_cached()
+        self.note_removals();
+        let n = self.pool.forget_free_cached();
+        self.note_removals();
+        n
+    }
+
+    /// Every hash the index holds (tests compare a mirror built from the events with it).
+    pub fn indexed_hashes(&self) -> Vec<BlockHash> {
+        self.pool.indexed_hashes()
     }
 
     /// Fraction of blocks held by live sequences (cached-but-free blocks count as free).
@@ -102,10 +148,10 @@ impl KvManager {
         }
         self.counters.queries += tokens.len() as u64;
         let max_blocks = (tokens.len() - 1) / self.block_size;
-        let mut parent = None;
+        let mut parent: Option<BlockHash> = None;
         let mut miss = None;
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
-            let hash = block_hash(parent, chunk);
+            let hash = self.block_hash(parent.as_ref(), chunk);
             match self.pool.take_cached(hash) {
                 Some(id) => {
                     seq.table.push(id);
@@ -145,8 +191,8 @@ impl KvManager {
         }
         let mut parent = seq.hashes.last().copied();
         for i in seq.hashes.len()..upto / self.block_size {
-            let hash = block_hash(
-                parent,
+            let hash = self.block_hash(
+                parent.as_ref(),
                 &tokens[i * self.block_size..(i + 1) * self.block_size],
             );
             out.insert(hash);
@@ -191,15 +237,33 @@ impl KvManager {
             return;
         }
         let full = (computed / self.block_size).min(seq.table.len());
+        if seq.hashes.len() >= full {
+            return;
+        }
+        self.note_removals();
         while seq.hashes.len() < full {
             let i = seq.hashes.len();
             let parent = i.checked_sub(1).map(|p| seq.hashes[p]);
-            let hash = block_hash(
-                parent,
-                &tokens[i * self.block_size..(i + 1) * self.block_size],
-            );
-            self.pool.register(seq.table[i], hash);
+            let block = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            let hash = self.block_hash(parent.as_ref(), block);
+            let indexed = self.pool.register(seq.table[i], hash);
             seq.hashes.push(hash);
+            if let (true, Some(events)) = (indexed, self.events.as_mut()) {
+                // Blocks stored one after another in a chain go out as one event.
+                match events.last_mut() {
+                    Some(KvEvent::Stored {
+                        hashes, token_ids, ..
+                    }) if parent.is_some() && hashes.last() == parent.as_ref() => {
+                        hashes.push(hash);
+                        token_ids.extend_from_slice(block);
+                    }
+                    _ => events.push(KvEvent::Stored {
+                        hashes: vec![hash],
+                        parent,
+                        token_ids: block.to_vec(),
+                    }),
+                }
+            }
         }
     }
 

@@ -9,10 +9,12 @@
 //! cancels the request (its blocks are freed at the next step). Knows nothing of HTTP, JSON or
 //! text.
 
+pub mod block_hash;
 pub mod block_pool;
 pub mod constraint;
 pub mod core;
 mod device_sampling;
+pub mod kv_events;
 pub mod kv_manager;
 pub mod request;
 pub mod sampler;
@@ -21,7 +23,9 @@ mod sequence;
 pub mod stats;
 pub mod steer;
 
+pub use block_hash::{BlockHash, BlockHasher};
 pub use constraint::{Constraint, ConstraintFactory, Progress, TokenMask};
+pub use kv_events::{KvEvent, KvEventBatch, KvEventSink};
 pub use request::{
     Delivery, EngineEvent, EngineRequest, FinishReason, PromptLogprob, StopConditions, SubmitError,
     Timings, TokenLogprobs,
@@ -330,6 +334,7 @@ pub fn build(decoder: Decoder, config: &EngineConfig) -> Result<EngineCore, Mode
         },
         limits,
         config.enable_prefix_caching,
+        BlockHasher::new(&config.prefix_caching_hash_seed),
     ))
 }
 

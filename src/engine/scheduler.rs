@@ -10,6 +10,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use super::block_hash::BlockHash;
 use super::kv_manager::KvManager;
 use super::sequence::Sequence;
 
@@ -146,7 +147,7 @@ impl Scheduler {
 
     /// Blocks a new sequence can start from: its parent's full prompt blocks, or else the
     /// longest cached prefix.
-    fn claim_cached(&self, seq: &mut Sequence, kv: &mut KvManager) -> (usize, Option<u64>) {
+    fn claim_cached(&self, seq: &mut Sequence, kv: &mut KvManager) -> (usize, Option<BlockHash>) {
         if let Some(parent) = seq.fork_parent {
             if let Some(p) = self
                 .running

@@ -215,6 +215,7 @@ fn router(state: Arc<AppState>, opts: &ServerOptions) -> Router {
         .route("/get_model_info", get(routes::worker::model_info))
         .route("/get_load", get(routes::worker::get_load))
         .route("/load", get(routes::worker::load))
+        .route("/kv_event_sources", get(routes::worker::kv_event_sources))
         .route("/ready", get(routes::info::ready))
         .route("/version", get(routes::info::version))
         .route("/openapi.json", get(routes::info::openapi))

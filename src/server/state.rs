@@ -46,6 +46,8 @@ pub struct WorkerInfo {
     /// Unique per process: a router tells restarted or duplicated workers apart by it.
     pub instance_id: String,
     pub get_load_format: GetLoadFormat,
+    /// Where each replica publishes its KV-cache events (empty: off), by rank.
+    pub kv_event_sources: Vec<crate::kv_events::Source>,
 }
 
 impl Default for WorkerInfo {
@@ -57,6 +59,7 @@ impl Default for WorkerInfo {
             max_num_batched_tokens: 0,
             instance_id: format!("distillery-{:016x}", rand::random::<u64>()),
             get_load_format: GetLoadFormat::Sglang,
+            kv_event_sources: Vec::new(),
         }
     }
 }

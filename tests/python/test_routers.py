@@ -50,7 +50,7 @@ def free_port():
 class Replica:
     """`distillery serve` named `name`, its stderr kept in a file."""
 
-    def __init__(self, name, log_dir, load_format):
+    def __init__(self, name, log_dir, load_format, *extra):
         if not BINARY.exists():
             pytest.fail(f"{BINARY} missing: run `cargo build --release` first")
         if not (MODELS / MODEL).is_dir():
@@ -60,7 +60,8 @@ class Replica:
         self.proc = subprocess.Popen(
             [str(BINARY), "serve", "--host", "127.0.0.1", "--port", "0",
              "--model", str(MODELS / MODEL), "--served-model-name", SERVED,
-             "--kv-cache-memory", "32MiB", "--get-load-format", load_format],
+             "--get-load-format", load_format,
+             *(extra if "--kv-cache-memory" in extra else ("--kv-cache-memory", "32MiB", *extra))],
             stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
         )
         deadline = time.monotonic() + 60

@@ -55,6 +55,35 @@ pub async fn server_info(State(st): State<Arc<AppState>>) -> Response {
     }))
 }
 
+/// `GET /kv_event_sources`: each replica's KV-cache event endpoints by rank, in the shape
+/// vllm-router's discovery reads (an object keyed by the rank as a string, with the publisher,
+/// encoding and schema version it checks). `{}` when events are off.
+pub async fn kv_event_sources(State(st): State<Arc<AppState>>) -> Response {
+    let sources: serde_json::Map<String, Value> = st
+        .worker
+        .kv_event_sources
+        .iter()
+        .enumerate()
+        .map(|(rank, s)| {
+            (
+                rank.to_string(),
+                json!({
+                    "endpoint": s.endpoint,
+                    "replay_endpoint": s.replay_endpoint,
+                    "topic": s.topic,
+                    "hwm": null,
+                    "buffer_steps": crate::kv_events::REPLAY_BUFFER,
+                    "publisher": "zmq",
+                    "encoding": "msgpack",
+                    "schema_version": 1,
+                    "enable_kv_cache_events": true,
+                }),
+            )
+        })
+        .collect();
+    json::response(&Value::Object(sources))
+}
+
 /// `GET /model_info` (alias `/get_model_info`), as SGLang serves it.
 pub async fn model_info(State(st): State<Arc<AppState>>) -> Response {
     json::response(&json!({
