@@ -683,7 +683,9 @@ fn kv_event_publishers(
                 source,
                 rank,
                 block_size,
-                medium: if device_is_cpu { "CPU" } else { "GPU" },
+                // The cache the engine computes from: the device tier, whatever the device
+                // (routers read "CPU" as blocks offloaded to host memory and credit them less).
+                medium: if device_is_cpu { "DEVICE" } else { "GPU" },
             };
             Ok((publisher, rx))
         })

@@ -145,7 +145,8 @@ pub struct Publisher {
     pub source: Source,
     pub rank: usize,
     pub block_size: usize,
-    /// Where the blocks live, as vLLM names it (`GPU`, `CPU`).
+    /// Where the blocks live, as vLLM names it: `GPU`, or `DEVICE` for a CPU engine's own
+    /// cache (`CPU` would say offloaded to host memory, which routers credit less).
     pub medium: &'static str,
 }
 

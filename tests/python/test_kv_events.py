@@ -66,7 +66,7 @@ class Mirror:
         for e in events:
             if e["type"] == "BlockStored":
                 assert len(e["token_ids"]) == len(e["block_hashes"]) * e["block_size"]
-                assert e["block_size"] == BLOCK and e["medium"] == "CPU"
+                assert e["block_size"] == BLOCK and e["medium"] == "DEVICE"
                 for h in e["block_hashes"]:
                     if h in self.held:
                         self.errors.append(f"{h} stored twice")
