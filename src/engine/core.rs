@@ -508,6 +508,7 @@ fn sample_and_emit(
     };
     if emit(
         s,
+        &req,
         token,
         logprobs,
         forced.is_some(),
@@ -523,7 +524,7 @@ fn sample_and_emit(
     if req.params.logprobs.is_none() {
         while let Some(token) = s.steering.next_forced() {
             s.sampler.skip_draw();
-            if emit(s, token, None, true, eos_token_ids, now, stats) {
+            if emit(s, &req, token, None, true, eos_token_ids, now, stats) {
                 return;
             }
         }
@@ -532,8 +533,10 @@ fn sample_and_emit(
 
 /// Appends `token` to the output of `s`, tells its steer, constraint and client, and finishes
 /// the choice when a stop condition holds (then returns true).
+#[allow(clippy::too_many_arguments)]
 fn emit(
     s: &mut Sequence,
+    req: &RequestShared,
     token: u32,
     logprobs: Option<TokenLogprobs>,
     forced: bool,
@@ -541,7 +544,6 @@ fn emit(
     now: Instant,
     stats: &EngineStats,
 ) -> bool {
-    let req = s.request.clone();
     let stop = &req.stop;
     s.sampler.record(token);
     s.tokens.push(token);

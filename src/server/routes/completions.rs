@@ -32,6 +32,25 @@ pub enum PromptIn {
     Ids(Vec<u32>),
 }
 
+impl PromptIn {
+    /// The prompts of a request's `prompt` field, one to 64 of them.
+    pub fn all(prompt: Prompt) -> Result<Vec<PromptIn>, ApiError> {
+        let prompts: Vec<PromptIn> = match prompt {
+            Prompt::Text(s) => vec![PromptIn::Text(s)],
+            Prompt::Texts(v) => v.into_iter().map(PromptIn::Text).collect(),
+            Prompt::Tokens(t) => vec![PromptIn::Ids(t)],
+            Prompt::TokenLists(l) => l.into_iter().map(PromptIn::Ids).collect(),
+        };
+        if prompts.is_empty() || prompts.len() > 64 {
+            return Err(ApiError::invalid(
+                "prompt must hold between 1 and 64 prompts",
+                Some("prompt"),
+            ));
+        }
+        Ok(prompts)
+    }
+}
+
 pub async fn completions(
     State(st): State<Arc<AppState>>,
     request_id: Option<Extension<RequestId>>,
@@ -111,18 +130,7 @@ async fn handle(
         }
         e
     })?;
-    let prompts: Vec<PromptIn> = match req.prompt {
-        Prompt::Text(s) => vec![PromptIn::Text(s)],
-        Prompt::Texts(v) => v.into_iter().map(PromptIn::Text).collect(),
-        Prompt::Tokens(t) => vec![PromptIn::Ids(t)],
-        Prompt::TokenLists(l) => l.into_iter().map(PromptIn::Ids).collect(),
-    };
-    if prompts.is_empty() || prompts.len() > 64 {
-        return Err(ApiError::invalid(
-            "prompt must hold between 1 and 64 prompts",
-            Some("prompt"),
-        ));
-    }
+    let prompts = PromptIn::all(req.prompt)?;
     let add_special = req.add_special_tokens.unwrap_or(true);
     let tokenizer = st.tokenizer.clone();
     let text_bytes: usize = prompts

@@ -25,7 +25,7 @@ use crate::engine::{
 };
 use crate::server::error::ApiError;
 use crate::server::json;
-use crate::server::protocol::{ChatRequest, CompletionRequest, Prompt};
+use crate::server::protocol::{ChatRequest, CompletionRequest};
 use crate::server::state::AppState;
 use crate::tokenizer::RenderArgs;
 
@@ -217,18 +217,7 @@ async fn render_completions_inner(
     let req: CompletionRequest = json::parse(&body)?;
     st.check_model(req.model.as_deref())?;
     let special = req.add_special_tokens.unwrap_or(true);
-    let prompts: Vec<PromptIn> = match req.prompt {
-        Prompt::Text(s) => vec![PromptIn::Text(s)],
-        Prompt::Texts(v) => v.into_iter().map(PromptIn::Text).collect(),
-        Prompt::Tokens(t) => vec![PromptIn::Ids(t)],
-        Prompt::TokenLists(l) => l.into_iter().map(PromptIn::Ids).collect(),
-    };
-    if prompts.is_empty() || prompts.len() > 64 {
-        return Err(ApiError::invalid(
-            "prompt must hold between 1 and 64 prompts",
-            Some("prompt"),
-        ));
-    }
+    let prompts = PromptIn::all(req.prompt)?;
     let vocab = st.vocab_size;
     if let Some(t) = prompts.iter().find_map(|p| match p {
         PromptIn::Ids(ids) => ids.iter().find(|&&t| t as usize >= vocab).copied(),
