@@ -16,6 +16,7 @@ Needs the release binary, ../shared/models, and `pip install vllm-router sglang-
 
 import concurrent.futures
 import json
+import os
 import pathlib
 import random
 import sys
@@ -28,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "
 from test_routers import Replica, Router, free_port  # noqa: E402
 
 TENANTS = 8
-QUESTIONS = int(__import__("os").environ.get("QUESTIONS", "30"))
+QUESTIONS = int(os.environ.get("QUESTIONS", "30"))
 CLIENTS = 16
 BLOCK = 8
 BLOCKS = 100
@@ -81,7 +82,7 @@ def ceiling(url, jobs):
 
 def run(kind, policy, log_dir):
     load_format = "vllm" if kind == "vllm" else "sglang"
-    events = kind == "vllm" and policy == "kv_aware"
+    events = kind == "vllm" and policy == "kv_aware" and os.environ.get("KV_EVENTS", "1") != "0"
     replicas = []
     for i in range(3):
         extra = ["--block-size", str(BLOCK), "--kv-cache-memory", f"{BLOCKS * 4}KiB"]
@@ -90,7 +91,8 @@ def run(kind, policy, log_dir):
         replicas.append(Replica(f"{kind}-{policy}-{i}", log_dir, load_format, *extra))
     router = None
     try:
-        router = Router(kind, policy, [r.url for r in replicas], log_dir)
+        extra = os.environ.get("ROUTER_ARGS", "").split()
+        router = Router(kind, policy, [r.url for r in replicas], log_dir, extra)
         jobs = [(t, q) for t in range(TENANTS) for q in range(QUESTIONS)]
         random.Random(7).shuffle(jobs)
         before = [counters(r.url) for r in replicas]
@@ -99,7 +101,7 @@ def run(kind, policy, log_dir):
         def send(job):
             t, q = job
             r = httpx.post(f"{router.url}/v1/completions", timeout=120,
-                           headers={"x-tenant-id": f"tenant-{t}"},
+                           headers={"x-tenant-id": f"tenant-{t}", "x-session-id": f"tenant-{t}"},
                            json={"model": "tiny", "prompt": prompt(t, q), "max_tokens": 8})
             return r.status_code == 200
 

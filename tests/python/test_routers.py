@@ -101,12 +101,13 @@ class Replica:
 class Router:
     """A router in front of `urls`, polling health and load every second."""
 
-    def __init__(self, kind, policy, urls, log_dir):
+    def __init__(self, kind, policy, urls, log_dir, extra=()):
         binary = router_binary(kind)
         port, prom = free_port(), free_port()
         common = ["--worker-urls", *urls, "--policy", policy, "--host", "127.0.0.1",
                   "--port", str(port), "--prometheus-port", str(prom),
                   "--health-check-interval-secs", "1", "--worker-startup-check-interval", "1"]
+        common += list(extra)
         argv = [binary, *common] if kind == "vllm" else [binary, "launch", *common]
         self.log = pathlib.Path(log_dir) / f"{kind}-{policy}.log"
         self.proc = subprocess.Popen(argv, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
