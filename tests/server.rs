@@ -976,6 +976,18 @@ async fn info_and_tokenizer_endpoints() {
         "/v1/models",
         "/v1/models/{id}",
         "/tokenizer_info",
+        "/server_info",
+        "/get_server_info",
+        "/model_info",
+        "/get_model_info",
+        "/get_load",
+        "/load",
+        "/kv_event_sources",
+        "/health_generate",
+        "/flush_cache",
+        "/reset_prefix_cache",
+        "/v1/chat/completions/render",
+        "/v1/completions/render",
     ] {
         assert!(v["paths"].get(path).is_some(), "/openapi.json lacks {path}");
     }
