@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc::UnboundedReceiver;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::engine::block_hash::external;
+use crate::engine::block_hash::{external, BlockHash};
 use crate::engine::{KvEvent, KvEventBatch};
 
 /// Batches kept for replay per replica (vLLM's `buffer_steps` default).
@@ -94,11 +94,7 @@ pub fn encode(batch: &KvEventBatch, rank: usize, block_size: usize, medium: &str
                 let _ = write_map_len(w, 8);
                 let _ = write_str(w, "type");
                 let _ = write_str(w, "BlockStored");
-                let _ = write_str(w, "block_hashes");
-                let _ = write_array_len(w, hashes.len() as u32);
-                for h in hashes {
-                    let _ = write_uint(w, external(h));
-                }
+                write_hashes(w, hashes);
                 let _ = write_str(w, "parent_block_hash");
                 match parent {
                     Some(p) => {
@@ -126,11 +122,7 @@ pub fn encode(batch: &KvEventBatch, rank: usize, block_size: usize, medium: &str
                 let _ = write_map_len(w, 3);
                 let _ = write_str(w, "type");
                 let _ = write_str(w, "BlockRemoved");
-                let _ = write_str(w, "block_hashes");
-                let _ = write_array_len(w, hashes.len() as u32);
-                for h in hashes {
-                    let _ = write_uint(w, external(h));
-                }
+                write_hashes(w, hashes);
                 let _ = write_str(w, "medium");
                 let _ = write_str(w, medium);
             }
@@ -138,6 +130,16 @@ pub fn encode(batch: &KvEventBatch, rank: usize, block_size: usize, medium: &str
     }
     let _ = write_uint(w, rank as u64);
     out
+}
+
+/// The `block_hashes` field: each hash as the external integer routers compare.
+fn write_hashes(w: &mut Vec<u8>, hashes: &[BlockHash]) {
+    use rmp::encode::{write_array_len, write_str, write_uint};
+    let _ = write_str(w, "block_hashes");
+    let _ = write_array_len(w, hashes.len() as u32);
+    for h in hashes {
+        let _ = write_uint(w, external(h));
+    }
 }
 
 /// One replica's publisher: what it needs besides its batches.
