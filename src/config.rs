@@ -193,6 +193,8 @@ pub struct ServeSettings {
     pub dtype: crate::model::DTypeChoice,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: crate::model::DeviceChoice,
+    /// Weight-only quantization of the projections (`none`, `q8_0`, `q4_0`, `q4_k`, `q6_k`).
+    pub quantization: crate::model::Quantization,
     /// On a CUDA device, the fraction of its memory this process may use (weights, activations
     /// and the KV pool, which gets the rest); 0 sizes the pool from `kv_cache_memory` instead.
     pub gpu_memory_utilization: f64,
@@ -253,6 +255,7 @@ impl Default for ServeSettings {
             port: 8000,
             api_keys: Vec::new(),
             dtype: crate::model::DTypeChoice::Auto,
+            quantization: crate::model::Quantization::None,
             device: crate::model::DeviceChoice::Cpu,
             // vLLM's default: leaves room for the CUDA context and allocator slack.
             gpu_memory_utilization: 0.9,

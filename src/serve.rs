@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// cpu, cuda or cuda:N (needs a build with --features cuda) [default: cpu]
     #[arg(long, env = "DISTILLERY_DEVICE")]
     device: Option<DeviceChoice>,
+    /// Store the projection weights quantized and multiply them with int8 kernels (CPU, f32):
+    /// none, q8_0, q4_0, q4_k, q6_k [default: none]
+    #[arg(long, env = "DISTILLERY_QUANTIZATION", value_enum)]
+    quantization: Option<model::Quantization>,
     /// On CUDA: fraction of the GPU's memory to use; the KV pool gets what the weights and
     /// activations leave (0: size it from --kv-cache-memory) [default: 0.9]
     #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_GPU_MEMORY_UTILIZATION", value_parser = checked::<f64>("gpu_memory_utilization"))]
@@ -207,6 +211,7 @@ impl ServeArgs {
             port,
             dtype,
             device,
+            quantization,
             gpu_memory_utilization,
             load_format,
             max_num_seqs,
@@ -356,6 +361,7 @@ fn load(s: &ServeSettings) -> Result<Loaded> {
     let device = s.device.open()?;
     if let Some(name) = s.model.strip_prefix(builtin::BUILTIN_PREFIX) {
         let (decoder, tokenizer) = builtin::load(name, s.dtype, &device)?;
+        let decoder = quantized(decoder, s.quantization)?;
         return Ok(Loaded {
             decoder,
             tokenizer,
@@ -368,6 +374,7 @@ fn load(s: &ServeSettings) -> Result<Loaded> {
         LoadFormat::Auto => model::load_decoder(&dir, s.dtype, &device)?,
         LoadFormat::Dummy => model::load_decoder_dummy(&dir, s.dtype, &device)?,
     };
+    let decoder = quantized(decoder, s.quantization)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     // A hub id names itself; a folder is named by its last component.
     let name = if std::path::Path::new(&s.model).is_dir() {
@@ -383,6 +390,22 @@ fn load(s: &ServeSettings) -> Result<Loaded> {
         name,
         dir: Some(dir),
     })
+}
+
+/// The decoder as `--quantization` asks, with what it now reads per token logged.
+fn quantized(decoder: Decoder, q: model::Quantization) -> Result<Decoder> {
+    if q.is_none() {
+        return Ok(decoder);
+    }
+    let decoder = decoder.quantized(q)?;
+    let (bytes, formats) = decoder.weight_summary();
+    tracing::info!(
+        quantization = q.name(),
+        weight_mib = bytes / (1 << 20),
+        formats = formats.join(","),
+        "weights quantized"
+    );
+    Ok(decoder)
 }
 
 /// The sampling defaults `--generation-config` asks for.

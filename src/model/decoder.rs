@@ -13,6 +13,7 @@ use super::batch::ForwardBatch;
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::paged_attention::{AttentionMeta, AttentionShape};
+use super::quant::{Matrix, Quantization};
 use super::swiglu::swiglu;
 use super::weights::Weights;
 use super::{ModelError, RopeTables};
@@ -20,7 +21,7 @@ use super::{ModelError, RopeTables};
 /// `x @ w.T (+ b)` for a 2-D activation.
 #[derive(Clone)]
 struct Linear {
-    weight: Tensor,
+    weight: Matrix,
     bias: Option<Tensor>,
 }
 
@@ -33,7 +34,7 @@ impl Linear {
         bias: bool,
     ) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: w.take(&format!("{name}.weight"), &[out, inp])?,
+            weight: Matrix::Dense(w.take(&format!("{name}.weight"), &[out, inp])?),
             bias: if bias {
                 Some(w.take(&format!("{name}.bias"), &[out])?)
             } else {
@@ -41,13 +42,19 @@ impl Linear {
             },
         })
     }
-}
 
-impl Linear {
     /// Several projections of the same input as one: their weights (and biases) stacked by
     /// output row, so one matmul replaces several small ones.
     fn stacked(parts: &[Linear]) -> Result<Self, ModelError> {
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weights = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Matrix::Dense(t) => Ok(t),
+                Matrix::Quantized { .. } => Err(ModelError::Resolve(
+                    "projections are stacked before they are quantized".into(),
+                )),
+            })
+            .collect::<Result<Vec<&Tensor>, ModelError>>()?;
         let bias = if parts.iter().all(|p| p.bias.is_some()) {
             let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
             Some(Tensor::cat(&biases, 0)?)
@@ -59,15 +66,24 @@ impl Linear {
             None
         };
         Ok(Self {
-            weight: Tensor::cat(&weights, 0)?,
+            weight: Matrix::Dense(Tensor::cat(&weights, 0)?),
             bias,
         })
+    }
+
+    /// The same projection with its weight quantized (the bias stays as it is).
+    fn quantized(self, q: Quantization) -> Result<Self, ModelError> {
+        let weight = match self.weight {
+            Matrix::Dense(t) => Matrix::quantized(t, q)?,
+            quantized => quantized,
+        };
+        Ok(Self { weight, ..self })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = self.weight.forward(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -94,7 +110,7 @@ pub struct Decoder {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Matrix,
     rope: RopeTables,
     device: Device,
     dtype: DType,
@@ -127,11 +143,11 @@ impl Decoder {
         }
         let norm = w.get("model.norm.weight", &[h])?;
         // Some checkpoints with tied embeddings still ship lm_head.weight; prefer it when present.
-        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+        let lm_head = Matrix::Dense(if c.tie_word_embeddings && !w.contains("lm_head.weight") {
             embed.clone()
         } else {
             w.get("lm_head.weight", &[c.vocab_size, h])?
-        };
+        });
         let rope = RopeTables::new(c, w.dtype(), device)?;
         Ok(Self {
             dtype: w.dtype(),
@@ -143,6 +159,60 @@ impl Decoder {
             rope,
             device: device.clone(),
         })
+    }
+
+    /// The decoder with every projection and the output head quantized (`--quantization`);
+    /// the embedding table, the norms and the biases stay in the model's dtype. One layer at
+    /// a time, so the dense copy of each goes as soon as its quantized one exists.
+    pub fn quantized(mut self, q: Quantization) -> Result<Self, ModelError> {
+        q.check(self.dtype, &self.device)?;
+        if q.is_none() {
+            return Ok(self);
+        }
+        for layer in &mut self.layers {
+            let l = layer.clone();
+            *layer = Layer {
+                qkv: l.qkv.quantized(q)?,
+                o: l.o.quantized(q)?,
+                gate_up: l.gate_up.quantized(q)?,
+                down: l.down.quantized(q)?,
+                ..l
+            };
+        }
+        if let Matrix::Dense(t) = &self.lm_head {
+            self.lm_head = Matrix::quantized(t.clone(), q)?;
+        }
+        Ok(self)
+    }
+
+    /// Bytes each token's forward reads from the weight matrices (projections and output
+    /// head), with the block formats used: what bounds decoding speed on memory bandwidth.
+    pub fn weight_summary(&self) -> (usize, Vec<String>) {
+        let mut bytes = self.lm_head.bytes();
+        let mut formats = std::collections::BTreeSet::new();
+        let all = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.qkv.weight,
+                    &l.o.weight,
+                    &l.gate_up.weight,
+                    &l.down.weight,
+                ]
+            })
+            .chain(std::iter::once(&self.lm_head));
+        for m in all {
+            formats.insert(match m.format() {
+                Some(f) => format!("{f:?}"),
+                None => format!("{:?}", self.dtype),
+            });
+        }
+        for l in &self.layers {
+            bytes += l.qkv.weight.bytes() + l.o.weight.bytes();
+            bytes += l.gate_up.weight.bytes() + l.down.weight.bytes();
+        }
+        (bytes, formats.into_iter().collect())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -235,7 +305,7 @@ impl Decoder {
             }
         };
         let x = rms_norm(&x, &self.norm, eps)?;
-        let logits = x.matmul(&self.lm_head.t()?)?;
+        let logits = self.lm_head.forward(&x)?;
         Ok(logits.to_dtype(DType::F32)?.contiguous()?)
     }
 }

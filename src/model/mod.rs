@@ -17,6 +17,7 @@ mod fast_math;
 pub mod generation_defaults;
 pub mod kv_cache;
 pub mod paged_attention;
+pub mod quant;
 mod rope;
 pub mod source;
 mod swiglu;
@@ -28,6 +29,7 @@ pub use decoder::{argmax_rows, Decoder};
 pub use error::ModelError;
 pub use generation_defaults::GenerationDefaults;
 pub use kv_cache::KvCache;
+pub use quant::Quantization;
 use rope::RopeTables;
 
 use candle_core::{DType, Device, Tensor};
