@@ -369,6 +369,10 @@ fn load(s: &ServeSettings) -> Result<Loaded> {
             dir: None,
         });
     }
+    let path = std::path::Path::new(&s.model);
+    if model::gguf::is_gguf(path) {
+        return load_gguf(s, path, &device);
+    }
     let dir = source::resolve(&s.model, &source::HubOptions::from_env())?;
     let decoder = match s.load_format {
         LoadFormat::Auto => model::load_decoder(&dir, s.dtype, &device)?,
@@ -384,6 +388,55 @@ fn load(s: &ServeSettings) -> Result<Loaded> {
     } else {
         s.model.clone()
     };
+    Ok(Loaded {
+        decoder,
+        tokenizer,
+        name,
+        dir: Some(dir),
+    })
+}
+
+/// A GGUF file: its weights as stored, the tokenizer and chat template from its folder.
+fn load_gguf(
+    s: &ServeSettings,
+    path: &std::path::Path,
+    device: &candle_core::Device,
+) -> Result<Loaded> {
+    anyhow::ensure!(
+        s.load_format == LoadFormat::Auto,
+        "--load-format dummy reads a config.json folder, not a GGUF file"
+    );
+    let dir = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    anyhow::ensure!(
+        dir.join("tokenizer.json").is_file(),
+        "{}: a GGUF model's tokenizer is read from tokenizer.json (and its chat template from \
+         tokenizer_config.json) in the same folder, and {} has none: put the original \
+         model's tokenizer files beside the GGUF file",
+        path.display(),
+        dir.display()
+    );
+    let decoder = quantized(model::gguf::load_decoder(path, device)?, s.quantization)?;
+    let (bytes, formats) = decoder.weight_summary();
+    tracing::info!(
+        weight_mib = bytes / (1 << 20),
+        formats = formats.join(","),
+        "GGUF weights"
+    );
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let name = path
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| s.model.clone());
     Ok(Loaded {
         decoder,
         tokenizer,

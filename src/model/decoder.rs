@@ -34,7 +34,7 @@ impl Linear {
         bias: bool,
     ) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: Matrix::Dense(w.take(&format!("{name}.weight"), &[out, inp])?),
+            weight: w.take_matrix(&format!("{name}.weight"), &[out, inp])?,
             bias: if bias {
                 Some(w.take(&format!("{name}.bias"), &[out])?)
             } else {
@@ -45,16 +45,7 @@ impl Linear {
 
     /// Several projections of the same input as one: their weights (and biases) stacked by
     /// output row, so one matmul replaces several small ones.
-    fn stacked(parts: &[Linear]) -> Result<Self, ModelError> {
-        let weights = parts
-            .iter()
-            .map(|p| match &p.weight {
-                Matrix::Dense(t) => Ok(t),
-                Matrix::Quantized { .. } => Err(ModelError::Resolve(
-                    "projections are stacked before they are quantized".into(),
-                )),
-            })
-            .collect::<Result<Vec<&Tensor>, ModelError>>()?;
+    fn stacked(parts: Vec<Linear>) -> Result<Self, ModelError> {
         let bias = if parts.iter().all(|p| p.bias.is_some()) {
             let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
             Some(Tensor::cat(&biases, 0)?)
@@ -66,7 +57,7 @@ impl Linear {
             None
         };
         Ok(Self {
-            weight: Matrix::Dense(Tensor::cat(&weights, 0)?),
+            weight: Matrix::stack(parts.into_iter().map(|p| p.weight).collect())?,
             bias,
         })
     }
@@ -134,20 +125,20 @@ impl Decoder {
             let up = Linear::load(&mut w, &format!("{p}.mlp.up_proj"), inter, h, false)?;
             layers.push(Layer {
                 input_norm: w.take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                qkv: Linear::stacked(&[q, k, v])?,
+                qkv: Linear::stacked(vec![q, k, v])?,
                 o: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), h, q_out, false)?,
                 post_norm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up: Linear::stacked(&[gate, up])?,
+                gate_up: Linear::stacked(vec![gate, up])?,
                 down: Linear::load(&mut w, &format!("{p}.mlp.down_proj"), h, inter, false)?,
             });
         }
         let norm = w.get("model.norm.weight", &[h])?;
         // Some checkpoints with tied embeddings still ship lm_head.weight; prefer it when present.
-        let lm_head = Matrix::Dense(if c.tie_word_embeddings && !w.contains("lm_head.weight") {
-            embed.clone()
+        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+            Matrix::Dense(embed.clone())
         } else {
-            w.get("lm_head.weight", &[c.vocab_size, h])?
-        });
+            w.take_matrix("lm_head.weight", &[c.vocab_size, h])?
+        };
         let rope = RopeTables::new(c, w.dtype(), device)?;
         Ok(Self {
             dtype: w.dtype(),
@@ -168,6 +159,13 @@ impl Decoder {
         q.check(self.dtype, &self.device)?;
         if q.is_none() {
             return Ok(self);
+        }
+        if !self.lm_head.is_dense() || self.layers.iter().any(|l| !l.qkv.weight.is_dense()) {
+            return Err(ModelError::Resolve(format!(
+                "--quantization {}: the weights are already quantized (a GGUF file); \
+                 leave --quantization at none",
+                q.name()
+            )));
         }
         for layer in &mut self.layers {
             let l = layer.clone();

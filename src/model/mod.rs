@@ -15,6 +15,7 @@ pub mod dummy;
 mod error;
 mod fast_math;
 pub mod generation_defaults;
+pub mod gguf;
 pub mod kv_cache;
 pub mod paged_attention;
 pub mod quant;

@@ -7,6 +7,7 @@
 //! quantized to 8 bits once per matmul, not per weight row. Knows nothing of layers or of
 //! which matrix is which: the decoder asks for one matrix at a time.
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
@@ -102,6 +103,9 @@ pub enum Matrix {
         matmul: QMatMul,
         in_features: usize,
     },
+    /// Projections of one input that could not be merged into one matrix (a GGUF file may
+    /// store a layer's q, k and v in different formats): their outputs side by side.
+    Parts(Vec<Matrix>),
 }
 
 impl Matrix {
@@ -120,14 +124,127 @@ impl Matrix {
         })
     }
 
-    /// The block format, or `None` when dense.
+    /// A matrix stored as GGML blocks (a GGUF tensor's bytes), `rows` by `width`. Float
+    /// formats become dense f32; block formats are padded as [`Matrix::quantized`] pads.
+    pub fn from_blocks(
+        format: GgmlDType,
+        raw: &[u8],
+        rows: usize,
+        width: usize,
+    ) -> Result<Self, ModelError> {
+        let device = Device::Cpu;
+        if matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            let qt = qtensor_from_ggml(format, raw, vec![rows, width], &device)?;
+            return Ok(Self::Dense(qt.dequantize(&device)?));
+        }
+        let padded = width.next_multiple_of(WIDTH_MULTIPLE);
+        let row_bytes = width / format.block_size() * format.type_size();
+        let padded_row_bytes = padded / format.block_size() * format.type_size();
+        let bytes = if padded == width {
+            raw.to_vec()
+        } else {
+            // An all-zero block is zero in every GGML block format (its scales are zero).
+            let mut out = vec![0u8; rows * padded_row_bytes];
+            for (src, dst) in raw
+                .chunks_exact(row_bytes)
+                .zip(out.chunks_exact_mut(padded_row_bytes))
+            {
+                dst[..row_bytes].copy_from_slice(src);
+            }
+            out
+        };
+        let qt = qtensor_from_ggml(format, &bytes, vec![rows, padded], &device)?;
+        Ok(Self::Quantized {
+            matmul: QMatMul::from_qtensor(qt)?,
+            in_features: width,
+        })
+    }
+
+    /// Projections of the same input as one matrix: dense ones concatenated by row, quantized
+    /// ones of one format by their blocks' bytes (rows are whole blocks), any other mix as
+    /// [`Matrix::Parts`].
+    pub fn stack(parts: Vec<Matrix>) -> Result<Self, ModelError> {
+        let dense: Vec<&Tensor> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Self::Dense(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        if dense.len() == parts.len() {
+            return Ok(Self::Dense(Tensor::cat(&dense, 0)?));
+        }
+        let blocks: Vec<(&QTensor, usize)> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Self::Quantized {
+                    matmul: QMatMul::QTensor(t),
+                    in_features,
+                } => Some((t.as_ref(), *in_features)),
+                _ => None,
+            })
+            .collect();
+        let mergeable = blocks.len() == parts.len()
+            && blocks
+                .windows(2)
+                .all(|w| w[0].0.dtype() == w[1].0.dtype() && w[0].1 == w[1].1);
+        let Some(&(first, in_features)) = blocks.first().filter(|_| mergeable) else {
+            return Ok(Self::Parts(parts));
+        };
+        let mut bytes = Vec::new();
+        let mut rows = 0;
+        for (t, _) in &blocks {
+            rows += t.shape().dims2()?.0;
+            bytes.extend_from_slice(&t.data()?);
+        }
+        let padded = first.shape().dims2()?.1;
+        let qt = qtensor_from_ggml(first.dtype(), &bytes, vec![rows, padded], &Device::Cpu)?;
+        Ok(Self::Quantized {
+            matmul: QMatMul::from_qtensor(qt)?,
+            in_features,
+        })
+    }
+
+    /// The block format, or `None` when dense (the first quantized part's, for parts).
     pub fn format(&self) -> Option<GgmlDType> {
         match self {
             Self::Quantized {
                 matmul: QMatMul::QTensor(t),
                 ..
             } => Some(t.dtype()),
+            Self::Parts(parts) => parts.iter().find_map(Matrix::format),
             _ => None,
+        }
+    }
+
+    pub fn is_dense(&self) -> bool {
+        matches!(self, Self::Dense(_))
+    }
+
+    /// `(out, in)`: the rows, and the width before any padding.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Self::Dense(t) => t.dims2(),
+            Self::Quantized {
+                matmul,
+                in_features,
+            } => {
+                let rows = match matmul {
+                    QMatMul::QTensor(t) => t.shape().dims2()?.0,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2()?.0,
+                };
+                Ok((rows, *in_features))
+            }
+            Self::Parts(parts) => {
+                let mut rows = 0;
+                let mut width = 0;
+                for p in parts {
+                    let (r, w) = p.dims()?;
+                    rows += r;
+                    width = w;
+                }
+                Ok((rows, width))
+            }
         }
     }
 
@@ -140,6 +257,7 @@ impl Matrix {
                 QMatMul::QTensor(t) => t.storage_size_in_bytes(),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense(t),
             },
+            Self::Parts(parts) => parts.iter().map(Matrix::bytes).sum(),
         }
     }
 }
@@ -159,6 +277,13 @@ impl Module for Matrix {
                 let pad = width.next_multiple_of(WIDTH_MULTIPLE) - width;
                 // The quantized kernels read a contiguous f32 input.
                 matmul.forward(&x.pad_with_zeros(D::Minus1, 0, pad)?.contiguous()?)
+            }
+            Self::Parts(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&outs, D::Minus1)
             }
         }
     }
@@ -201,6 +326,51 @@ mod tests {
             let rel = (err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()).sqrt();
             assert!(rel < tolerance, "{q:?}: relative RMS error {rel}");
         }
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap();
+        d.max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn stacked_blocks_and_parts_compute_what_their_matrices_do() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 96), &dev).unwrap();
+        let a = Tensor::randn(0f32, 0.05, (32, 96), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.05, (16, 96), &dev).unwrap();
+        let qa = Matrix::quantized(a, Quantization::Q8_0).unwrap();
+        let qb = Matrix::quantized(b.clone(), Quantization::Q8_0).unwrap();
+        let separate = Tensor::cat(&[qa.forward(&x).unwrap(), qb.forward(&x).unwrap()], 1);
+        let merged = Matrix::stack(vec![qa.clone(), qb]).unwrap();
+        assert!(matches!(merged, Matrix::Quantized { .. }));
+        assert_eq!(
+            max_abs_diff(&merged.forward(&x).unwrap(), &separate.unwrap()),
+            0.0
+        );
+        // Mixed formats stay parts, and still compute side by side.
+        let qb6 = Matrix::quantized(b, Quantization::Q6K).unwrap();
+        let mixed = Matrix::stack(vec![qa.clone(), qb6.clone()]).unwrap();
+        assert!(matches!(mixed, Matrix::Parts(_)));
+        let want = Tensor::cat(&[qa.forward(&x).unwrap(), qb6.forward(&x).unwrap()], 1);
+        assert_eq!(
+            max_abs_diff(&mixed.forward(&x).unwrap(), &want.unwrap()),
+            0.0
+        );
+    }
+
+    #[test]
+    fn blocks_from_a_file_compute_like_the_same_blocks_quantized_here() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.05, (16, 96), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 96), &dev).unwrap();
+        // Unpadded Q8_0 bytes, as a GGUF file holds them.
+        let qt = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let raw = qt.data().unwrap().to_vec();
+        let from_file = Matrix::from_blocks(GgmlDType::Q8_0, &raw, 16, 96).unwrap();
+        let here = Matrix::quantized(w, Quantization::Q8_0).unwrap();
+        let got = from_file.forward(&x).unwrap();
+        assert_eq!(max_abs_diff(&got, &here.forward(&x).unwrap()), 0.0);
     }
 
     #[test]

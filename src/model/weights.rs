@@ -8,11 +8,14 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::quant::Matrix;
 use super::ModelError;
 
 /// All tensors of a checkpoint, kept with the file they came from for error messages.
 pub struct Weights {
     tensors: HashMap<String, (Tensor, usize)>,
+    /// Weight matrices a file already stores in GGML blocks (GGUF), by the same names.
+    matrices: HashMap<String, Matrix>,
     files: Vec<PathBuf>,
     dtype: DType,
 }
@@ -88,6 +91,7 @@ impl Weights {
         }
         Ok(Self {
             tensors,
+            matrices: HashMap::new(),
             files: files.to_vec(),
             dtype,
         })
@@ -97,8 +101,21 @@ impl Weights {
     pub fn from_tensors(tensors: HashMap<String, Tensor>, origin: PathBuf, dtype: DType) -> Self {
         Self {
             tensors: tensors.into_iter().map(|(k, v)| (k, (v, 0))).collect(),
+            matrices: HashMap::new(),
             files: vec![origin],
             dtype,
+        }
+    }
+
+    /// Tensors and block-stored matrices read from one file (a GGUF), computed in f32.
+    pub fn from_file_parts(
+        tensors: HashMap<String, Tensor>,
+        matrices: HashMap<String, Matrix>,
+        origin: PathBuf,
+    ) -> Self {
+        Self {
+            matrices,
+            ..Self::from_tensors(tensors, origin, DType::F32)
         }
     }
 
@@ -107,7 +124,26 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.matrices.contains_key(name)
+    }
+
+    /// The `[out, in]` weight matrix `name` as stored: in blocks when the file has it so,
+    /// else the dense tensor (which must have exactly `shape`).
+    pub fn take_matrix(&mut self, name: &str, shape: &[usize]) -> Result<Matrix, ModelError> {
+        if let Some(m) = self.matrices.remove(name) {
+            let (rows, width) = m.dims()?;
+            if [rows, width] != shape {
+                return Err(ModelError::Tensor {
+                    path: self.files[0].clone(),
+                    tensor: name.to_string(),
+                    message: format!(
+                        "shape [{rows}, {width}] does not match the config, which implies {shape:?}"
+                    ),
+                });
+            }
+            return Ok(m);
+        }
+        Ok(Matrix::Dense(self.take(name, shape)?))
     }
 
     /// The tensor `name`, which must have exactly `shape`.

@@ -25,9 +25,9 @@ def start_daemon(*extra):
 
 def start_model_daemon(model, *extra):
     """`distillery serve --model MODELS/<model> *extra` on a free port: (process, base url).
-    `model` is a folder name under shared/models, or a path to a model folder elsewhere (an
-    absolute path is used as it is: `MODELS / path` is `path`)."""
-    if not (MODELS / model).is_dir():
+    `model` is a folder name under shared/models, or a path to a model folder or GGUF file
+    elsewhere (an absolute path is used as it is: `MODELS / path` is `path`)."""
+    if not (MODELS / model).exists():
         pytest.skip(f"!!! SKIPPING: {MODELS / model} not found !!!")
     if not BINARY.exists():
         pytest.fail(f"{BINARY} missing: run `cargo build --release` first")

@@ -1,0 +1,237 @@
+"""GGUF files against the safetensors they came from, and our quantizer against the reference.
+
+Each test writes a GGUF file from a shared model's safetensors the way llama.cpp's
+convert_hf_to_gguf.py lays one out (its tensor names and metadata keys, Llama's q/k rows
+permuted for GGML's rotary mode), with the `gguf` package from PyPI, whose numpy quantizers are
+ggml's reference ones. Then it serves the file, and the same safetensors folder with
+`--quantization` set to the same format, and compares what they generate:
+
+- untied Llama models, every matrix Q8_0 (or Q4_0), embeddings f32: both servers must give
+  the same greedy tokens with the same log-probabilities to the last bit, which they can only
+  if our quantizer wrote the reference's bytes (the kernels and padding are shared);
+- the same for Qwen2 (q/k/v biases, no permutation), its output head written out;
+- the tied Qwen2 model as llama.cpp writes it (the output head = the Q8_0 token embeddings,
+  which stay f32 when quantizing at load): the same greedy tokens until a near-tie flips one,
+  log-probabilities within Q8_0's drift, at least 16 tokens in all;
+- files the loader cannot read (an architecture or a tensor type it lacks) stop the daemon
+  with an error naming what is unsupported.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import BINARY, MODELS, start_model_daemon, stop_daemon
+
+gguf = pytest.importorskip("gguf")
+
+Q = gguf.GGMLQuantizationType
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+# How far Q8_0 embeddings may move a token's log-probability from f32 embeddings: about twice
+# the largest drift whole-model Q8_0 causes on tiny-random-qwen2 (0.26, tests/quantization.rs).
+DRIFT = 0.5
+
+
+def load_f32(path):
+    """A safetensors file's tensors as f32 numpy arrays (bf16 too, which numpy lacks)."""
+    raw = pathlib.Path(path).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    data = raw[8 + size:]
+    kinds = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        a = np.frombuffer(data[start:end], dtype=kinds[meta["dtype"]]).reshape(meta["shape"])
+        if meta["dtype"] == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        out[name] = a.astype(np.float32)
+    return out
+
+
+def permute(w, heads):
+    """convert_hf_to_gguf.py's LlamaModel.permute: each head's rows as interleaved pairs."""
+    return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf):
+    fixed = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    part, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{GGUF_NAMES[part]}.{kind}"
+
+
+def write_gguf(model, out_dir, qtype, embed_qtype=Q.F32, arch=None, explicit_output=False):
+    """`out_dir/model.gguf` from shared/models/<model>, with its tokenizer files beside.
+    `explicit_output`: a tied model's output head written as its own tensor (quantized like
+    the other matrices) instead of being the token embeddings."""
+    src = MODELS / model
+    if not src.is_dir():
+        pytest.skip(f"!!! SKIPPING: {src} not found !!!")
+    config = json.loads((src / "config.json").read_text())
+    arch = arch or config["model_type"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    path = pathlib.Path(out_dir) / f"{model}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(config.get("max_position_embeddings", 2048))
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    w.add_vocab_size(config["vocab_size"])
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id)):
+        value = config.get(key)
+        if isinstance(value, list):
+            value = value[0]
+        if value is not None:
+            add(value)
+    tensors = load_f32(src / "model.safetensors")
+    if explicit_output and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    for hf, data in sorted(tensors.items()):
+        if arch == "llama" and hf.endswith("q_proj.weight"):
+            data = permute(data, heads)
+        elif arch == "llama" and hf.endswith("k_proj.weight"):
+            data = permute(data, kv_heads)
+        kind = embed_qtype if hf == "model.embed_tokens.weight" else (
+            qtype if data.ndim == 2 else Q.F32)
+        if kind == Q.F32:
+            w.add_tensor(gguf_name(hf), data)
+        else:
+            w.add_tensor(gguf_name(hf), gguf.quants.quantize(data, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, pathlib.Path(out_dir) / name)
+    return path, config
+
+
+def golden_prompts(model, n=4):
+    cases = json.loads((MODELS / model / "golden.json").read_text())["cases"]
+    return [c["prompt_ids"] for c in cases[:n]]
+
+
+def generate(url, prompt_ids, tokens=8):
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "prompt": prompt_ids, "max_tokens": tokens, "temperature": 0, "logprobs": 2,
+        "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    return lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]
+
+
+def serve_pair(gguf_path, model, quantization):
+    """Both servers: the GGUF file, and the safetensors folder quantized at load."""
+    a = start_model_daemon(str(gguf_path))
+    try:
+        b = start_model_daemon(model, "--quantization", quantization)
+    except BaseException:
+        stop_daemon(a[0])
+        raise
+    return a, b
+
+
+@pytest.mark.parametrize("model,fmt,quantization", [
+    ("tiny-random-llama", Q.Q8_0, "q8_0"),
+    ("tiny-llama-v512", Q.Q8_0, "q8_0"),
+    ("bench-llama-25m", Q.Q8_0, "q8_0"),
+    ("tiny-llama-v512", Q.Q4_0, "q4_0"),
+    ("tiny-random-qwen2", Q.Q8_0, "q8_0"),
+])
+def test_our_quantizer_writes_the_reference_bytes(tmp_path, model, fmt, quantization):
+    path, _ = write_gguf(model, tmp_path, fmt, explicit_output=True)
+    (a, url_a), (b, url_b) = serve_pair(path, model, quantization)
+    try:
+        for ids in golden_prompts(model):
+            got, want = generate(url_a, ids), generate(url_b, ids)
+            assert got == want, f"{model} {quantization}: GGUF {got} != safetensors {want}"
+    finally:
+        stop_daemon(a)
+        stop_daemon(b)
+
+
+def test_a_tied_qwen2_gguf_generates_what_its_safetensors_do(tmp_path):
+    """As llama.cpp writes a tied model: Q8_0 token embeddings, which are the output head too.
+    Only the embeddings' rounding differs from the safetensors quantized at load (they stay
+    f32 there), so the greedy tokens agree until a near-tie flips, with log-probabilities
+    within the drift Q8_0 causes (tests/quantization.rs: at most 0.27 on this model)."""
+    model = "tiny-random-qwen2"
+    path, _ = write_gguf(model, tmp_path, Q.Q8_0, embed_qtype=Q.Q8_0)
+    (a, url_a), (b, url_b) = serve_pair(path, model, "q8_0")
+    compared = 0
+    try:
+        for ids in golden_prompts(model, n=6):
+            tokens_a, lp_a, _ = generate(url_a, ids)
+            tokens_b, lp_b, _ = generate(url_b, ids)
+            for ta, tb, pa, pb in zip(tokens_a, tokens_b, lp_a, lp_b):
+                if ta != tb:
+                    break  # from here the two continue from different text
+                assert abs(pa - pb) <= DRIFT, f"{ids}: {ta} at {pa} against {pb}"
+                compared += 1
+    finally:
+        stop_daemon(a)
+        stop_daemon(b)
+    assert compared >= 16, f"only {compared} tokens agreed"
+
+
+def start_failing(gguf_path):
+    """Runs the daemon on a file it must refuse: (exit code, stderr)."""
+    proc = subprocess.run(
+        [str(BINARY), "serve", "--host", "127.0.0.1", "--port", "0", "--model", str(gguf_path)],
+        capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stderr
+
+
+def test_an_unsupported_architecture_is_named(tmp_path):
+    path, _ = write_gguf("tiny-llama-v512", tmp_path, Q.Q8_0, arch="gemma2")
+    code, err = start_failing(path)
+    assert code != 0 and "gemma2" in err and "llama, qwen2" in err, err
+
+
+def test_an_unsupported_tensor_type_is_named(tmp_path):
+    path = tmp_path / "iq.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    # One IQ4_XS block (136 bytes for 256 values), as a file of that type would hold.
+    w.add_tensor("token_embd.weight", np.zeros((1, 136), dtype=np.uint8), raw_dtype=Q.IQ4_XS)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for name in TOKENIZER_FILES:
+        src = MODELS / "tiny-llama-v512" / name
+        if src.exists():
+            shutil.copy(src, tmp_path / name)
+    code, err = start_failing(path)
+    assert code != 0 and "IQ4_XS" in err, err
+
+
+def test_a_gguf_without_its_tokenizer_says_where_to_put_it(tmp_path):
+    path, _ = write_gguf("tiny-llama-v512", tmp_path, Q.Q8_0)
+    (tmp_path / "tokenizer.json").unlink()
+    code, err = start_failing(path)
+    assert code != 0 and "tokenizer.json" in err, err
