@@ -96,12 +96,13 @@ pub struct ServeArgs {
     #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_MAX_MODEL_LEN", value_parser = checked::<usize>("max_model_len"))]
     max_model_len: Option<usize>,
     /// Engine replicas on the CPU, each with its own thread, scheduler and share of the KV
-    /// budget; one per core suits small models [default: 1]
-    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_DATA_PARALLEL_SIZE", value_parser = checked::<usize>("data_parallel_size"))]
-    data_parallel_size: Option<usize>,
+    /// budget: auto (one per core for models whose steps are overhead-bound, else one with
+    /// every core) or a count [default: auto]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_DATA_PARALLEL_SIZE", value_parser = workers("data_parallel_size"))]
+    data_parallel_size: Option<WorkerCount>,
     /// Threads for template rendering and tokenization: auto (one per core) or a count; long
     /// prompts never take every thread [default: auto]
-    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_TOKENIZER_WORKERS", value_parser = workers())]
+    #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_TOKENIZER_WORKERS", value_parser = workers("tokenizer_workers"))]
     tokenizer_workers: Option<WorkerCount>,
     /// Largest request body; bigger gets 413 [default: 4194304]
     #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_MAX_BODY_BYTES", value_parser = bytes("max_body_bytes"))]
@@ -317,10 +318,12 @@ fn bytes(key: &'static str) -> impl Fn(&str) -> Result<usize, String> + Clone + 
 }
 
 /// `auto` or a range-checked count.
-fn workers() -> impl Fn(&str) -> Result<WorkerCount, String> + Clone + Send + Sync {
+fn workers(
+    key: &'static str,
+) -> impl Fn(&str) -> Result<WorkerCount, String> + Clone + Send + Sync {
     move |text: &str| match text.trim().parse::<WorkerCount>() {
         Ok(WorkerCount::Auto) => Ok(WorkerCount::Auto),
-        _ => checked::<usize>("tokenizer_workers")(text).map(WorkerCount::Fixed),
+        _ => checked::<usize>(key)(text).map(WorkerCount::Fixed),
     }
 }
 
@@ -396,6 +399,35 @@ fn load(s: &ServeSettings) -> Result<Loaded> {
     })
 }
 
+/// `--data-parallel-size auto` resolved from the model's config (read, not loaded: a hub id
+/// is fetched into its cache first) and the cores this process may use.
+pub fn resolve_replicas(s: &mut ServeSettings) -> Result<()> {
+    if s.data_parallel_size != WorkerCount::Auto {
+        return Ok(());
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let replicas = if s.device != DeviceChoice::Cpu {
+        1
+    } else if s.model.starts_with(builtin::BUILTIN_PREFIX) {
+        // The built-in models are toys: their steps are all overhead.
+        distillery::config::auto_replicas(0, cores)
+    } else {
+        let path = std::path::Path::new(&s.model);
+        let config = if model::gguf::is_gguf(path) {
+            model::gguf::read_config(path)?
+        } else {
+            model::ModelConfig::from_dir(&source::resolve(
+                &s.model,
+                &source::HubOptions::from_env(),
+            )?)?
+        };
+        distillery::config::auto_replicas(config.macs_per_token(), cores)
+    };
+    tracing::debug!(replicas, cores, "data_parallel_size auto");
+    s.data_parallel_size = WorkerCount::Fixed(replicas);
+    Ok(())
+}
+
 /// A GGUF file: its weights as stored, the tokenizer and chat template from its folder.
 fn load_gguf(
     s: &ServeSettings,
@@ -405,6 +437,11 @@ fn load_gguf(
     anyhow::ensure!(
         s.load_format == LoadFormat::Auto,
         "--load-format dummy reads a config.json folder, not a GGUF file"
+    );
+    anyhow::ensure!(
+        matches!(s.dtype, DTypeChoice::Auto | DTypeChoice::F32),
+        "a GGUF model computes in f32 between its stored matrices: --dtype {:?} does not apply",
+        s.dtype
     );
     let dir = path
         .parent()
@@ -562,7 +599,7 @@ fn check_against_model(s: &ServeSettings, decoder: &Decoder) -> Result<(), Inval
         )));
     }
     let on_cpu = model::device_memory(decoder.device()).is_none();
-    let per_replica = s.kv_cache_memory / s.data_parallel_size.max(1);
+    let per_replica = s.kv_cache_memory / s.replicas().max(1);
     let blocks =
         KvCache::blocks_for_budget(decoder.config(), s.block_size, decoder.dtype(), per_replica);
     if on_cpu && blocks == 0 {
@@ -570,7 +607,9 @@ fn check_against_model(s: &ServeSettings, decoder: &Decoder) -> Result<(), Inval
             "kv_cache_memory = {} holds no KV block of {} tokens for each of the {} replicas \
              (flag --kv-cache-memory, environment DISTILLERY_KV_CACHE_MEMORY, config file key \
              kv_cache_memory)",
-            s.kv_cache_memory, s.block_size, s.data_parallel_size
+            s.kv_cache_memory,
+            s.block_size,
+            s.replicas()
         )));
     }
     if let Some(total) = on_cpu.then(physical_memory).flatten() {

@@ -38,56 +38,41 @@ pub fn load_decoder(path: &Path, device: &Device) -> Result<Decoder, ModelError>
             path.display()
         )));
     }
+    let mut reader = BufReader::new(File::open(path).map_err(|e| ModelError::io(path, e))?);
+    let (content, arch, config) = read_header(path, &mut reader)?;
     let bad = |message: String| ModelError::Config {
         path: path.to_path_buf(),
         message,
     };
-    let mut reader = BufReader::new(File::open(path).map_err(|e| ModelError::io(path, e))?);
-    let content = Content::read(&mut reader).map_err(|e| bad(readable(&e.to_string())))?;
-    let gguf = Gguf {
-        content: &content,
-        arch: content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .ok_or_else(|| bad("no general.architecture in the metadata".into()))?,
-    };
-    if !ARCHITECTURES.contains(&gguf.arch.as_str()) {
-        return Err(bad(format!(
-            "architecture {:?} is not supported (supported: {})",
-            gguf.arch,
-            ARCHITECTURES.join(", ")
-        )));
-    }
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(bad(
-            "per-dimension rope frequencies (rope_freqs.weight, Llama 3 rope scaling) are not \
-             supported in GGUF files yet; serve the safetensors folder instead"
-                .into(),
-        ));
-    }
-    let config_json = gguf.config_json().map_err(bad)?;
-    let config = ModelConfig::from_json(&config_json.to_string(), None).map_err(bad)?;
-
     let mut tensors = HashMap::new();
     let mut matrices = HashMap::new();
     for (name, info) in &content.tensor_infos {
-        let Some(hf) = hf_name(name) else {
-            return Err(bad(format!("tensor {name:?} is not one this loader knows")));
+        // Every tensor must be one the decoder reads: one it would leave unread (a bias it
+        // has no place for, a layer past block_count) would be silently wrong output.
+        let Some(hf) = hf_name(name).filter(|hf| used(hf, &config)) else {
+            return Err(bad(format!(
+                "tensor {name:?} is not one this loader knows for {arch} with {} layers",
+                config.num_hidden_layers
+            )));
         };
         let dims = info.shape.dims().to_vec();
         let raw = read_raw(&mut reader, &content, name, info.ggml_dtype)
             .map_err(|e| bad(format!("tensor {name}: {e}")))?;
-        let permute = gguf.arch == "llama"
-            && (hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight"));
-        let raw = if permute {
-            let heads = if hf.ends_with("q_proj.weight") {
+        // llama.cpp interleaves each head's rows of a Llama q or k projection, biases too.
+        let permuted = [
+            "q_proj.weight",
+            "k_proj.weight",
+            "q_proj.bias",
+            "k_proj.bias",
+        ];
+        let raw = if arch == "llama" && permuted.iter().any(|p| hf.ends_with(p)) {
+            let heads = if hf.contains("q_proj") {
                 config.num_attention_heads
             } else {
                 config.num_key_value_heads
             };
-            unpermute_rows(&raw, dims[0], heads, config.head_dim)
+            let rows = dims.first().copied().unwrap_or(0);
+            unpermute_rows(&raw, rows, heads, config.head_dim)
                 .map_err(|e| bad(format!("tensor {name}: {e}")))?
         } else {
             raw
@@ -100,17 +85,14 @@ pub fn load_decoder(path: &Path, device: &Device) -> Result<Decoder, ModelError>
         if hf == "model.embed_tokens.weight" {
             // Looked up by row: kept as f32. Without output.weight the same blocks are the
             // output head, multiplied as they are stored.
-            let dense = match matrix(&raw).map_err(err)? {
-                Matrix::Dense(t) => t,
-                blocks => {
-                    let t = dequantize(&raw, info.ggml_dtype, &dims).map_err(err)?;
-                    if !content.tensor_infos.contains_key("output.weight") {
-                        matrices.insert("lm_head.weight".to_string(), blocks);
-                    }
-                    t
+            if !content.tensor_infos.contains_key("output.weight") {
+                if let blocks @ (Matrix::Quantized { .. } | Matrix::Parts(_)) =
+                    matrix(&raw).map_err(err)?
+                {
+                    matrices.insert("lm_head.weight".to_string(), blocks);
                 }
-            };
-            tensors.insert(hf, dense);
+            }
+            tensors.insert(hf, dequantize(&raw, info.ggml_dtype, &dims).map_err(err)?);
         } else if dims.len() == 2 {
             match matrix(&raw).map_err(err)? {
                 Matrix::Dense(t) => {
@@ -128,12 +110,79 @@ pub fn load_decoder(path: &Path, device: &Device) -> Result<Decoder, ModelError>
     let weights = Weights::from_file_parts(tensors, matrices, path.to_path_buf());
     tracing::info!(
         model = %path.display(),
-        architecture = %gguf.arch,
+        architecture = %arch,
         layers = config.num_hidden_layers,
         hidden = config.hidden_size,
         "GGUF model loaded"
     );
     Decoder::new(config, weights, device)
+}
+
+/// The config a GGUF file's metadata describes, without reading its tensors.
+pub fn read_config(path: &Path) -> Result<ModelConfig, ModelError> {
+    let mut reader = BufReader::new(File::open(path).map_err(|e| ModelError::io(path, e))?);
+    Ok(read_header(path, &mut reader)?.2)
+}
+
+/// The header, its architecture (checked) and the config it describes.
+fn read_header<R: Read + Seek>(
+    path: &Path,
+    reader: &mut R,
+) -> Result<(Content, String, ModelConfig), ModelError> {
+    let bad = |message: String| ModelError::Config {
+        path: path.to_path_buf(),
+        message,
+    };
+    // candle's reader panics on a zero alignment; a file must not take the daemon down.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(reader)))
+        .map_err(|_| bad("not a GGUF file this can read: its header is malformed".into()))?;
+    let content = read.map_err(|e| bad(readable(&e.to_string())))?;
+    if let Some(n) = content.metadata.get("split.count").and_then(number) {
+        if n > 1.0 {
+            return Err(bad(format!(
+                "one of {n} split GGUF files: merge them first (llama.cpp's `llama-gguf-split \
+                 --merge FIRST.gguf OUT.gguf`), then serve the merged file"
+            )));
+        }
+    }
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| bad("no general.architecture in the metadata".into()))?;
+    if !ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(bad(format!(
+            "architecture {arch:?} is not supported (supported: {})",
+            ARCHITECTURES.join(", ")
+        )));
+    }
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(bad(
+            "per-dimension rope frequencies (rope_freqs.weight, Llama 3 rope scaling) are not \
+             supported in GGUF files yet; serve the safetensors folder instead"
+                .into(),
+        ));
+    }
+    let gguf = Gguf {
+        content: &content,
+        arch: arch.clone(),
+    };
+    let config_json = gguf.config_json().map_err(bad)?;
+    // Stop ids: the metadata names one (often not the chat turn's end); the original model's
+    // generation_config.json beside the file, when there, lists them all, as for a folder.
+    let generation_path = path.with_file_name("generation_config.json");
+    let generation = match std::fs::read_to_string(&generation_path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(ModelError::io(&generation_path, e)),
+    };
+    let config =
+        ModelConfig::from_json(&config_json.to_string(), generation.as_deref()).map_err(bad)?;
+    if config.head_dim == 0 || config.hidden_size == 0 || config.num_hidden_layers == 0 {
+        return Err(bad("the metadata describes an empty model".into()));
+    }
+    Ok((content, arch, config))
 }
 
 struct Gguf<'a> {
@@ -194,6 +243,15 @@ impl Gguf<'_> {
         if let Some(n) = self.number("context_length")? {
             c.insert("max_position_embeddings".into(), (n as usize).into());
         }
+        if let Some(factor) = self.number("rope.scale_linear")? {
+            // The older spelling of linear rope scaling, which llama.cpp still reads.
+            if factor != 1.0 {
+                c.insert(
+                    "rope_scaling".into(),
+                    serde_json::json!({"rope_type": "linear", "factor": factor}),
+                );
+            }
+        }
         if let Some(kind) = self
             .get("rope.scaling.type")
             .and_then(|v| v.to_string().ok())
@@ -216,7 +274,12 @@ impl Gguf<'_> {
         if let Some(bos) = token("bos_token_id") {
             c.insert("bos_token_id".into(), bos.into());
         }
-        if let Some(eos) = token("eos_token_id") {
+        // The end of a chat turn (Llama 3's <|eot_id|>) stops generation as EOS does.
+        let eos: Vec<u32> = ["eos_token_id", "eot_token_id", "eom_token_id"]
+            .iter()
+            .filter_map(|k| token(k))
+            .collect();
+        if !eos.is_empty() {
             c.insert("eos_token_id".into(), eos.into());
         }
         Ok(config)
@@ -269,6 +332,27 @@ fn hf_name(gguf: &str) -> Option<String> {
     matches!(kind, "weight" | "bias").then(|| format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
+/// Whether the decoder reads the tensor `hf` of a model with `config`: biases only on q, k
+/// and v, and only when the config has them; layers only up to its count.
+fn used(hf: &str, config: &ModelConfig) -> bool {
+    if let Some(layer) = hf
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        if layer >= config.num_hidden_layers {
+            return false;
+        }
+    }
+    if hf.ends_with(".bias") {
+        return config.attention_bias
+            && ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .any(|p| hf.contains(p));
+    }
+    true
+}
+
 /// A tensor's stored bytes.
 fn read_raw<R: Read + Seek>(
     reader: &mut R,
@@ -276,16 +360,30 @@ fn read_raw<R: Read + Seek>(
     name: &str,
     format: GgmlDType,
 ) -> Result<Vec<u8>, String> {
-    let info = &content.tensor_infos[name];
-    let elems = info.shape.elem_count();
-    if !elems.is_multiple_of(format.block_size()) {
+    let info = content
+        .tensor_infos
+        .get(name)
+        .ok_or_else(|| format!("no tensor {name}"))?;
+    let width = info.shape.dims().last().copied().unwrap_or(1);
+    if !width.is_multiple_of(format.block_size()) {
         return Err(format!(
-            "{elems} values are not whole {format:?} blocks of {}",
+            "rows of {width} values are not whole {format:?} blocks of {}",
             format.block_size()
         ));
     }
-    let size = elems / format.block_size() * format.type_size();
-    let start = content.tensor_data_offset + info.offset;
+    let size = (info.shape.elem_count() / format.block_size())
+        .checked_mul(format.type_size())
+        .ok_or("its size overflows")?;
+    let start = content
+        .tensor_data_offset
+        .checked_add(info.offset)
+        .ok_or("its offset overflows")?;
+    let file_size = reader.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+    if start.saturating_add(size as u64) > file_size {
+        return Err(format!(
+            "{size} bytes at {start} run past the end of the file ({file_size} bytes)"
+        ));
+    }
     let mut raw = vec![0u8; size];
     reader
         .seek(SeekFrom::Start(start))
@@ -314,7 +412,11 @@ fn unpermute_rows(
     heads: usize,
     head_dim: usize,
 ) -> Result<Vec<u8>, String> {
-    if rows != heads * head_dim || !head_dim.is_multiple_of(2) || !raw.len().is_multiple_of(rows) {
+    if rows == 0
+        || rows != heads * head_dim
+        || !head_dim.is_multiple_of(2)
+        || !raw.len().is_multiple_of(rows)
+    {
         return Err(format!(
             "{rows} rows are not {heads} heads of an even head size {head_dim}"
         ));

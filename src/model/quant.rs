@@ -133,6 +133,20 @@ impl Matrix {
         width: usize,
     ) -> Result<Self, ModelError> {
         let device = Device::Cpu;
+        let (block, size) = (format.block_size(), format.type_size());
+        if rows == 0 || width == 0 || !width.is_multiple_of(block) {
+            return Err(ModelError::Resolve(format!(
+                "{rows} x {width} is not rows of whole {format:?} blocks of {block}"
+            )));
+        }
+        // candle reads the blocks without checking the slice's length.
+        if raw.len() != rows * (width / block) * size {
+            return Err(ModelError::Resolve(format!(
+                "{} bytes for {rows} x {width} {format:?}, which takes {}",
+                raw.len(),
+                rows * (width / block) * size
+            )));
+        }
         if matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             let qt = qtensor_from_ggml(format, raw, vec![rows, width], &device)?;
             return Ok(Self::Dense(qt.dequantize(&device)?));

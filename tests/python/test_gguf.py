@@ -80,7 +80,8 @@ def gguf_name(hf):
     return f"blk.{layer}.{GGUF_NAMES[part]}.{kind}"
 
 
-def write_gguf(model, out_dir, qtype, embed_qtype=Q.F32, arch=None, explicit_output=False):
+def write_gguf(model, out_dir, qtype, embed_qtype=Q.F32, arch=None, explicit_output=False,
+               extra_tensors=(), extra_metadata=()):
     """`out_dir/model.gguf` from shared/models/<model>, with its tokenizer files beside.
     `explicit_output`: a tied model's output head written as its own tensor (quantized like
     the other matrices) instead of being the token embeddings."""
@@ -121,6 +122,10 @@ def write_gguf(model, out_dir, qtype, embed_qtype=Q.F32, arch=None, explicit_out
             w.add_tensor(gguf_name(hf), data)
         else:
             w.add_tensor(gguf_name(hf), gguf.quants.quantize(data, kind), raw_dtype=kind)
+    for name, data in extra_tensors:
+        w.add_tensor(name, data)
+    for key, value in extra_metadata:
+        w.add_uint32(key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -235,3 +240,20 @@ def test_a_gguf_without_its_tokenizer_says_where_to_put_it(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     code, err = start_failing(path)
     assert code != 0 and "tokenizer.json" in err, err
+
+
+def test_a_tensor_the_decoder_would_leave_unread_is_refused(tmp_path):
+    """An output-projection bias (or a layer past block_count) would be silently ignored."""
+    config = json.loads((MODELS / "tiny-llama-v512" / "config.json").read_text())
+    bias = np.zeros(config["hidden_size"], dtype=np.float32)
+    path, _ = write_gguf("tiny-llama-v512", tmp_path, Q.Q8_0,
+                         extra_tensors=[("blk.0.attn_output.bias", bias)])
+    code, err = start_failing(path)
+    assert code != 0 and "blk.0.attn_output.bias" in err, err
+
+
+def test_one_part_of_a_split_gguf_says_to_merge_them(tmp_path):
+    path, _ = write_gguf("tiny-llama-v512", tmp_path, Q.Q8_0, extra_metadata=[("split.count", 3)])
+    code, err = start_failing(path)
+    assert code != 0 and "merge" in err, err
+
