@@ -208,7 +208,9 @@ pub struct ServeSettings {
     pub block_size: usize,
     pub enable_prefix_caching: bool,
     pub max_model_len: Option<usize>,
-    pub data_parallel_size: usize,
+    /// Engine replicas: `auto` chooses from the model's shape and the cores
+    /// ([`auto_replicas`]); the daemon resolves it before any thread starts.
+    pub data_parallel_size: WorkerCount,
     pub tokenizer_workers: WorkerCount,
     pub max_body_bytes: usize,
     /// From the end of a request's headers to its body's last byte (a deadline, not an idle
@@ -269,7 +271,7 @@ impl Default for ServeSettings {
             block_size: engine.block_size,
             enable_prefix_caching: engine.enable_prefix_caching,
             max_model_len: None,
-            data_parallel_size: engine.data_parallel_size,
+            data_parallel_size: WorkerCount::Auto,
             tokenizer_workers: WorkerCount::Auto,
             max_body_bytes: 4 << 20,
             body_read_timeout_secs: 30.0,
@@ -327,13 +329,22 @@ impl ServeSettings {
         }
         self.engine_config().validate()?;
         self.reasoning().validate()?;
-        if self.data_parallel_size > 1 && self.device != crate::model::DeviceChoice::Cpu {
+        if self.replicas() > 1 && self.device != crate::model::DeviceChoice::Cpu {
             return Err(format!(
                 "data_parallel_size {} is for CPU serving; on {} one engine batches best",
-                self.data_parallel_size, self.device
+                self.replicas(),
+                self.device
             ));
         }
         Ok(())
+    }
+
+    /// The engine replicas, once `auto` is resolved (1 before: what a check may assume).
+    pub fn replicas(&self) -> usize {
+        match self.data_parallel_size {
+            WorkerCount::Fixed(n) => n,
+            WorkerCount::Auto => 1,
+        }
     }
 
     pub fn reasoning(&self) -> ReasoningSettings {
@@ -353,7 +364,7 @@ impl ServeSettings {
             kv_cache: KvCacheSize::Bytes(self.kv_cache_memory),
             enable_prefix_caching: self.enable_prefix_caching,
             max_model_len: self.max_model_len,
-            data_parallel_size: self.data_parallel_size,
+            data_parallel_size: self.replicas(),
             prefix_caching_hash_seed: self.prefix_caching_hash_seed.clone(),
         }
     }
@@ -364,7 +375,26 @@ impl ServeSettings {
 #[error("invalid settings: {0}")]
 pub struct InvalidSettings(pub String);
 
-/// Thread counts that default to what the machine has.
+/// Below this many multiply-adds per token (projections and output head), a step's fixed
+/// costs (scheduling, sampling, HTTP) outweigh its arithmetic: such a model serves more
+/// requests as one engine replica per core, each with one thread, than as one replica whose
+/// ops are split across the cores; above it the split matmuls win. Measured on 2 vCPUs
+/// (BENCHMARKS.md, "Replicas by default"): tiny-llama-v512 (0.1 M) and tiny-random-llama
+/// (2.1 M) gain from two replicas, bench-llama-25m (23 M) loses.
+pub const OVERHEAD_BOUND_MACS: usize = 8_000_000;
+
+/// `--data-parallel-size auto` on the CPU: a replica per core (at most [`MAX_DATA_PARALLEL`])
+/// for a model under [`OVERHEAD_BOUND_MACS`] per token, else one replica with every core.
+pub fn auto_replicas(macs_per_token: usize, cores: usize) -> usize {
+    if macs_per_token < OVERHEAD_BOUND_MACS {
+        cores.clamp(1, MAX_DATA_PARALLEL)
+    } else {
+        1
+    }
+}
+
+/// Counts that `auto` leaves to the daemon: tokenizer threads one per core; engine replicas
+/// from the model's shape ([`auto_replicas`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkerCount {
     /// One per core.
@@ -435,6 +465,18 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_replicas_split_overhead_bound_models_and_keep_compute_bound_ones_whole() {
+        // tiny-llama-v512 ~0.1 M multiply-adds per token, tiny-random-llama ~2.1 M,
+        // bench-llama-25m ~23 M, R1-Distill-Qwen-1.5B ~1.8 G.
+        assert_eq!(auto_replicas(120_000, 2), 2);
+        assert_eq!(auto_replicas(2_100_000, 16), 16);
+        assert_eq!(auto_replicas(23_000_000, 2), 1);
+        assert_eq!(auto_replicas(1_800_000_000, 64), 1);
+        assert_eq!(auto_replicas(0, 0), 1);
+        assert_eq!(auto_replicas(0, 10_000), MAX_DATA_PARALLEL);
+    }
 
     #[test]
     fn the_shipped_default_toml_matches_the_built_in_defaults() {
@@ -509,6 +551,7 @@ mod tests {
         let mut s = ServeSettings {
             max_model_len: Some(4096),
             tokenizer_workers: WorkerCount::Fixed(2),
+            data_parallel_size: WorkerCount::Fixed(2),
             ..ServeSettings::default()
         };
         for n in NUMERIC_SETTINGS {

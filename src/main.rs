@@ -72,9 +72,11 @@ const EXIT_BAD_SETTINGS: i32 = 2;
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => {
-            let settings = args.settings().unwrap_or_else(|e| refuse_settings(&e));
-            set_op_threads(settings.data_parallel_size);
+            let mut settings = args.settings().unwrap_or_else(|e| refuse_settings(&e));
             init_logging(settings.log_format);
+            // Before any thread starts: the op threads are the cores shared by the replicas.
+            serve::resolve_replicas(&mut settings)?;
+            set_op_threads(settings.replicas());
             serve::run(settings).inspect_err(|e| {
                 if e.downcast_ref::<InvalidSettings>().is_some() {
                     refuse_settings(e)

@@ -274,3 +274,17 @@ async fn flush_cache_forgets_cached_prompts_and_health_generate_generates() {
         "one token through the engine"
     );
 }
+
+/// `--data-parallel-size auto` (the default): a replica per core for a model whose steps are
+/// overhead-bound, one replica for a compute-bound one. `/server_info` reports the count.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_replicas_follow_the_models_shape() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (model, want) in [(LLAMA, cores), ("bench-llama-25m", 1)] {
+        let Some(d) = Served::start(model, &["--data-parallel-size", "auto"]) else {
+            return;
+        };
+        let info = get_json(&client(), &d.url("/server_info")).await;
+        assert_eq!(info["dp_size"], want, "{model}: {info}");
+    }
+}

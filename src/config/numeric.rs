@@ -274,7 +274,10 @@ impl ServeSettings {
             "kv_cache_memory" => self.kv_cache_memory as f64,
             "block_size" => self.block_size as f64,
             "max_model_len" => self.max_model_len? as f64,
-            "data_parallel_size" => self.data_parallel_size as f64,
+            "data_parallel_size" => match self.data_parallel_size {
+                WorkerCount::Auto => return None,
+                WorkerCount::Fixed(n) => n as f64,
+            },
             "tokenizer_workers" => match self.tokenizer_workers {
                 WorkerCount::Auto => return None,
                 WorkerCount::Fixed(n) => n as f64,

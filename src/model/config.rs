@@ -292,6 +292,17 @@ impl ModelConfig {
         })
     }
 
+    /// Multiply-adds one token's forward spends in the projections and the output head (not
+    /// attention over the context, nor the norms): what decides whether a CPU step is bound
+    /// by arithmetic or by its fixed costs.
+    pub fn macs_per_token(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size;
+        self.num_hidden_layers * layer + self.vocab_size * h
+    }
+
     /// Query heads that share one key/value head.
     pub fn gqa_group(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads

@@ -22,6 +22,9 @@ pub fn distillery_command() -> Command {
         }
     }
     cmd.env("NO_COLOR", "1");
+    // One engine unless a test asks for more: `auto` would give the small test models one per
+    // core, and what a test counts (cache hits, load, events) would depend on the machine.
+    cmd.env("DISTILLERY_DATA_PARALLEL_SIZE", "1");
     cmd
 }
 

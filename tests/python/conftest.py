@@ -19,6 +19,13 @@ HERMES_BASE = "tiny-random-qwen2"
 HERMES_LINKED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
 
 
+def one_engine():
+    """The environment for a daemon with one engine unless its flags ask for more: `auto`
+    would give the small test models one per core, and what a test counts (cache hits, load,
+    KV events by rank) would depend on the machine."""
+    return {**os.environ, "DISTILLERY_DATA_PARALLEL_SIZE": "1"}
+
+
 def start_daemon(*extra):
     return start_model_daemon("tiny-random-qwen2", *extra)
 
@@ -34,6 +41,7 @@ def start_model_daemon(model, *extra):
     proc = subprocess.Popen(
         [str(BINARY), "serve", "--host", "127.0.0.1", "--port", "0",
          "--model", str(MODELS / model), *extra],
+        env=one_engine(),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     deadline = time.monotonic() + 60

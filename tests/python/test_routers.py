@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import BINARY, MODELS
+from conftest import BINARY, MODELS, one_engine
 
 MODEL = "tiny-llama-v512"
 SERVED = "tiny"
@@ -62,7 +62,7 @@ class Replica:
              "--model", str(MODELS / MODEL), "--served-model-name", SERVED,
              "--get-load-format", load_format,
              *(extra if "--kv-cache-memory" in extra else ("--kv-cache-memory", "32MiB", *extra))],
-            stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True,
+            stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=one_engine(),
         )
         deadline = time.monotonic() + 60
         self.url = None
