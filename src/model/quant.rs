@@ -320,11 +320,14 @@ mod tests {
         let w = Tensor::randn(0f32, 0.05, (48, width), dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (5, width), dev).unwrap();
         let dense = Matrix::Dense(w.clone()).forward(&x).unwrap();
+        // About twice the worst of repeated runs (the inputs are unseeded): Q8_0 0.0065-0.0102,
+        // Q6_K 0.017-0.021, Q4_K 0.064-0.082, Q4_0 0.076-0.093 (weights and activations both
+        // quantized).
         for (q, tolerance) in [
-            (Quantization::Q8_0, 0.01),
-            (Quantization::Q6K, 0.03),
-            (Quantization::Q4K, 0.1),
-            (Quantization::Q4_0, 0.1),
+            (Quantization::Q8_0, 0.02),
+            (Quantization::Q6K, 0.04),
+            (Quantization::Q4K, 0.16),
+            (Quantization::Q4_0, 0.18),
         ] {
             let m = Matrix::quantized(w.clone(), q).unwrap();
             assert!(m.format().is_some(), "{q:?}");
