@@ -167,16 +167,18 @@ impl Decoder {
                 q.name()
             )));
         }
-        for layer in &mut self.layers {
-            let l = layer.clone();
-            *layer = Layer {
-                qkv: l.qkv.quantized(q)?,
-                o: l.o.quantized(q)?,
-                gate_up: l.gate_up.quantized(q)?,
-                down: l.down.quantized(q)?,
-                ..l
-            };
-        }
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .map(|l| {
+                Ok(Layer {
+                    qkv: l.qkv.quantized(q)?,
+                    o: l.o.quantized(q)?,
+                    gate_up: l.gate_up.quantized(q)?,
+                    down: l.down.quantized(q)?,
+                    ..l
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
         if let Matrix::Dense(t) = &self.lm_head {
             self.lm_head = Matrix::quantized(t.clone(), q)?;
         }
