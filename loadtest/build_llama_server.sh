@@ -18,10 +18,12 @@ if [ ! -d src ]; then
   # its metadata, which compiles the build backend's dependencies from source.
   mkdir -p sdist
   python3 - <<'PY'
-import json, urllib.request
-meta = json.load(urllib.request.urlopen("https://pypi.org/pypi/llama-cpp-python/json"))
+import json, urllib.parse, urllib.request
+api = "https://pypi.org/pypi/llama-cpp-python/json"
+meta = json.load(urllib.request.urlopen(api))
 (sdist,) = [f for f in meta["urls"] if f["packagetype"] == "sdist"]
-urllib.request.urlretrieve(sdist["url"], "sdist/" + sdist["filename"])
+# Mirrors of PyPI answer with addresses relative to the API's.
+urllib.request.urlretrieve(urllib.parse.urljoin(api, sdist["url"]), "sdist/" + sdist["filename"])
 print("llama-cpp-python", meta["info"]["version"], sdist["filename"])
 PY
   tar xzf sdist/llama_cpp_python-*.tar.gz

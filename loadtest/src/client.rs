@@ -286,7 +286,17 @@ async fn exchange(call: Call<'_>, sent: Instant, rec: &mut RequestRecord) -> Res
     if let Some(a) = call.auth {
         req = req.header(AUTHORIZATION, a.clone());
     }
-    let resp = call.client.request(req.body(Full::new(call.body))?).await?;
+    let req = req.body(Full::new(call.body))?;
+    let retry = req.clone();
+    let resp = match call.client.request(req).await {
+        // A server that closes a keep-alive connection just after a response (llama-server
+        // does after each stream) races the pool: the request goes out on a connection whose
+        // close is already on the wire, and comes back with no response at all. Nothing was
+        // processed, so it is sent once more on a fresh connection, as curl and browsers do
+        // by checking a connection before reusing it.
+        Err(e) if closed_before_response(&e) => call.client.request(retry).await?,
+        other => other?,
+    };
     rec.status = resp.status().as_u16();
     let mut body = resp.into_body();
     if !(200..300).contains(&rec.status) {
@@ -379,6 +389,12 @@ async fn exchange(call: Call<'_>, sent: Instant, rec: &mut RequestRecord) -> Res
         bail!("stream ended without data: [DONE]");
     }
     Ok(())
+}
+
+fn closed_before_response(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_incomplete_message)
 }
 
 fn tpot(e2e: f64, ttft: f64, output_tokens: u64) -> Option<f64> {
