@@ -26,6 +26,10 @@ pub enum Preset {
     /// intermediate 8960, vocabulary 151936, untied (1.78 B parameters, 3.55 GB in bf16).
     #[value(name = "r1-distill-qwen-1.5b")]
     R1DistillQwen1_5b,
+    /// Qwen2.5-0.5B (the smallest student shape): Qwen2, 24 layers, hidden 896, 14 heads over
+    /// 2 KV heads, intermediate 4864, vocabulary 151936, tied (494 M parameters).
+    #[value(name = "qwen2.5-0.5b")]
+    Qwen2_5_0_5b,
     /// The same family at toy size (2 layers, hidden 64, the full 151936 vocabulary), for tests.
     Tiny,
 }
@@ -62,6 +66,9 @@ struct Shape {
     intermediate: usize,
     vocab: usize,
     max_position_embeddings: usize,
+    rope_theta: f64,
+    /// The output head is the token embeddings (no `lm_head.weight`).
+    tied: bool,
 }
 
 impl Preset {
@@ -75,6 +82,19 @@ impl Preset {
                 intermediate: 8960,
                 vocab: 151_936,
                 max_position_embeddings: 131_072,
+                rope_theta: 10_000.0,
+                tied: false,
+            },
+            Self::Qwen2_5_0_5b => Shape {
+                layers: 24,
+                hidden: 896,
+                heads: 14,
+                kv_heads: 2,
+                intermediate: 4864,
+                vocab: 151_936,
+                max_position_embeddings: 32_768,
+                rope_theta: 1_000_000.0,
+                tied: true,
             },
             Self::Tiny => Shape {
                 layers: 2,
@@ -84,6 +104,8 @@ impl Preset {
                 intermediate: 128,
                 vocab: 151_936,
                 max_position_embeddings: 4096,
+                rope_theta: 10_000.0,
+                tied: false,
             },
         }
     }
@@ -164,7 +186,9 @@ fn tensor_specs(s: &Shape) -> Vec<TensorSpec> {
         );
     }
     push("model.norm.weight".into(), &[h], Init::Ones);
-    push("lm_head.weight".into(), &[s.vocab, h], Init::Normal);
+    if !s.tied {
+        push("lm_head.weight".into(), &[s.vocab, h], Init::Normal);
+    }
     specs
 }
 
@@ -186,9 +210,9 @@ fn config_json(s: &Shape, bos: u32, eos: u32) -> Value {
         "num_key_value_heads": s.kv_heads,
         "rms_norm_eps": 1e-6,
         "rope_scaling": null,
-        "rope_theta": 10000.0,
+        "rope_theta": s.rope_theta,
         "sliding_window": 4096,
-        "tie_word_embeddings": false,
+        "tie_word_embeddings": s.tied,
         "torch_dtype": "bfloat16",
         "transformers_version": "4.44.0",
         "use_cache": true,
@@ -493,6 +517,15 @@ mod tests {
         // DeepSeek-R1-Distill-Qwen-1.5B: 1,777,088,000 parameters.
         assert_eq!(params, 1_777_088_000);
         assert_eq!(specs.len(), 1 + 28 * 12 + 2);
+    }
+
+    #[test]
+    fn the_0_5b_preset_has_the_published_parameter_count() {
+        let specs = tensor_specs(&Preset::Qwen2_5_0_5b.shape());
+        let params: usize = specs.iter().map(|s| s.bytes() / 2).sum();
+        // Qwen2.5-0.5B: 494,032,768 parameters, the output head tied to the embeddings.
+        assert_eq!(params, 494_032_768);
+        assert!(!specs.iter().any(|s| s.name == "lm_head.weight"));
     }
 
     #[test]
