@@ -5,8 +5,10 @@
 //! the greedy choice is f32's wherever f32's top two are more than twice `max` apart (closer
 //! ones are near-ties the format may flip).
 //!
-//! The int8 kernels are chosen at run time (AVX-512 VNNI, AVX-VNNI or AVX2; candle reads the
-//! CPU once per process), so the AVX2 path is checked too, in a child process told to use it.
+//! The int8 kernels are chosen at run time (candle's AVX-512 VNNI, AVX-VNNI or AVX2 ones, and
+//! for Q8_0 without VNNI our own `model::q8_0_avx2`; the CPU is read once per process), so the
+//! AVX2 path is checked too, in a child process told to use it (`MISTRALRS_FORCE_AVX2=1`,
+//! which both candle and `q8_0_avx2::preferred` honour).
 
 mod common;
 

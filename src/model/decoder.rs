@@ -140,7 +140,7 @@ impl Decoder {
             w.take_matrix("lm_head.weight", &[c.vocab_size, h])?
         };
         let rope = RopeTables::new(c, w.dtype(), device)?;
-        Ok(Self {
+        Self {
             dtype: w.dtype(),
             config,
             embed,
@@ -149,7 +149,32 @@ impl Decoder {
             lm_head,
             rope,
             device: device.clone(),
-        })
+        }
+        .for_this_cpu()
+    }
+
+    /// Every matrix in the form this CPU multiplies fastest ([`Matrix::for_this_cpu`]).
+    fn for_this_cpu(mut self) -> Result<Self, ModelError> {
+        let cpu = |l: Linear| -> Result<Linear, ModelError> {
+            Ok(Linear {
+                weight: l.weight.for_this_cpu()?,
+                ..l
+            })
+        };
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .map(|l| {
+                Ok(Layer {
+                    qkv: cpu(l.qkv)?,
+                    o: cpu(l.o)?,
+                    gate_up: cpu(l.gate_up)?,
+                    down: cpu(l.down)?,
+                    ..l
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        self.lm_head = self.lm_head.for_this_cpu()?;
+        Ok(self)
     }
 
     /// The decoder with every projection and the output head quantized (`--quantization`);
@@ -182,7 +207,7 @@ impl Decoder {
         if let Matrix::Dense(t) = &self.lm_head {
             self.lm_head = Matrix::quantized(t.clone(), q)?;
         }
-        Ok(self)
+        self.for_this_cpu()
     }
 
     /// Bytes each token's forward reads from the weight matrices (projections and output

@@ -18,6 +18,7 @@ pub mod generation_defaults;
 pub mod gguf;
 pub mod kv_cache;
 pub mod paged_attention;
+pub mod q8_0_avx2;
 pub mod quant;
 mod rope;
 pub mod source;

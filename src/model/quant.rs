@@ -11,6 +11,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use super::q8_0_avx2::{self, Q8Rows};
 use super::ModelError;
 
 /// `--quantization`: how the projection weights are stored and multiplied.
@@ -101,6 +102,12 @@ pub enum Matrix {
     /// `in_features` is the width before padding to [`WIDTH_MULTIPLE`].
     Quantized {
         matmul: QMatMul,
+        in_features: usize,
+    },
+    /// Q8_0 blocks unpacked for our batched AVX2 kernel ([`q8_0_avx2`]), on CPUs where
+    /// candle has none (AVX2 without VNNI); `in_features` as for `Quantized`.
+    Int8 {
+        rows: std::sync::Arc<Q8Rows>,
         in_features: usize,
     },
     /// Projections of one input that could not be merged into one matrix (a GGUF file may
@@ -238,8 +245,37 @@ impl Matrix {
                 matmul: QMatMul::QTensor(t),
                 ..
             } => Some(t.dtype()),
+            Self::Int8 { .. } => Some(GgmlDType::Q8_0),
             Self::Parts(parts) => parts.iter().find_map(Matrix::format),
             _ => None,
+        }
+    }
+
+    /// The matrix in the form this CPU multiplies fastest: Q8_0 blocks go to our AVX2 kernel
+    /// where candle's batched int8 kernels need VNNI the CPU lacks; anything else is kept.
+    /// Called once the matrices are final (stacked), before the first forward.
+    pub fn for_this_cpu(self) -> Result<Self, ModelError> {
+        match self {
+            Self::Quantized {
+                matmul: QMatMul::QTensor(t),
+                in_features,
+            } if t.dtype() == GgmlDType::Q8_0 && q8_0_avx2::preferred() => {
+                let (rows, width) = t.shape().dims2()?;
+                let rows = Q8Rows::from_blocks(&t.data()?, rows, width).ok_or_else(|| {
+                    ModelError::Resolve(format!("{rows} x {width} Q8_0: not whole blocks"))
+                })?;
+                Ok(Self::Int8 {
+                    rows: std::sync::Arc::new(rows),
+                    in_features,
+                })
+            }
+            Self::Parts(parts) => Ok(Self::Parts(
+                parts
+                    .into_iter()
+                    .map(Self::for_this_cpu)
+                    .collect::<Result<_, _>>()?,
+            )),
+            other => Ok(other),
         }
     }
 
@@ -261,6 +297,7 @@ impl Matrix {
                 };
                 Ok((rows, *in_features))
             }
+            Self::Int8 { rows, in_features } => Ok((rows.rows(), *in_features)),
             Self::Parts(parts) => {
                 let mut rows = 0;
                 let mut width = 0;
@@ -283,6 +320,7 @@ impl Matrix {
                 QMatMul::QTensor(t) => t.storage_size_in_bytes(),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense(t),
             },
+            Self::Int8 { rows, .. } => rows.bytes(),
             Self::Parts(parts) => parts.iter().map(Matrix::bytes).sum(),
         }
     }
@@ -329,6 +367,15 @@ impl Module for Matrix {
                 matmul,
                 in_features,
             } => matmul.forward(&padded_input(x, *in_features)?),
+            Self::Int8 { rows, in_features } => {
+                let x = padded_input(x, *in_features)?;
+                let mut out_dims = x.dims().to_vec();
+                let width = out_dims.pop().unwrap_or(0);
+                let m = x.elem_count() / width.max(1);
+                let values = x.flatten_all()?.to_vec1::<f32>()?;
+                out_dims.push(rows.rows());
+                Tensor::from_vec(rows.matmul(&values, m), out_dims, x.device())
+            }
             Self::Parts(parts) => {
                 // The input is padded once for all the quantized parts, not once per part.
                 let mut padded: Option<Tensor> = None;
