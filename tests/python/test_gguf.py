@@ -21,6 +21,7 @@ import json
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import httpx
 import numpy as np
@@ -29,6 +30,10 @@ import pytest
 from conftest import BINARY, MODELS, start_model_daemon, stop_daemon
 
 gguf = pytest.importorskip("gguf")
+# llama.cpp's tensor names, shared with the benchmarks' GGUF writer.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "loadtest"))
+import hf_to_gguf  # noqa: E402
+from hf_to_gguf import gguf_name  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -60,24 +65,6 @@ def permute(w, heads):
     """convert_hf_to_gguf.py's LlamaModel.permute: each head's rows as interleaved pairs."""
     return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
-
-
-GGUF_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(hf):
-    fixed = {"model.embed_tokens.weight": "token_embd.weight",
-             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-    if hf in fixed:
-        return fixed[hf]
-    _, _, layer, rest = hf.split(".", 3)
-    part, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{GGUF_NAMES[part]}.{kind}"
 
 
 def write_gguf(model, out_dir, qtype, embed_qtype=Q.F32, arch=None, explicit_output=False,
@@ -175,6 +162,34 @@ def test_our_quantizer_writes_the_reference_bytes(tmp_path, model, fmt, quantiza
         for ids in golden_prompts(model):
             got, want = generate(url_a, ids), generate(url_b, ids)
             assert got == want, f"{model} {quantization}: GGUF {got} != safetensors {want}"
+    finally:
+        stop_daemon(a)
+        stop_daemon(b)
+
+
+def test_the_benchmarks_gguf_writer_keeps_the_weights_and_the_tokenizer(tmp_path):
+    """loadtest/hf_to_gguf.py, which makes the files both servers load in the paired runs
+    against llama-server: its f32 GGUF of the R1-Distill-tokenized Qwen2 model generates
+    exactly what the folder does, and it carries the tokenizer llama.cpp reads."""
+    model = "tiny-r1-distill-qwen2"
+    src = MODELS / model
+    if not src.is_dir():
+        pytest.skip(f"!!! SKIPPING: {src} not found !!!")
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, tmp_path / name)
+    path = tmp_path / "model.gguf"
+    hf_to_gguf.main(src, path)
+    fields = gguf.GGUFReader(str(path)).fields
+    tokens = json.loads((src / "tokenizer.json").read_text())
+    assert len(fields["tokenizer.ggml.tokens"].data) == json.loads(
+        (src / "config.json").read_text())["vocab_size"]
+    assert len(fields["tokenizer.ggml.merges"].data) == len(tokens["model"]["merges"])
+    (a, url_a), (b, url_b) = start_model_daemon(str(path)), start_model_daemon(model)
+    try:
+        # This folder has no goldens: text prompts, tokenized by each server.
+        for prompt in ("The capital of France is", "def fibonacci(n):", "<think>\nOkay"):
+            got, want = generate(url_a, prompt), generate(url_b, prompt)
+            assert got == want, f"GGUF {got} != safetensors {want}"
     finally:
         stop_daemon(a)
         stop_daemon(b)
