@@ -234,8 +234,21 @@ impl Gguf<'_> {
         let c = config
             .as_object_mut()
             .ok_or("the config is not an object")?;
-        if let Some(d) = self.number("attention.key_length")? {
+        let key_length = self.number("attention.key_length")?;
+        if let Some(d) = key_length {
             c.insert("head_dim".into(), (d as usize).into());
+        }
+        // A rotary width below the head's would rotate only part of each head, which the
+        // decoder's rope does not do: refuse rather than compute something else.
+        let head_dim = key_length.map_or(hidden / heads.max(1), |d| d as usize);
+        if let Some(rot) = self.number("rope.dimension_count")? {
+            if rot as usize != head_dim {
+                return Err(format!(
+                    "{}.rope.dimension_count is {rot} but a head is {head_dim} wide: rotary \
+                     embeddings over part of each head are not supported",
+                    self.arch
+                ));
+            }
         }
         if let Some(theta) = self.number("rope.freq_base")? {
             c.insert("rope_theta".into(), theta.into());
@@ -256,6 +269,14 @@ impl Gguf<'_> {
             .get("rope.scaling.type")
             .and_then(|v| v.to_string().ok())
         {
+            if kind != "none" && kind != "linear" {
+                // Llama 3's scaling comes as rope_freqs (refused above), so from a GGUF only
+                // linear scaling is read.
+                return Err(format!(
+                    "{}.rope.scaling.type {kind:?} is not supported (from a GGUF file: linear)",
+                    self.arch
+                ));
+            }
             if kind != "none" {
                 let factor = self.required("rope.scaling.factor")?;
                 c.insert(

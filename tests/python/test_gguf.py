@@ -112,7 +112,7 @@ def write_gguf(model, out_dir, qtype, embed_qtype=Q.F32, arch=None, explicit_out
     for name, data in extra_tensors:
         w.add_tensor(name, data)
     for key, value in extra_metadata:
-        w.add_uint32(key, value)
+        (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -272,3 +272,13 @@ def test_one_part_of_a_split_gguf_says_to_merge_them(tmp_path):
     code, err = start_failing(path)
     assert code != 0 and "merge" in err, err
 
+
+@pytest.mark.parametrize("metadata,named", [
+    # tiny-llama-v512's heads are 16 wide: rotating 8 of them is partial rotary.
+    ([("llama.rope.dimension_count", 8)], "rope.dimension_count"),
+    ([("llama.rope.scaling.type", "yarn"), ("llama.rope.scaling.factor", 4)], "yarn"),
+])
+def test_a_rope_the_decoder_does_not_compute_is_refused(tmp_path, metadata, named):
+    path, _ = write_gguf("tiny-llama-v512", tmp_path, Q.Q8_0, extra_metadata=metadata)
+    code, err = start_failing(path)
+    assert code != 0 and named in err and "not supported" in err, err
