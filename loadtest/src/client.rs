@@ -279,22 +279,24 @@ pub async fn send(call: Call<'_>, run_start: Instant, prompt_index: u32) -> Requ
 }
 
 async fn exchange(call: Call<'_>, sent: Instant, rec: &mut RequestRecord) -> Result<()> {
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(call.uri.clone())
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Some(a) = call.auth {
-        req = req.header(AUTHORIZATION, a.clone());
-    }
-    let req = req.body(Full::new(call.body))?;
-    let retry = req.clone();
-    let resp = match call.client.request(req).await {
+    // Built again only for a resend: no per-request copy of the headers otherwise.
+    let request = || {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(call.uri.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(a) = call.auth {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        req.body(Full::new(call.body.clone()))
+    };
+    let resp = match call.client.request(request()?).await {
         // A server that closes a keep-alive connection just after a response (llama-server
         // does after each stream) races the pool: the request goes out on a connection whose
         // close is already on the wire, and comes back with no response at all. Nothing was
         // processed, so it is sent once more on a fresh connection, as curl and browsers do
         // by checking a connection before reusing it.
-        Err(e) if closed_before_response(&e) => call.client.request(retry).await?,
+        Err(e) if closed_before_response(&e) => call.client.request(request()?).await?,
         other => other?,
     };
     rec.status = resp.status().as_u16();

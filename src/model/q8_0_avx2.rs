@@ -104,6 +104,10 @@ impl Q8Rows {
                     self.dot_row(row, &acts, col, kernel);
                 }
             });
+        if m == 1 {
+            // One row: column-major is row-major.
+            return out_t;
+        }
         let mut out = vec![0f32; m * n];
         for (j, col) in out_t.chunks_exact(m).enumerate() {
             for (i, v) in col.iter().enumerate() {
