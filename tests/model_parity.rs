@@ -177,21 +177,7 @@ fn reference_gap(model: &str, prompt: &[u32], generated: &[u32]) -> f64 {
     let decoder = model::load_decoder(&dir, DTypeChoice::F32, &candle_core::Device::Cpu)
         .expect("model loads");
     let tokens: Vec<u32> = prompt.iter().chain(generated).copied().collect();
-    let bs = 16;
-    let blocks = tokens.len().div_ceil(bs);
-    let cache = KvCache::new(
-        decoder.config(),
-        blocks,
-        bs,
-        decoder.dtype(),
-        decoder.device(),
-    )
-    .unwrap();
-    let mut batch = ForwardBatch::default();
-    batch.push_sequence(&tokens, 0, &(0..blocks as u32).collect::<Vec<_>>(), bs);
-    let mut row: Vec<f32> = decoder
-        .forward(&batch, &cache)
-        .unwrap()
+    let mut row: Vec<f32> = common::forward_one(&decoder, &tokens, false)
         .get(0)
         .unwrap()
         .to_vec1()

@@ -6,23 +6,26 @@
 //! ones are near-ties the format may flip).
 //!
 //! The int8 kernels are chosen at run time (candle's AVX-512 VNNI, AVX-VNNI or AVX2 ones, and
-//! for Q8_0 without VNNI our own `model::q8_0_avx2`; the CPU is read once per process), so the
-//! AVX2 path is checked too, in a child process told to use it (`MISTRALRS_FORCE_AVX2=1`,
-//! which both candle and `q8_0_avx2::preferred` honour).
+//! for Q8_0 without VNNI our own `model::q8_0_avx2`; bf16 through `model::bf16_matmul`'s
+//! AVX-512 BF16 or AVX2 kernel; the CPU is read once per process), so the AVX2 paths are
+//! checked too, in a child process told to use them (`MISTRALRS_FORCE_AVX2=1`, which candle,
+//! `q8_0_avx2::preferred` and `bf16_matmul` honour).
 
 mod common;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::D;
 use common::{golden, model_dir, MODELS};
-use distillery::model::{self, DTypeChoice, Decoder, ForwardBatch, KvCache, Quantization};
+use distillery::model::{self, DTypeChoice, Decoder, Quantization};
 
 /// The stated bounds per format: mean and max |Δ log p| of the golden next token, about 1.5x
-/// the worst of the four shared models (measured: Q8_0 0.059-0.116 mean, 0.26-0.57 max; Q6_K
+/// the worst of the four shared models (measured: bf16 0.015-0.021 mean, 0.065-0.083 max
+/// (the weights and activations rounded to bf16); Q8_0 0.059-0.116 mean, 0.26-0.57 max; Q6_K
 /// 0.13-0.25, 0.51-0.92; Q4_K 0.59-1.43, 2.6-4.3; Q4_0 0.72-1.64, 3.5-4.8). Their random
 /// weights are near-uniform in magnitude (max/mean ~6), the hard case for block scales, and
 /// their logits crowd (the top six within 0.5): 4-bit formats move them a lot; trained
 /// weights, with a few large values per block, fare better.
-const BOUNDS: [(Quantization, f32, f32); 4] = [
+const BOUNDS: [(Quantization, f32, f32); 5] = [
+    (Quantization::Bf16, 0.035, 0.13),
     (Quantization::Q8_0, 0.15, 0.8),
     (Quantization::Q6K, 0.35, 1.3),
     (Quantization::Q4K, 2.0, 6.0),
@@ -36,14 +39,7 @@ fn load(name: &str) -> Option<Decoder> {
 
 /// Log-softmax rows for every position of `ids`, one sequence in one forward.
 fn logprobs(decoder: &Decoder, ids: &[u32]) -> Vec<Vec<f32>> {
-    let bs = 16;
-    let blocks = ids.len().div_ceil(bs);
-    let cache = KvCache::new(decoder.config(), blocks, bs, DType::F32, decoder.device()).unwrap();
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let mut batch = ForwardBatch::default();
-    batch.push_sequence(ids, 0, &table, bs);
-    batch.all_logits = true;
-    let logits: Tensor = decoder.forward(&batch, &cache).unwrap();
+    let logits = common::forward_one(decoder, ids, true);
     candle_nn::ops::log_softmax(&logits, D::Minus1)
         .unwrap()
         .to_vec2()
@@ -73,9 +69,8 @@ struct Drift {
     greedy_differs: usize,
 }
 
-/// Every golden prompt of `name`, f32 against `q`.
-fn drift(name: &str, f32_model: &Decoder, q: Quantization, tie: f32) -> Drift {
-    let quantized = f32_model.clone().quantized(q).expect("quantizes");
+/// Every golden prompt of `name`, f32 against `quantized`.
+fn drift(name: &str, f32_model: &Decoder, quantized: &Decoder, tie: f32) -> Drift {
     let mut d = Drift::default();
     for case in golden(name).expect("golden.json").cases {
         let ids: Vec<u32> = case
@@ -85,7 +80,7 @@ fn drift(name: &str, f32_model: &Decoder, q: Quantization, tie: f32) -> Drift {
             .copied()
             .collect();
         let reference = logprobs(f32_model, &ids);
-        let got = logprobs(&quantized, &ids);
+        let got = logprobs(quantized, &ids);
         // Row i predicts ids[i + 1]: score the prompt's last position and the continuation.
         for i in case.prompt_ids.len() - 1..ids.len() - 1 {
             let next = ids[i + 1] as usize;
@@ -109,7 +104,8 @@ fn check_every_format() {
             return;
         };
         for (q, mean_bound, max_bound) in BOUNDS {
-            let d = drift(name, &f32_model, q, 2.0 * max_bound);
+            let quantized = f32_model.clone().quantized(q).expect("quantizes");
+            let d = drift(name, &f32_model, &quantized, 2.0 * max_bound);
             let mean = (d.sum / d.positions as f64) as f32;
             eprintln!(
                 "{name} {q:?}: mean |Δ log p| {mean:.5}, max {:.5} over {} positions; greedy \
@@ -174,4 +170,25 @@ fn quantization_is_refused_outside_f32_on_the_cpu() {
         .unwrap()
         .to_string();
     assert!(err.contains("--dtype f32"), "{err}");
+}
+
+/// `--dtype bf16` on the CPU: an f32 model around bf16 matrices (half the bytes), drifting
+/// from f32 no more than `--quantization bf16` may.
+#[test]
+fn bf16_on_the_cpu_is_bf16_matrices_around_f32() {
+    let name = "tiny-llama-v512";
+    let (Some(f32_model), Some(dir)) = (load(name), model_dir(name)) else {
+        return;
+    };
+    let bf16 = model::load_decoder(&dir, DTypeChoice::Bf16, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(bf16.dtype(), candle_core::DType::F32);
+    let (bytes, formats) = bf16.weight_summary();
+    let (f32_bytes, _) = f32_model.weight_summary();
+    assert_eq!(formats, vec!["BF16".to_string()]);
+    assert!(bytes * 2 <= f32_bytes * 11 / 10, "{bytes} bytes against f32's {f32_bytes}");
+    let (_, mean_bound, max_bound) = BOUNDS[0];
+    let d = drift(name, &f32_model, &bf16, 2.0 * max_bound);
+    let mean = (d.sum / d.positions as f64) as f32;
+    assert!(d.positions > 0 && mean <= mean_bound && d.max <= max_bound, "{d:?}");
+    assert_eq!(d.greedy_differs, 0, "{d:?}");
 }

@@ -153,8 +153,13 @@ impl Decoder {
         .for_this_cpu()
     }
 
-    /// Every matrix in the form this CPU multiplies fastest ([`Matrix::for_this_cpu`]).
+    /// Every matrix in the form this CPU multiplies fastest ([`Matrix::for_this_cpu`]); and a
+    /// bf16 model on the CPU made an f32 one around bf16 weight matrices
+    /// ([`Self::bf16_weights_on_the_cpu`]).
     fn for_this_cpu(mut self) -> Result<Self, ModelError> {
+        if self.device.is_cpu() && self.dtype == DType::BF16 {
+            self = self.bf16_weights_on_the_cpu()?;
+        }
         let cpu = |l: Linear| -> Result<Linear, ModelError> {
             Ok(Linear {
                 weight: l.weight.for_this_cpu()?,
@@ -177,6 +182,44 @@ impl Decoder {
         Ok(self)
     }
 
+    /// `--dtype bf16` on the CPU: the projections and the output head keep their bf16 values
+    /// in [`Matrix::Bf16`] (half of f32's bytes, `vdpbf16ps` where the CPU has it), and the
+    /// rest computes in f32, KV cache included: candle's own bf16 ops on the CPU widen every
+    /// operand, ~2.5x slower than f32. The embedding table stays bf16 (rows are widened as
+    /// they are looked up).
+    fn bf16_weights_on_the_cpu(mut self) -> Result<Self, ModelError> {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32);
+        let linear = |l: Linear| -> Result<Linear, ModelError> {
+            Ok(Linear {
+                weight: match l.weight {
+                    Matrix::Dense(t) => Matrix::quantized(t, Quantization::Bf16)?,
+                    other => other,
+                },
+                bias: l.bias.map(f32).transpose()?,
+            })
+        };
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .map(|l| {
+                Ok(Layer {
+                    input_norm: f32(l.input_norm)?,
+                    qkv: linear(l.qkv)?,
+                    o: linear(l.o)?,
+                    post_norm: f32(l.post_norm)?,
+                    gate_up: linear(l.gate_up)?,
+                    down: linear(l.down)?,
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        if let Matrix::Dense(t) = &self.lm_head {
+            self.lm_head = Matrix::quantized(t.clone(), Quantization::Bf16)?;
+        }
+        self.norm = f32(self.norm)?;
+        self.rope = RopeTables::new(&self.config, DType::F32, &self.device)?;
+        self.dtype = DType::F32;
+        Ok(self)
+    }
+
     /// The decoder with every projection and the output head quantized (`--quantization`);
     /// the embedding table, the norms and the biases stay in the model's dtype. One layer at
     /// a time, so the dense copy of each goes as soon as its quantized one exists.
@@ -184,6 +227,13 @@ impl Decoder {
         q.check(self.dtype, &self.device)?;
         if q.is_none() {
             return Ok(self);
+        }
+        if self.lm_head.format() == Some(candle_core::quantized::GgmlDType::BF16) {
+            return Err(ModelError::Resolve(format!(
+                "--quantization {} quantizes f32 weights: use --dtype f32 (or auto) with it, \
+                 not bf16",
+                q.name()
+            )));
         }
         if !self.lm_head.is_dense() || self.layers.iter().any(|l| !l.qkv.weight.is_dense()) {
             return Err(ModelError::Resolve(format!(
@@ -293,7 +343,7 @@ impl Decoder {
         let positions = Tensor::from_slice(&batch.positions, t, &self.device)?;
         let (cos, sin) = self.rope.gather(&positions)?;
         let eps = c.rms_norm_eps as f32;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = rms_norm(&x, &layer.input_norm, eps)?;

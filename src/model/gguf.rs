@@ -83,10 +83,10 @@ pub fn load_decoder(path: &Path, device: &Device) -> Result<Decoder, ModelError>
         };
         let err = |e: ModelError| bad(format!("tensor {name}: {e}"));
         if hf == "model.embed_tokens.weight" {
-            // Looked up by row: kept as f32. Without output.weight the same blocks are the
-            // output head, multiplied as they are stored.
+            // Looked up by row: kept as f32. Without output.weight the same blocks (or bf16
+            // values) are the output head, multiplied as they are stored.
             if !content.tensor_infos.contains_key("output.weight") {
-                if let blocks @ (Matrix::Quantized { .. } | Matrix::Parts(_)) =
+                if let blocks @ (Matrix::Quantized { .. } | Matrix::Parts(_) | Matrix::Bf16(_)) =
                     matrix(&raw).map_err(err)?
                 {
                     matrices.insert("lm_head.weight".to_string(), blocks);

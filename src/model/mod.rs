@@ -6,6 +6,7 @@
 //! [`KvCache`] and gets logits back.
 
 pub mod batch;
+pub mod bf16_matmul;
 pub mod builtin;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -11,6 +11,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use super::bf16_matmul::Bf16Rows;
 use super::q8_0_avx2::{self, Q8Rows};
 use super::ModelError;
 
@@ -37,6 +38,12 @@ pub enum Quantization {
     #[value(name = "q6_k")]
     #[serde(rename = "q6_k")]
     Q6K,
+    /// bf16 weights (a bf16 checkpoint's own values, exactly), f32 activations rounded to
+    /// bf16 at each matmul: half of f32's bytes, and AVX-512 BF16's `vdpbf16ps` where the CPU
+    /// has it.
+    #[value(name = "bf16")]
+    #[serde(rename = "bf16")]
+    Bf16,
 }
 
 impl Quantization {
@@ -47,6 +54,7 @@ impl Quantization {
             Self::Q4_0 => Some(GgmlDType::Q4_0),
             Self::Q4K => Some(GgmlDType::Q4K),
             Self::Q6K => Some(GgmlDType::Q6K),
+            Self::Bf16 => Some(GgmlDType::BF16),
         }
     }
 
@@ -84,6 +92,7 @@ impl Quantization {
             Self::Q4_0 => "q4_0",
             Self::Q4K => "q4_k",
             Self::Q6K => "q6_k",
+            Self::Bf16 => "bf16",
         }
     }
 }
@@ -110,6 +119,8 @@ pub enum Matrix {
         rows: std::sync::Arc<Q8Rows>,
         in_features: usize,
     },
+    /// bf16 weights against f32 activations ([`bf16_matmul`](super::bf16_matmul)).
+    Bf16(std::sync::Arc<Bf16Rows>),
     /// Projections of one input that could not be merged into one matrix (a GGUF file may
     /// store a layer's q, k and v in different formats): their outputs side by side.
     Parts(Vec<Matrix>),
@@ -121,7 +132,18 @@ impl Matrix {
         let Some(format) = q.ggml() else {
             return Ok(Self::Dense(weight));
         };
-        let (_, in_features) = weight.dims2()?;
+        let (rows, in_features) = weight.dims2()?;
+        if format == GgmlDType::BF16 {
+            let values = weight
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            return Self::bf16(
+                Bf16Rows::from_f32(&values, rows, in_features),
+                rows,
+                in_features,
+            );
+        }
         let pad = in_features.next_multiple_of(WIDTH_MULTIPLE) - in_features;
         let weight = weight.to_dtype(DType::F32)?.pad_with_zeros(1, 0, pad)?;
         let qt = QTensor::quantize(&weight, format)?;
@@ -154,7 +176,14 @@ impl Matrix {
                 rows * (width / block) * size
             )));
         }
-        if matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+        if format == GgmlDType::BF16 {
+            let bits: Vec<u16> = raw
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            return Self::bf16(Bf16Rows::from_bits(&bits, rows, width), rows, width);
+        }
+        if matches!(format, GgmlDType::F32 | GgmlDType::F16) {
             let qt = qtensor_from_ggml(format, raw, vec![rows, width], &device)?;
             return Ok(Self::Dense(qt.dequantize(&device)?));
         }
@@ -193,6 +222,12 @@ impl Matrix {
         })
     }
 
+    fn bf16(rows: Option<Bf16Rows>, n: usize, width: usize) -> Result<Self, ModelError> {
+        let rows =
+            rows.ok_or_else(|| ModelError::Resolve(format!("{n} x {width}: not a bf16 matrix")))?;
+        Ok(Self::Bf16(std::sync::Arc::new(rows)))
+    }
+
     /// Projections of the same input as one matrix: dense ones concatenated by row, quantized
     /// ones of one format by their blocks' bytes (rows are whole blocks), any other mix as
     /// [`Matrix::Parts`].
@@ -206,6 +241,18 @@ impl Matrix {
             .collect();
         if dense.len() == parts.len() {
             return Ok(Self::Dense(Tensor::cat(&dense, 0)?));
+        }
+        let bf16: Vec<&Bf16Rows> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Self::Bf16(rows) => Some(rows.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if bf16.len() == parts.len() {
+            if let Some(rows) = Bf16Rows::concat(&bf16) {
+                return Ok(Self::Bf16(std::sync::Arc::new(rows)));
+            }
         }
         let blocks: Vec<(&QTensor, usize)> = parts
             .iter()
@@ -246,6 +293,7 @@ impl Matrix {
                 ..
             } => Some(t.dtype()),
             Self::Int8 { .. } => Some(GgmlDType::Q8_0),
+            Self::Bf16(_) => Some(GgmlDType::BF16),
             Self::Parts(parts) => parts.iter().find_map(Matrix::format),
             _ => None,
         }
@@ -298,6 +346,7 @@ impl Matrix {
                 Ok((rows, *in_features))
             }
             Self::Int8 { rows, in_features } => Ok((rows.rows(), *in_features)),
+            Self::Bf16(rows) => Ok((rows.rows(), rows.in_features())),
             Self::Parts(parts) => {
                 let mut rows = 0;
                 let mut width = 0;
@@ -321,6 +370,7 @@ impl Matrix {
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense(t),
             },
             Self::Int8 { rows, .. } => rows.bytes(),
+            Self::Bf16(rows) => rows.bytes(),
             Self::Parts(parts) => parts.iter().map(Matrix::bytes).sum(),
         }
     }
@@ -373,6 +423,20 @@ impl Module for Matrix {
                 let width = out_dims.pop().unwrap_or(0);
                 let m = x.elem_count() / width.max(1);
                 let values = x.flatten_all()?.to_vec1::<f32>()?;
+                out_dims.push(rows.rows());
+                Tensor::from_vec(rows.matmul(&values, m), out_dims, x.device())
+            }
+            Self::Bf16(rows) => {
+                let mut out_dims = x.dims().to_vec();
+                let width = out_dims.pop().unwrap_or(0);
+                if width != rows.in_features() {
+                    candle_core::bail!(
+                        "input width {width}, the matrix takes {}",
+                        rows.in_features()
+                    );
+                }
+                let m = x.elem_count() / width.max(1);
+                let values = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 out_dims.push(rows.rows());
                 Tensor::from_vec(rows.matmul(&values, m), out_dims, x.device())
             }

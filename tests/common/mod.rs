@@ -106,3 +106,28 @@ pub fn golden(model: &str) -> Option<Golden> {
     let text = std::fs::read_to_string(&path).expect("golden.json readable");
     Some(serde_json::from_str(&text).expect("golden.json parses"))
 }
+
+/// Logits of one sequence run alone in one forward over a fresh cache (blocks of 16): the last
+/// token's row, or with `all_logits` every token's.
+pub fn forward_one(
+    decoder: &distillery::model::Decoder,
+    ids: &[u32],
+    all_logits: bool,
+) -> candle_core::Tensor {
+    use distillery::model::{ForwardBatch, KvCache};
+    let bs = 16;
+    let blocks = ids.len().div_ceil(bs);
+    let cache = KvCache::new(
+        decoder.config(),
+        blocks,
+        bs,
+        decoder.dtype(),
+        decoder.device(),
+    )
+    .expect("cache");
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push_sequence(ids, 0, &table, bs);
+    batch.all_logits = all_logits;
+    decoder.forward(&batch, &cache).expect("forward")
+}

@@ -154,6 +154,8 @@ def serve_pair(gguf_path, model, quantization):
     ("bench-llama-25m", Q.Q8_0, "q8_0"),
     ("tiny-llama-v512", Q.Q4_0, "q4_0"),
     ("tiny-random-qwen2", Q.Q8_0, "q8_0"),
+    ("tiny-random-qwen2", Q.BF16, "bf16"),
+    ("tiny-llama-v512", Q.BF16, "bf16"),
 ])
 def test_our_quantizer_writes_the_reference_bytes(tmp_path, model, fmt, quantization):
     path, _ = write_gguf(model, tmp_path, fmt, explicit_output=True)
