@@ -4,6 +4,7 @@
 
 pub mod constrained;
 pub mod daemon;
+pub mod engine_run;
 pub mod fixtures;
 pub mod http;
 pub mod scrape;
