@@ -230,8 +230,8 @@ impl Decoder {
         }
         if self.lm_head.format() == Some(candle_core::quantized::GgmlDType::BF16) {
             return Err(ModelError::Resolve(format!(
-                "--quantization {} quantizes f32 weights: use --dtype f32 (or auto) with it, \
-                 not bf16",
+                "--quantization {} quantizes f32 weights, and these are bf16 (--dtype bf16, \
+                 or a BF16 GGUF file): use --dtype f32 (or auto) with it",
                 q.name()
             )));
         }

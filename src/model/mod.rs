@@ -17,6 +17,8 @@ mod error;
 mod fast_math;
 pub mod generation_defaults;
 pub mod gguf;
+#[cfg(test)]
+mod kernel_test_values;
 pub mod kv_cache;
 pub mod paged_attention;
 pub mod q8_0_avx2;

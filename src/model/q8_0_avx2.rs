@@ -300,16 +300,14 @@ mod tests {
 
     /// Seeded values of several magnitudes (a few zero blocks among them).
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|i| {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
+        crate::model::kernel_test_values::uniform(n, seed)
+            .enumerate()
+            .map(|(i, v)| {
                 if (i / BLOCK) % 13 == 5 {
-                    return 0.0;
+                    0.0
+                } else {
+                    v * (1 + (i / BLOCK) % 4) as f32
                 }
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * (1 + (i / BLOCK) % 4) as f32
             })
             .collect()
     }
