@@ -185,10 +185,16 @@ fn bf16_on_the_cpu_is_bf16_matrices_around_f32() {
     let (bytes, formats) = bf16.weight_summary();
     let (f32_bytes, _) = f32_model.weight_summary();
     assert_eq!(formats, vec!["BF16".to_string()]);
-    assert!(bytes * 2 <= f32_bytes * 11 / 10, "{bytes} bytes against f32's {f32_bytes}");
+    assert!(
+        bytes * 2 <= f32_bytes * 11 / 10,
+        "{bytes} bytes against f32's {f32_bytes}"
+    );
     let (_, mean_bound, max_bound) = BOUNDS[0];
     let d = drift(name, &f32_model, &bf16, 2.0 * max_bound);
     let mean = (d.sum / d.positions as f64) as f32;
-    assert!(d.positions > 0 && mean <= mean_bound && d.max <= max_bound, "{d:?}");
+    assert!(
+        d.positions > 0 && mean <= mean_bound && d.max <= max_bound,
+        "{d:?}"
+    );
     assert_eq!(d.greedy_differs, 0, "{d:?}");
 }
