@@ -134,12 +134,17 @@ impl Matrix {
         };
         let (rows, in_features) = weight.dims2()?;
         if format == GgmlDType::BF16 {
-            let values = weight
-                .to_dtype(DType::F32)?
+            // candle rounds f32 to the nearest bf16 (ties to even); a bf16 weight is kept as
+            // it is, without an f32 copy.
+            let bits: Vec<u16> = weight
+                .to_dtype(DType::BF16)?
                 .flatten_all()?
-                .to_vec1::<f32>()?;
+                .to_vec1::<half::bf16>()?
+                .into_iter()
+                .map(half::bf16::to_bits)
+                .collect();
             return Self::bf16(
-                Bf16Rows::from_f32(&values, rows, in_features),
+                Bf16Rows::from_bits(&bits, rows, in_features),
                 rows,
                 in_features,
             );
