@@ -57,8 +57,8 @@ pub struct ServeArgs {
     /// cpu, cuda or cuda:N (needs a build with --features cuda) [default: cpu]
     #[arg(long, env = "DISTILLERY_DEVICE")]
     device: Option<DeviceChoice>,
-    /// Store the projection weights quantized and multiply them with int8 kernels (CPU, f32):
-    /// none, q8_0, q4_0, q4_k, q6_k [default: none]
+    /// Store the projection weights quantized and multiply them with int8 kernels, or as bf16
+    /// (CPU, f32): none, q8_0, q4_0, q4_k, q6_k, bf16 [default: none]
     #[arg(long, env = "DISTILLERY_QUANTIZATION", value_enum)]
     quantization: Option<model::Quantization>,
     /// On CUDA: fraction of the GPU's memory to use; the KV pool gets what the weights and

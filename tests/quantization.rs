@@ -197,4 +197,7 @@ fn bf16_on_the_cpu_is_bf16_matrices_around_f32() {
         "{d:?}"
     );
     assert_eq!(d.greedy_differs, 0, "{d:?}");
+    // Asking for bf16 again is asking for what it is; any other format is refused.
+    assert!(bf16.clone().quantized(Quantization::Bf16).is_ok());
+    assert!(bf16.quantized(Quantization::Q8_0).is_err());
 }

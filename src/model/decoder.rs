@@ -229,6 +229,9 @@ impl Decoder {
             return Ok(self);
         }
         if self.lm_head.format() == Some(candle_core::quantized::GgmlDType::BF16) {
+            if q == Quantization::Bf16 {
+                return Ok(self); // already what was asked
+            }
             return Err(ModelError::Resolve(format!(
                 "--quantization {} quantizes f32 weights, and these are bf16 (--dtype bf16, \
                  or a BF16 GGUF file): use --dtype f32 (or auto) with it",

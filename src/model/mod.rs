@@ -40,11 +40,13 @@ use rope::RopeTables;
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-/// `--dtype`: what the weights, activations and KV cache are computed in.
+/// `--dtype`: what the weights, activations and KV cache are computed in; on the CPU `bf16`
+/// means bf16 weight matrices around f32 activations and KV cache (`Decoder` converts it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DTypeChoice {
-    /// The config's `torch_dtype` on a GPU; f32 on the CPU (CPU half precision is slow).
+    /// The config's `torch_dtype` on a GPU; f32 on the CPU (exact for bf16 checkpoints too;
+    /// `--dtype bf16` there halves the bytes read per token).
     #[default]
     Auto,
     F32,

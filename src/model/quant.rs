@@ -1,6 +1,7 @@
 //! Weight-only quantization of the decoder's projection matrices (`--quantization`): which
 //! GGML block format each matrix gets, and the matmul through candle's quantized kernels
-//! (int8 dot products, repacked for AVX-512 VNNI or AVX2 at run time).
+//! (int8 dot products, repacked for AVX-512 VNNI or AVX2 at run time), our AVX2 Q8_0 one
+//! (`q8_0_avx2`), or bf16 weights against f32 activations (`bf16_matmul`).
 //!
 //! A matrix is quantized along its input dimension, in blocks of 32 (Q8_0, Q4_0) or 256
 //! (k-quants) weights with a scale each, as llama.cpp's GGUF files are; the activations are
@@ -158,8 +159,9 @@ impl Matrix {
         })
     }
 
-    /// A matrix stored as GGML blocks (a GGUF tensor's bytes), `rows` by `width`. Float
-    /// formats become dense f32; block formats are padded as [`Matrix::quantized`] pads.
+    /// A matrix stored as GGML blocks (a GGUF tensor's bytes), `rows` by `width`. F32 and F16
+    /// become dense f32, BF16 a [`Matrix::Bf16`]; block formats are padded as
+    /// [`Matrix::quantized`] pads.
     pub fn from_blocks(
         format: GgmlDType,
         raw: &[u8],
