@@ -405,32 +405,6 @@ fn q5_0_as_q8_0(raw: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Activation rows up to which a dense CPU matmul is split by weight rows across the op pool.
-const FEW_ROWS: usize = 4;
-
-/// `x @ w.T`. On the CPU, for a few activation rows (decoding at low concurrency), candle's
-/// gemm takes a matrix-vector path on one thread, leaving the other cores idle while it
-/// streams the weights: the weight rows are cut into one slice per op thread and each slice's
-/// product computed on its own thread (each still streams its rows once), then the outputs
-/// joined side by side.
-fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
-    let threads = rayon::current_num_threads();
-    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-    let (out, _) = w.dims2()?;
-    if !w.device().is_cpu() || threads < 2 || rows > FEW_ROWS || out < threads * 64 {
-        return x.matmul(&w.t()?);
-    }
-    let step = out.div_ceil(threads);
-    let parts = (0..out)
-        .step_by(step)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|start| x.matmul(&w.narrow(0, start, step.min(out - start))?.t()?))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Tensor::cat(&parts, D::Minus1)
-}
-
 /// `x` as the quantized kernels read it: contiguous f32, its width zero-padded to
 /// [`WIDTH_MULTIPLE`].
 fn padded_input(x: &Tensor, in_features: usize) -> candle_core::Result<Tensor> {
@@ -445,7 +419,7 @@ fn padded_input(x: &Tensor, in_features: usize) -> candle_core::Result<Tensor> {
 impl Module for Matrix {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(w) => dense_matmul(x, w),
+            Self::Dense(w) => x.matmul(&w.t()?),
             Self::Quantized {
                 matmul,
                 in_features,
@@ -607,23 +581,6 @@ mod tests {
         let here = Matrix::quantized(w, Quantization::Q8_0).unwrap();
         let got = from_file.forward(&x).unwrap();
         assert_eq!(max_abs_diff(&got, &here.forward(&x).unwrap()), 0.0);
-    }
-
-    #[test]
-    fn a_dense_matmul_split_across_threads_is_the_whole_one() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (300, 64), &dev).unwrap();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        for rows in [1, 4, 5] {
-            let x = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
-            let whole = x.matmul(&w.t().unwrap()).unwrap();
-            let split = pool.install(|| dense_matmul(&x, &w)).unwrap();
-            assert_eq!(split.dims(), whole.dims());
-            assert!(max_abs_diff(&split, &whole) < 1e-4, "{rows} rows");
-        }
     }
 
     #[test]
