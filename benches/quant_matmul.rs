@@ -1,6 +1,6 @@
 //! One quantized projection (`model::quant::Matrix`) at R1-Distill-Qwen-1.5B's widest shapes
 //! (the MLP's 8960 × 1536 gate/up and 1536 × 8960 down), for 1, 16 and 64 activation rows
-//! (decode at c=1, 16, 64), in each block format Q4_K_M files hold, bf16 (`model::bf16_matmul`)
+//! (decode at c=1, 16, 64), in each block format Q4_K_M files hold, bf16 and f16 (`model::half_matmul`)
 //! and f32 (candle's gemm). Throughput is in multiply-adds. `cargo bench --bench quant_matmul`; run before and after a kernel change on
 //! a quiet machine. `-- bf16` (a filter) runs one format.
 
@@ -17,6 +17,7 @@ fn bench(c: &mut Criterion) {
         ("q6_k", Quantization::Q6K),
         ("q8_0", Quantization::Q8_0),
         ("bf16", Quantization::Bf16),
+        ("f16", Quantization::F16),
         ("f32", Quantization::None),
     ] {
         for (rows, width) in [(8960, 1536), (1536, 8960)] {

@@ -34,6 +34,8 @@ pub struct EngineConfig {
     /// Most tokens (decode tokens plus prefill chunks) in one step.
     pub max_num_batched_tokens: usize,
     pub kv_cache: KvCacheSize,
+    /// What the cache stores (`auto`: the model's compute dtype).
+    pub kv_cache_dtype: crate::model::KvCacheDtype,
     pub enable_prefix_caching: bool,
     /// Context limit; `None` takes the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
@@ -58,6 +60,7 @@ impl Default for EngineConfig {
             // decodes for long; chunked prefill takes care of longer prompts.
             max_num_batched_tokens: 2048,
             kv_cache: KvCacheSize::Bytes(1 << 30),
+            kv_cache_dtype: crate::model::KvCacheDtype::Auto,
             enable_prefix_caching: true,
             max_model_len: None,
             data_parallel_size: 1,
@@ -193,7 +196,8 @@ pub struct ServeSettings {
     pub dtype: crate::model::DTypeChoice,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: crate::model::DeviceChoice,
-    /// Weight-only quantization of the projections (`none`, `q8_0`, `q4_0`, `q4_k`, `q6_k`).
+    /// Weight-only quantization of the projections (`none`, `q8_0`, `q4_0`, `q4_k`, `q6_k`,
+    /// `bf16`, `f16`).
     pub quantization: crate::model::Quantization,
     /// On a CUDA device, the fraction of its memory this process may use (weights, activations
     /// and the KV pool, which gets the rest); 0 sizes the pool from `kv_cache_memory` instead.
@@ -205,6 +209,7 @@ pub struct ServeSettings {
     pub max_queued_prompt_tokens: usize,
     /// KV cache budget in bytes (accepts suffixes in flags: `512MiB`, `2GB`).
     pub kv_cache_memory: usize,
+    pub kv_cache_dtype: crate::model::KvCacheDtype,
     pub block_size: usize,
     pub enable_prefix_caching: bool,
     pub max_model_len: Option<usize>,
@@ -268,6 +273,7 @@ impl Default for ServeSettings {
             max_waiting_requests: 1024,
             max_queued_prompt_tokens: 1 << 20,
             kv_cache_memory: 1 << 30,
+            kv_cache_dtype: engine.kv_cache_dtype,
             block_size: engine.block_size,
             enable_prefix_caching: engine.enable_prefix_caching,
             max_model_len: None,
@@ -362,6 +368,7 @@ impl ServeSettings {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             kv_cache: KvCacheSize::Bytes(self.kv_cache_memory),
+            kv_cache_dtype: self.kv_cache_dtype,
             enable_prefix_caching: self.enable_prefix_caching,
             max_model_len: self.max_model_len,
             data_parallel_size: self.replicas(),

@@ -51,14 +51,15 @@ pub struct ServeArgs {
     /// An accepted bearer key; repeat for several (env: comma-separated).
     #[arg(long = "api-key", env = "DISTILLERY_API_KEYS", value_delimiter = ',')]
     api_keys: Vec<String>,
-    /// auto: the config's torch_dtype on a GPU, f32 on the CPU [default: auto]
+    /// auto: the config's torch_dtype on a GPU; on the CPU bf16/f16 weight matrices for a
+    /// bf16/f16 checkpoint (f32 under a block --quantization), else f32 [default: auto]
     #[arg(long, env = "DISTILLERY_DTYPE", value_enum)]
     dtype: Option<DTypeChoice>,
     /// cpu, cuda or cuda:N (needs a build with --features cuda) [default: cpu]
     #[arg(long, env = "DISTILLERY_DEVICE")]
     device: Option<DeviceChoice>,
-    /// Store the projection weights quantized and multiply them with int8 kernels, or as bf16
-    /// (CPU, f32): none, q8_0, q4_0, q4_k, q6_k, bf16 [default: none]
+    /// Store the projection weights quantized and multiply them with int8 kernels, or in half
+    /// precision (CPU): none, q8_0, q4_0, q4_k, q6_k, bf16, f16 [default: none]
     #[arg(long, env = "DISTILLERY_QUANTIZATION", value_enum)]
     quantization: Option<model::Quantization>,
     /// On CUDA: fraction of the GPU's memory to use; the KV pool gets what the weights and
@@ -82,6 +83,10 @@ pub struct ServeArgs {
     /// KV cache budget, e.g. 1GiB or 536870912 [default: 1GiB]
     #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_KV_CACHE_MEMORY", value_parser = bytes("kv_cache_memory"))]
     kv_cache_memory: Option<usize>,
+    /// What the KV cache stores: auto (the model's compute dtype), or on the CPU for an f32
+    /// model bf16 / f16 (half the bytes per token) [default: auto]
+    #[arg(long, env = "DISTILLERY_KV_CACHE_DTYPE", value_enum)]
+    kv_cache_dtype: Option<model::KvCacheDtype>,
     /// Tokens per KV block [default: 8]
     #[arg(long, allow_negative_numbers = true, env = "DISTILLERY_BLOCK_SIZE", value_parser = checked::<usize>("block_size"))]
     block_size: Option<usize>,
@@ -224,6 +229,7 @@ impl ServeArgs {
             max_waiting_requests,
             max_queued_prompt_tokens,
             kv_cache_memory,
+            kv_cache_dtype,
             block_size
         );
         take!(
@@ -453,10 +459,18 @@ fn check_against_model(s: &ServeSettings, decoder: &Decoder) -> Result<(), Inval
              max_model_len)"
         )));
     }
+    let kv_dtype = s
+        .kv_cache_dtype
+        .resolve(decoder.dtype(), decoder.device())
+        .map_err(|e| {
+            InvalidSettings(format!(
+                "{e} (flag --kv-cache-dtype, environment DISTILLERY_KV_CACHE_DTYPE, config file \
+                 key kv_cache_dtype)"
+            ))
+        })?;
     let on_cpu = model::device_memory(decoder.device()).is_none();
     let per_replica = s.kv_cache_memory / s.replicas().max(1);
-    let blocks =
-        KvCache::blocks_for_budget(decoder.config(), s.block_size, decoder.dtype(), per_replica);
+    let blocks = KvCache::blocks_for_budget(decoder.config(), s.block_size, kv_dtype, per_replica);
     if on_cpu && blocks == 0 {
         return Err(InvalidSettings(format!(
             "kv_cache_memory = {} holds no KV block of {} tokens for each of the {} replicas \
@@ -566,6 +580,7 @@ pub fn run(s: ServeSettings) -> Result<()> {
             block_size: limits.block_size,
             num_gpu_blocks: total_blocks,
             enable_prefix_caching: s.enable_prefix_caching,
+            cache_dtype: s.kv_cache_dtype.name(),
         })
         .context("building the metric set")?,
     );

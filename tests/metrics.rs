@@ -455,6 +455,7 @@ async fn counters_histograms_and_gauges_match_a_known_set_of_requests() {
         };
         assert_eq!(label("block_size"), BLOCK_SIZE.to_string());
         assert_eq!(label("enable_prefix_caching"), "True");
+        assert_eq!(label("cache_dtype"), "auto");
         let blocks: f64 = label("num_gpu_blocks").parse().expect("a number");
         assert!(blocks > 0.0);
 

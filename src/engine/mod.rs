@@ -287,10 +287,13 @@ pub fn build(decoder: Decoder, config: &EngineConfig) -> Result<EngineCore, Mode
     config.validate().map_err(ModelError::Resolve)?;
     let model_config = decoder.config().clone();
     let block_size = config.block_size;
+    let kv_dtype = config
+        .kv_cache_dtype
+        .resolve(decoder.dtype(), decoder.device())?;
     let num_blocks = match config.kv_cache {
         KvCacheSize::Blocks(n) => n,
         KvCacheSize::Bytes(bytes) => {
-            KvCache::blocks_for_budget(&model_config, block_size, decoder.dtype(), bytes)
+            KvCache::blocks_for_budget(&model_config, block_size, kv_dtype, bytes)
         }
     };
     if num_blocks == 0 {
@@ -304,7 +307,7 @@ pub fn build(decoder: Decoder, config: &EngineConfig) -> Result<EngineCore, Mode
         &model_config,
         num_blocks,
         block_size,
-        decoder.dtype(),
+        kv_dtype,
         decoder.device(),
     )?;
     let max_model_len = config
@@ -315,7 +318,8 @@ pub fn build(decoder: Decoder, config: &EngineConfig) -> Result<EngineCore, Mode
         num_blocks,
         block_size,
         tokens = num_blocks * block_size,
-        bytes = num_blocks * KvCache::bytes_per_block(&model_config, block_size, decoder.dtype()),
+        bytes = num_blocks * KvCache::bytes_per_block(&model_config, block_size, kv_dtype),
+        dtype = ?kv_dtype,
         prefix_caching = config.enable_prefix_caching,
         "KV cache allocated"
     );

@@ -73,6 +73,8 @@ pub struct MetricsOptions {
     pub block_size: usize,
     pub num_gpu_blocks: usize,
     pub enable_prefix_caching: bool,
+    /// `--kv-cache-dtype` as vLLM names it (`auto`, `bfloat16`, ...).
+    pub cache_dtype: &'static str,
 }
 
 /// Why a request was refused before it ran (`distillery:requests_rejected_total{reason}`).
@@ -513,6 +515,7 @@ impl Metrics {
             )
             .const_label("block_size", opts.block_size.to_string())
             .const_label("num_gpu_blocks", opts.num_gpu_blocks.to_string())
+            .const_label("cache_dtype", opts.cache_dtype)
             .const_label(
                 "enable_prefix_caching",
                 if opts.enable_prefix_caching {

@@ -9,6 +9,7 @@ fn metrics(compat: bool) -> Metrics {
         block_size: 16,
         num_gpu_blocks: 100,
         enable_prefix_caching: true,
+        cache_dtype: "auto",
     })
     .unwrap()
 }

@@ -62,13 +62,13 @@ impl Linear {
         })
     }
 
-    /// The same projection with its weight quantized (the bias stays as it is).
+    /// The same projection with its weight in the format `q` names ([`Matrix::requantized`];
+    /// the bias stays as it is).
     fn quantized(self, q: Quantization) -> Result<Self, ModelError> {
-        let weight = match self.weight {
-            Matrix::Dense(t) => Matrix::quantized(t, q)?,
-            quantized => quantized,
-        };
-        Ok(Self { weight, ..self })
+        Ok(Self {
+            weight: self.weight.requantized(q)?,
+            ..self
+        })
     }
 }
 
@@ -92,6 +92,22 @@ struct Layer {
     /// gate and up projections stacked: `2 * intermediate_size` outputs.
     gate_up: Linear,
     down: Linear,
+}
+
+impl Layer {
+    /// The layer with `f` applied to each of its four projections.
+    fn map_projections(
+        self,
+        f: impl Fn(Linear) -> Result<Linear, ModelError>,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            qkv: f(self.qkv)?,
+            o: f(self.o)?,
+            gate_up: f(self.gate_up)?,
+            down: f(self.down)?,
+            ..self
+        })
+    }
 }
 
 /// Cheap to clone: tensors are shared, not copied.
@@ -154,65 +170,63 @@ impl Decoder {
     }
 
     /// Every matrix in the form this CPU multiplies fastest ([`Matrix::for_this_cpu`]); and a
-    /// bf16 model on the CPU made an f32 one around bf16 weight matrices
-    /// ([`Self::bf16_weights_on_the_cpu`]).
+    /// bf16 or f16 model on the CPU made an f32 one around half-precision weight matrices
+    /// ([`Self::half_weights_on_the_cpu`]).
     fn for_this_cpu(mut self) -> Result<Self, ModelError> {
-        if self.device.is_cpu() && self.dtype == DType::BF16 {
-            self = self.bf16_weights_on_the_cpu()?;
+        if self.device.is_cpu() && matches!(self.dtype, DType::BF16 | DType::F16) {
+            self = self.half_weights_on_the_cpu()?;
         }
-        let cpu = |l: Linear| -> Result<Linear, ModelError> {
+        self = self.map_projections(|l| {
             Ok(Linear {
                 weight: l.weight.for_this_cpu()?,
                 ..l
             })
-        };
-        self.layers = std::mem::take(&mut self.layers)
-            .into_iter()
-            .map(|l| {
-                Ok(Layer {
-                    qkv: cpu(l.qkv)?,
-                    o: cpu(l.o)?,
-                    gate_up: cpu(l.gate_up)?,
-                    down: cpu(l.down)?,
-                    ..l
-                })
-            })
-            .collect::<Result<_, ModelError>>()?;
+        })?;
         self.lm_head = self.lm_head.for_this_cpu()?;
         Ok(self)
     }
 
-    /// `--dtype bf16` on the CPU: the projections and the output head keep their bf16 values
-    /// in [`Matrix::Bf16`] (half of f32's bytes, `vdpbf16ps` where the CPU has it), and the
-    /// rest computes in f32, KV cache included: candle's own bf16 ops on the CPU widen every
-    /// operand, ~2.5x slower than f32. The embedding table stays bf16 (rows are widened as
-    /// they are looked up).
-    fn bf16_weights_on_the_cpu(mut self) -> Result<Self, ModelError> {
-        let f32 = |t: Tensor| t.to_dtype(DType::F32);
-        let linear = |l: Linear| -> Result<Linear, ModelError> {
-            Ok(Linear {
-                weight: match l.weight {
-                    Matrix::Dense(t) => Matrix::quantized(t, Quantization::Bf16)?,
-                    other => other,
-                },
-                bias: l.bias.map(f32).transpose()?,
-            })
+    /// Every layer's projections through `f`.
+    fn map_projections(
+        mut self,
+        f: impl Fn(Linear) -> Result<Linear, ModelError>,
+    ) -> Result<Self, ModelError> {
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .map(|l| l.map_projections(&f))
+            .collect::<Result<_, ModelError>>()?;
+        Ok(self)
+    }
+
+    /// `--dtype bf16` / `f16` on the CPU: the projections and the output head keep their
+    /// values in a [`Matrix::Half`] (half of f32's bytes, widened in registers), and the rest computes in f32, KV cache included: candle's own bf16 and
+    /// f16 ops on the CPU widen every operand, ~2.5x slower than f32. The embedding table
+    /// stays in its dtype (rows are widened as they are looked up).
+    fn half_weights_on_the_cpu(mut self) -> Result<Self, ModelError> {
+        let format = if self.dtype == DType::F16 {
+            Quantization::F16
+        } else {
+            Quantization::Bf16
         };
+        let f32 = |t: Tensor| t.to_dtype(DType::F32);
+        self = self.map_projections(|l| {
+            Ok(Linear {
+                bias: l.bias.clone().map(f32).transpose()?,
+                ..l.quantized(format)?
+            })
+        })?;
         self.layers = std::mem::take(&mut self.layers)
             .into_iter()
             .map(|l| {
                 Ok(Layer {
                     input_norm: f32(l.input_norm)?,
-                    qkv: linear(l.qkv)?,
-                    o: linear(l.o)?,
                     post_norm: f32(l.post_norm)?,
-                    gate_up: linear(l.gate_up)?,
-                    down: linear(l.down)?,
+                    ..l
                 })
             })
             .collect::<Result<_, ModelError>>()?;
         if let Matrix::Dense(t) = &self.lm_head {
-            self.lm_head = Matrix::quantized(t.clone(), Quantization::Bf16)?;
+            self.lm_head = Matrix::quantized(t.clone(), format)?;
         }
         self.norm = f32(self.norm)?;
         self.rope = RopeTables::new(&self.config, DType::F32, &self.device)?;
@@ -223,44 +237,30 @@ impl Decoder {
     /// The decoder with every projection and the output head quantized (`--quantization`);
     /// the embedding table, the norms and the biases stay in the model's dtype. One layer at
     /// a time, so the dense copy of each goes as soon as its quantized one exists.
-    pub fn quantized(mut self, q: Quantization) -> Result<Self, ModelError> {
+    pub fn quantized(self, q: Quantization) -> Result<Self, ModelError> {
         q.check(self.dtype, &self.device)?;
         if q.is_none() {
             return Ok(self);
         }
-        if self.lm_head.format() == Some(candle_core::quantized::GgmlDType::BF16) {
-            if q == Quantization::Bf16 {
-                return Ok(self); // already what was asked
-            }
-            return Err(ModelError::Resolve(format!(
-                "--quantization {} quantizes f32 weights, and these are bf16 (--dtype bf16, \
-                 or a BF16 GGUF file): use --dtype f32 (or auto) with it",
-                q.name()
-            )));
-        }
-        if !self.lm_head.is_dense() || self.layers.iter().any(|l| !l.qkv.weight.is_dense()) {
+        let blocks = std::iter::once(&self.lm_head).chain(self.layers.iter().flat_map(|l| {
+            [
+                &l.qkv.weight,
+                &l.o.weight,
+                &l.gate_up.weight,
+                &l.down.weight,
+            ]
+        }));
+        if blocks.into_iter().any(Matrix::has_blocks) {
             return Err(ModelError::Resolve(format!(
                 "--quantization {}: the weights are already quantized (a GGUF file); \
                  leave --quantization at none",
                 q.name()
             )));
         }
-        self.layers = std::mem::take(&mut self.layers)
-            .into_iter()
-            .map(|l| {
-                Ok(Layer {
-                    qkv: l.qkv.quantized(q)?,
-                    o: l.o.quantized(q)?,
-                    gate_up: l.gate_up.quantized(q)?,
-                    down: l.down.quantized(q)?,
-                    ..l
-                })
-            })
-            .collect::<Result<_, ModelError>>()?;
-        if let Matrix::Dense(t) = &self.lm_head {
-            self.lm_head = Matrix::quantized(t.clone(), q)?;
-        }
-        self.for_this_cpu()
+        // Dense and half-precision matrices alike, from the values they hold.
+        let mut q_model = self.map_projections(|l| l.quantized(q))?;
+        q_model.lm_head = q_model.lm_head.requantized(q)?;
+        q_model.for_this_cpu()
     }
 
     /// Bytes each token's forward reads from the weight matrices (projections and output

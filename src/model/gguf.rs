@@ -1,6 +1,6 @@
 //! Reads a llama.cpp GGUF file (the Llama and Qwen2 families) into the decoder: the config from
-//! its metadata, the weights as they are stored (GGML blocks stay blocks, float tensors become
-//! f32), renamed to the Hugging Face names the decoder asks for.
+//! its metadata, the weights as they are stored (GGML blocks stay blocks, BF16/F16 matrices
+//! stay half precision, other float tensors become f32), renamed to the Hugging Face names the decoder asks for.
 //!
 //! Knows GGUF's keys, tensor names and the one layout llama.cpp changes on conversion (Llama's
 //! q/k rows, interleaved for its rotary embedding); knows nothing of what the decoder does with
@@ -83,10 +83,10 @@ pub fn load_decoder(path: &Path, device: &Device) -> Result<Decoder, ModelError>
         };
         let err = |e: ModelError| bad(format!("tensor {name}: {e}"));
         if hf == "model.embed_tokens.weight" {
-            // Looked up by row: kept as f32. Without output.weight the same blocks (or bf16
+            // Looked up by row: kept as f32. Without output.weight the same blocks (or half
             // values) are the output head, multiplied as they are stored.
             if !content.tensor_infos.contains_key("output.weight") {
-                if let blocks @ (Matrix::Quantized { .. } | Matrix::Parts(_) | Matrix::Bf16(_)) =
+                if let blocks @ (Matrix::Quantized { .. } | Matrix::Parts(_) | Matrix::Half(_)) =
                     matrix(&raw).map_err(err)?
                 {
                     matrices.insert("lm_head.weight".to_string(), blocks);

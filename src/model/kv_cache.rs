@@ -14,6 +14,59 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
+use super::ModelError;
+
+/// `--kv-cache-dtype`: what the cache stores. `auto` is the model's compute dtype. On the CPU
+/// an f32 model may store bf16 or f16 instead: half the bytes per token, so twice the tokens
+/// in the same `--kv-cache-memory` and half the bytes attention streams at long contexts;
+/// each K/V value is rounded once as it is written, and attention still computes in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    #[default]
+    Auto,
+    #[value(alias = "float32")]
+    #[serde(alias = "float32")]
+    F32,
+    #[value(alias = "bfloat16")]
+    #[serde(alias = "bfloat16")]
+    Bf16,
+    #[value(alias = "float16")]
+    #[serde(alias = "float16")]
+    F16,
+}
+
+impl KvCacheDtype {
+    /// The cache's dtype for a model computing in `compute` on `device`, or why not: only the
+    /// CPU kernels read a cache in another dtype than the model's, and only from f32.
+    pub fn resolve(self, compute: DType, device: &Device) -> Result<DType, ModelError> {
+        let want = match self {
+            Self::Auto => return Ok(compute),
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        };
+        if want == compute || (device.is_cpu() && compute == DType::F32) {
+            return Ok(want);
+        }
+        Err(ModelError::Resolve(format!(
+            "--kv-cache-dtype {}: the model computes in {compute:?}{}, and the cache can differ \
+             from that only for an f32 model on the CPU; use --kv-cache-dtype auto",
+            self.name(),
+            if device.is_cpu() { "" } else { " on a GPU" },
+        )))
+    }
+
+    /// The name vLLM gives it (`cache_config_info`'s `cache_dtype` label).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "float32",
+            Self::Bf16 => "bfloat16",
+            Self::F16 => "float16",
+        }
+    }
+}
 
 pub struct KvCache {
     layers: Vec<Tensor>,
@@ -135,6 +188,39 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an f32 model on the CPU keeps its cache in another dtype. (On the CPU every
+    /// `--dtype` computes in f32 around its weight matrices, so the refusals are a GPU's:
+    /// a model computing in bf16 there.)
+    #[test]
+    fn a_cache_dtype_other_than_the_model_s_needs_an_f32_model() {
+        let cpu = Device::Cpu;
+        assert_eq!(
+            KvCacheDtype::Auto.resolve(DType::BF16, &cpu).ok(),
+            Some(DType::BF16)
+        );
+        assert_eq!(
+            KvCacheDtype::Bf16.resolve(DType::F32, &cpu).ok(),
+            Some(DType::BF16)
+        );
+        assert_eq!(
+            KvCacheDtype::F16.resolve(DType::F32, &cpu).ok(),
+            Some(DType::F16)
+        );
+        assert_eq!(
+            KvCacheDtype::Bf16.resolve(DType::BF16, &cpu).ok(),
+            Some(DType::BF16)
+        );
+        let err = KvCacheDtype::F16
+            .resolve(DType::BF16, &cpu)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("--kv-cache-dtype float16") && err.contains("BF16"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn utilization_budget_is_the_fraction_minus_use_and_reserve() {

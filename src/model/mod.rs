@@ -6,7 +6,6 @@
 //! [`KvCache`] and gets logits back.
 
 pub mod batch;
-pub mod bf16_matmul;
 pub mod builtin;
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -17,6 +16,7 @@ mod error;
 mod fast_math;
 pub mod generation_defaults;
 pub mod gguf;
+pub mod half_matmul;
 #[cfg(test)]
 mod kernel_test_values;
 pub mod kv_cache;
@@ -33,7 +33,7 @@ pub use config::{Architecture, ModelConfig};
 pub use decoder::{argmax_rows, Decoder};
 pub use error::ModelError;
 pub use generation_defaults::GenerationDefaults;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvCacheDtype};
 pub use quant::Quantization;
 use rope::RopeTables;
 
@@ -41,12 +41,14 @@ use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 /// `--dtype`: what the weights, activations and KV cache are computed in; on the CPU `bf16`
-/// means bf16 weight matrices around f32 activations and KV cache (`Decoder` converts it).
+/// and `f16` mean half-precision weight matrices around f32 activations and KV cache
+/// (`Decoder` converts it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DTypeChoice {
-    /// The config's `torch_dtype` on a GPU; f32 on the CPU (exact for bf16 checkpoints too;
-    /// `--dtype bf16` there halves the bytes read per token).
+    /// The config's `torch_dtype` on a GPU. On the CPU: bf16 (f16) weight matrices for a
+    /// bf16 (f16) checkpoint where the CPU has a SIMD kernel for them (AVX-512F, or
+    /// AVX2+FMA; half of f32's bytes per token; f32 under a block `--quantization`), else f32.
     #[default]
     Auto,
     F32,
@@ -60,12 +62,34 @@ impl DTypeChoice {
             Self::F32 => DType::F32,
             Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
-            Self::Auto if device.is_cpu() => DType::F32,
+            // A half-precision checkpoint keeps its values either way (widening to f32 is
+            // exact), and decoding reads half the bytes.
+            Self::Auto if device.is_cpu() => match config.torch_dtype.as_deref() {
+                Some("bfloat16") if half_matmul::fast_on_this_cpu(half_matmul::Half::Bf16) => {
+                    DType::BF16
+                }
+                Some("float16") if half_matmul::fast_on_this_cpu(half_matmul::Half::F16) => {
+                    DType::F16
+                }
+                _ => DType::F32,
+            },
             Self::Auto => match config.torch_dtype.as_deref() {
                 Some("float16") => DType::F16,
                 Some("float32") => DType::F32,
                 _ => DType::BF16,
             },
+        }
+    }
+
+    /// The choice `--quantization q` leaves: the block formats quantize f32 weights, so
+    /// `auto` means f32 under them; under `bf16` and `f16` it stays (a half-precision
+    /// checkpoint's matrices are then taken as they are, or rounded to the other half
+    /// format); an explicit choice is kept (and checked by [`Quantization::check`]).
+    pub fn under(self, q: Quantization) -> Self {
+        match (self, q) {
+            (Self::Auto, Quantization::None | Quantization::Bf16 | Quantization::F16) => Self::Auto,
+            (Self::Auto, _) => Self::F32,
+            (other, _) => other,
         }
     }
 }

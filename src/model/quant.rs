@@ -1,7 +1,7 @@
 //! Weight-only quantization of the decoder's projection matrices (`--quantization`): which
 //! GGML block format each matrix gets, and the matmul through candle's quantized kernels
 //! (int8 dot products, repacked for AVX-512 VNNI or AVX2 at run time), our AVX2 Q8_0 one
-//! (`q8_0_avx2`), or bf16 weights against f32 activations (`bf16_matmul`).
+//! (`q8_0_avx2`), or bf16/f16 weights against f32 activations (`half_matmul`).
 //!
 //! A matrix is quantized along its input dimension, in blocks of 32 (Q8_0, Q4_0) or 256
 //! (k-quants) weights with a scale each, as llama.cpp's GGUF files are; the activations are
@@ -12,7 +12,7 @@ use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use super::bf16_matmul::Bf16Rows;
+use super::half_matmul::{Half, HalfRows};
 use super::q8_0_avx2::{self, Q8Rows};
 use super::ModelError;
 
@@ -39,16 +39,19 @@ pub enum Quantization {
     #[value(name = "q6_k")]
     #[serde(rename = "q6_k")]
     Q6K,
-    /// bf16 weights (a bf16 checkpoint's own values, exactly), f32 activations rounded to
-    /// bf16 at each matmul: half of f32's bytes, and AVX-512 BF16's `vdpbf16ps` where the CPU
-    /// has it.
+    /// bf16 weights (a bf16 checkpoint's own values, exactly) widened in registers against
+    /// f32 activations: half of f32's bytes.
     #[value(name = "bf16")]
     #[serde(rename = "bf16")]
     Bf16,
+    /// f16 weights (rounded to f16), f32 activations as they are: half of f32's bytes.
+    #[value(name = "f16")]
+    #[serde(rename = "f16")]
+    F16,
 }
 
 impl Quantization {
-    fn ggml(self) -> Option<GgmlDType> {
+    pub(crate) fn ggml(self) -> Option<GgmlDType> {
         match self {
             Self::None => None,
             Self::Q8_0 => Some(GgmlDType::Q8_0),
@@ -56,6 +59,7 @@ impl Quantization {
             Self::Q4K => Some(GgmlDType::Q4K),
             Self::Q6K => Some(GgmlDType::Q6K),
             Self::Bf16 => Some(GgmlDType::BF16),
+            Self::F16 => Some(GgmlDType::F16),
         }
     }
 
@@ -94,6 +98,7 @@ impl Quantization {
             Self::Q4K => "q4_k",
             Self::Q6K => "q6_k",
             Self::Bf16 => "bf16",
+            Self::F16 => "f16",
         }
     }
 }
@@ -120,11 +125,20 @@ pub enum Matrix {
         rows: std::sync::Arc<Q8Rows>,
         in_features: usize,
     },
-    /// bf16 weights against f32 activations ([`bf16_matmul`](super::bf16_matmul)).
-    Bf16(std::sync::Arc<Bf16Rows>),
+    /// bf16 or f16 weights against f32 activations ([`half_matmul`](super::half_matmul)).
+    Half(std::sync::Arc<HalfRows>),
     /// Projections of one input that could not be merged into one matrix (a GGUF file may
     /// store a layer's q, k and v in different formats): their outputs side by side.
     Parts(Vec<Matrix>),
+}
+
+/// A half-precision matrix's values as a dense f32 tensor (exact).
+fn rows_as_f32(rows: &HalfRows) -> Result<Tensor, ModelError> {
+    Ok(Tensor::from_vec(
+        rows.to_f32(),
+        (rows.rows(), rows.in_features()),
+        &Device::Cpu,
+    )?)
 }
 
 impl Matrix {
@@ -134,9 +148,9 @@ impl Matrix {
             return Ok(Self::Dense(weight));
         };
         let (rows, in_features) = weight.dims2()?;
+        // candle rounds f32 to the nearest bf16 / f16 (ties to even); a weight already in
+        // that format is kept as it is, without an f32 copy.
         if format == GgmlDType::BF16 {
-            // candle rounds f32 to the nearest bf16 (ties to even); a bf16 weight is kept as
-            // it is, without an f32 copy.
             let bits: Vec<u16> = weight
                 .to_dtype(DType::BF16)?
                 .flatten_all()?
@@ -144,11 +158,17 @@ impl Matrix {
                 .into_iter()
                 .map(half::bf16::to_bits)
                 .collect();
-            return Self::bf16(
-                Bf16Rows::from_bits(&bits, rows, in_features),
-                rows,
-                in_features,
-            );
+            return Self::half(Half::Bf16, &bits, rows, in_features);
+        }
+        if format == GgmlDType::F16 {
+            let bits: Vec<u16> = weight
+                .to_dtype(DType::F16)?
+                .flatten_all()?
+                .to_vec1::<half::f16>()?
+                .into_iter()
+                .map(half::f16::to_bits)
+                .collect();
+            return Self::half(Half::F16, &bits, rows, in_features);
         }
         let pad = in_features.next_multiple_of(WIDTH_MULTIPLE) - in_features;
         let weight = weight.to_dtype(DType::F32)?.pad_with_zeros(1, 0, pad)?;
@@ -159,8 +179,8 @@ impl Matrix {
         })
     }
 
-    /// A matrix stored as GGML blocks (a GGUF tensor's bytes), `rows` by `width`. F32 and F16
-    /// become dense f32, BF16 a [`Matrix::Bf16`]; block formats are padded as
+    /// A matrix stored as GGML blocks (a GGUF tensor's bytes), `rows` by `width`. F32 becomes
+    /// dense, BF16 and F16 a [`Matrix::Half`]; block formats are padded as
     /// [`Matrix::quantized`] pads.
     pub fn from_blocks(
         format: GgmlDType,
@@ -183,14 +203,25 @@ impl Matrix {
                 rows * (width / block) * size
             )));
         }
-        if format == GgmlDType::BF16 {
+        if let Some(half) = match format {
+            GgmlDType::BF16 => Some(Half::Bf16),
+            GgmlDType::F16 => Some(Half::F16),
+            _ => None,
+        } {
             let bits: Vec<u16> = raw
                 .chunks_exact(2)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]))
                 .collect();
-            return Self::bf16(Bf16Rows::from_bits(&bits, rows, width), rows, width);
+            let matrix = Self::half(half, &bits, rows, width)?;
+            // Without a SIMD kernel for the format, f32 (as such files used to load) is faster.
+            return match matrix {
+                Self::Half(rows) if !super::half_matmul::fast_on_this_cpu(half) => {
+                    Ok(Self::Dense(rows_as_f32(&rows)?))
+                }
+                other => Ok(other),
+            };
         }
-        if matches!(format, GgmlDType::F32 | GgmlDType::F16) {
+        if format == GgmlDType::F32 {
             let qt = qtensor_from_ggml(format, raw, vec![rows, width], &device)?;
             return Ok(Self::Dense(qt.dequantize(&device)?));
         }
@@ -229,10 +260,34 @@ impl Matrix {
         })
     }
 
-    fn bf16(rows: Option<Bf16Rows>, n: usize, width: usize) -> Result<Self, ModelError> {
-        let rows =
-            rows.ok_or_else(|| ModelError::Resolve(format!("{n} x {width}: not a bf16 matrix")))?;
-        Ok(Self::Bf16(std::sync::Arc::new(rows)))
+    /// The matrix in the format `q` names, from the values it holds: a dense one quantized; a
+    /// half-precision one (a BF16/F16 GGUF file's, or `--dtype bf16`/`f16`'s) widened, which
+    /// is exact, then quantized or rounded to the other half format; one already in that
+    /// format, or in GGML blocks, as it is.
+    pub fn requantized(self, q: Quantization) -> Result<Self, ModelError> {
+        match self {
+            Self::Dense(t) => Self::quantized(t, q),
+            Self::Half(rows) if q.ggml() != self.format() => {
+                Self::quantized(rows_as_f32(&rows)?, q)
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Whether any of it is in GGML blocks (quantized already).
+    pub fn has_blocks(&self) -> bool {
+        match self {
+            Self::Quantized { .. } | Self::Int8 { .. } => true,
+            Self::Parts(parts) => parts.iter().any(Matrix::has_blocks),
+            Self::Dense(_) | Self::Half(_) => false,
+        }
+    }
+
+    fn half(format: Half, bits: &[u16], n: usize, width: usize) -> Result<Self, ModelError> {
+        let rows = HalfRows::from_bits(format, bits, n, width).ok_or_else(|| {
+            ModelError::Resolve(format!("{n} x {width}: not a {format:?} matrix"))
+        })?;
+        Ok(Self::Half(std::sync::Arc::new(rows)))
     }
 
     /// Projections of the same input as one matrix: dense ones concatenated by row, quantized
@@ -249,16 +304,16 @@ impl Matrix {
         if dense.len() == parts.len() {
             return Ok(Self::Dense(Tensor::cat(&dense, 0)?));
         }
-        let bf16: Vec<&Bf16Rows> = parts
+        let half: Vec<&HalfRows> = parts
             .iter()
             .filter_map(|p| match p {
-                Self::Bf16(rows) => Some(rows.as_ref()),
+                Self::Half(rows) => Some(rows.as_ref()),
                 _ => None,
             })
             .collect();
-        if bf16.len() == parts.len() {
-            if let Some(rows) = Bf16Rows::concat(&bf16) {
-                return Ok(Self::Bf16(std::sync::Arc::new(rows)));
+        if half.len() == parts.len() {
+            if let Some(rows) = HalfRows::concat(&half) {
+                return Ok(Self::Half(std::sync::Arc::new(rows)));
             }
         }
         let blocks: Vec<(&QTensor, usize)> = parts
@@ -300,7 +355,10 @@ impl Matrix {
                 ..
             } => Some(t.dtype()),
             Self::Int8 { .. } => Some(GgmlDType::Q8_0),
-            Self::Bf16(_) => Some(GgmlDType::BF16),
+            Self::Half(rows) => Some(match rows.format() {
+                Half::Bf16 => GgmlDType::BF16,
+                Half::F16 => GgmlDType::F16,
+            }),
             Self::Parts(parts) => parts.iter().find_map(Matrix::format),
             _ => None,
         }
@@ -353,7 +411,7 @@ impl Matrix {
                 Ok((rows, *in_features))
             }
             Self::Int8 { rows, in_features } => Ok((rows.rows(), *in_features)),
-            Self::Bf16(rows) => Ok((rows.rows(), rows.in_features())),
+            Self::Half(rows) => Ok((rows.rows(), rows.in_features())),
             Self::Parts(parts) => {
                 let mut rows = 0;
                 let mut width = 0;
@@ -377,7 +435,7 @@ impl Matrix {
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense(t),
             },
             Self::Int8 { rows, .. } => rows.bytes(),
-            Self::Bf16(rows) => rows.bytes(),
+            Self::Half(rows) => rows.bytes(),
             Self::Parts(parts) => parts.iter().map(Matrix::bytes).sum(),
         }
     }
@@ -433,7 +491,7 @@ impl Module for Matrix {
                 out_dims.push(rows.rows());
                 Tensor::from_vec(rows.matmul(&values, m), out_dims, x.device())
             }
-            Self::Bf16(rows) => {
+            Self::Half(rows) => {
                 let mut out_dims = x.dims().to_vec();
                 let width = out_dims.pop().unwrap_or(0);
                 if width != rows.in_features() {

@@ -21,8 +21,9 @@ pub(super) struct Loaded {
 
 pub(super) fn load(s: &ServeSettings) -> Result<Loaded> {
     let device = s.device.open()?;
+    let dtype = s.dtype.under(s.quantization);
     if let Some(name) = s.model.strip_prefix(builtin::BUILTIN_PREFIX) {
-        let (decoder, tokenizer) = builtin::load(name, s.dtype, &device)?;
+        let (decoder, tokenizer) = builtin::load(name, dtype, &device)?;
         let decoder = quantized(decoder, s.quantization)?;
         return Ok(Loaded {
             decoder,
@@ -37,8 +38,8 @@ pub(super) fn load(s: &ServeSettings) -> Result<Loaded> {
     }
     let dir = source::resolve(&s.model, &source::HubOptions::from_env())?;
     let decoder = match s.load_format {
-        LoadFormat::Auto => model::load_decoder(&dir, s.dtype, &device)?,
-        LoadFormat::Dummy => model::load_decoder_dummy(&dir, s.dtype, &device)?,
+        LoadFormat::Auto => model::load_decoder(&dir, dtype, &device)?,
+        LoadFormat::Dummy => model::load_decoder_dummy(&dir, dtype, &device)?,
     };
     let decoder = quantized(decoder, s.quantization)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
@@ -122,12 +123,6 @@ fn load_gguf(
         dir.display()
     );
     let decoder = quantized(model::gguf::load_decoder(path, device)?, s.quantization)?;
-    let (bytes, formats) = decoder.weight_summary();
-    tracing::info!(
-        weight_mib = bytes / (1 << 20),
-        formats = formats.join(","),
-        "GGUF weights"
-    );
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let name = path
         .file_stem()
@@ -141,18 +136,16 @@ fn load_gguf(
     })
 }
 
-/// The decoder as `--quantization` asks, with what it now reads per token logged.
+/// The decoder as `--quantization` asks, with what it reads per token logged (so that the
+/// format `--dtype auto` chose is visible too).
 fn quantized(decoder: Decoder, q: model::Quantization) -> Result<Decoder> {
-    if q.is_none() {
-        return Ok(decoder);
-    }
     let decoder = decoder.quantized(q)?;
     let (bytes, formats) = decoder.weight_summary();
     tracing::info!(
         quantization = q.name(),
         weight_mib = bytes / (1 << 20),
         formats = formats.join(","),
-        "weights quantized"
+        "weights ready"
     );
     Ok(decoder)
 }

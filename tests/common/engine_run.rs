@@ -31,6 +31,7 @@ pub fn config(
         max_num_seqs: seqs,
         max_num_batched_tokens: budget,
         kv_cache: KvCacheSize::Blocks(blocks),
+        kv_cache_dtype: Default::default(),
         enable_prefix_caching: prefix,
         max_model_len: None,
         data_parallel_size: 1,

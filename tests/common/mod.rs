@@ -4,6 +4,7 @@
 
 pub mod constrained;
 pub mod daemon;
+pub mod drift;
 pub mod engine_run;
 pub mod fixtures;
 pub mod http;
@@ -115,17 +116,20 @@ pub fn forward_one(
     ids: &[u32],
     all_logits: bool,
 ) -> candle_core::Tensor {
+    forward_one_cached_as(decoder, ids, all_logits, decoder.dtype())
+}
+
+/// [`forward_one`] with a KV cache storing `kv` (`--kv-cache-dtype`).
+pub fn forward_one_cached_as(
+    decoder: &distillery::model::Decoder,
+    ids: &[u32],
+    all_logits: bool,
+    kv: candle_core::DType,
+) -> candle_core::Tensor {
     use distillery::model::{ForwardBatch, KvCache};
     let bs = 16;
     let blocks = ids.len().div_ceil(bs);
-    let cache = KvCache::new(
-        decoder.config(),
-        blocks,
-        bs,
-        decoder.dtype(),
-        decoder.device(),
-    )
-    .expect("cache");
+    let cache = KvCache::new(decoder.config(), blocks, bs, kv, decoder.device()).expect("cache");
     let table: Vec<u32> = (0..blocks as u32).collect();
     let mut batch = ForwardBatch::default();
     batch.push_sequence(ids, 0, &table, bs);

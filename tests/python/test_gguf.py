@@ -156,6 +156,8 @@ def serve_pair(gguf_path, model, quantization):
     ("tiny-random-qwen2", Q.Q8_0, "q8_0"),
     ("tiny-random-qwen2", Q.BF16, "bf16"),
     ("tiny-llama-v512", Q.BF16, "bf16"),
+    ("tiny-random-qwen2", Q.F16, "f16"),
+    ("tiny-llama-v512", Q.F16, "f16"),
 ])
 def test_our_quantizer_writes_the_reference_bytes(tmp_path, model, fmt, quantization):
     path, _ = write_gguf(model, tmp_path, fmt, explicit_output=True)
@@ -167,6 +169,27 @@ def test_our_quantizer_writes_the_reference_bytes(tmp_path, model, fmt, quantiza
     finally:
         stop_daemon(a)
         stop_daemon(b)
+
+
+def test_a_bf16_gguf_quantizes_at_load_from_its_values(tmp_path):
+    """`--quantization q8_0` on a BF16 GGUF file quantizes its matrices from their values:
+    bench-llama-25m is a bf16 checkpoint, so they are the safetensors' exactly, and both
+    servers must generate the same tokens with the same log-probabilities."""
+    model = "bench-llama-25m"
+    path, _ = write_gguf(model, tmp_path, Q.BF16)
+    a = start_model_daemon(str(path), "--quantization", "q8_0")
+    try:
+        b = start_model_daemon(model, "--quantization", "q8_0")
+    except BaseException:
+        stop_daemon(a[0])
+        raise
+    try:
+        for ids in golden_prompts(model):
+            got, want = generate(a[1], ids), generate(b[1], ids)
+            assert got == want, f"BF16 GGUF + q8_0 {got} != safetensors + q8_0 {want}"
+    finally:
+        stop_daemon(a[0])
+        stop_daemon(b[0])
 
 
 def test_the_benchmarks_gguf_writer_keeps_the_weights_and_the_tokenizer(tmp_path):

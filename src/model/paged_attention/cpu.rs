@@ -29,9 +29,9 @@ struct Scratch {
 }
 
 /// What one (token, kv head) work item reads.
-struct ItemInputs<'a, T> {
+struct ItemInputs<'a, Q, T> {
     meta: &'a AttentionMeta,
-    q: &'a [T],
+    q: &'a [Q],
     cache: &'a [T],
     /// The shared prefixes' partial results (see `shared_prefix`).
     partials: &'a [f32],
@@ -358,11 +358,11 @@ const MAX_HEADS_IN_FLIGHT: usize = 4;
 /// Attention for the query heads of kv head `idx % kv_heads` at token `idx / kv_heads`,
 /// written to `out` (`group * head_dim` values).
 #[inline(always)]
-fn attend_item<M: MulAdd, T: KvElem>(
-    inp: &ItemInputs<'_, T>,
+fn attend_item<M: MulAdd, Q: KvElem, T: KvElem>(
+    inp: &ItemInputs<'_, Q, T>,
     scratch: &mut Scratch,
     idx: usize,
-    out: &mut [T],
+    out: &mut [Q],
 ) {
     let m = inp.meta;
     let AttentionShape {
@@ -425,7 +425,7 @@ fn attend_item<M: MulAdd, T: KvElem>(
             .iter_mut()
             .zip(acc.iter())
         {
-            *o = T::from_f32(a);
+            *o = Q::from_f32(a);
         }
         h0 += n;
     }
@@ -449,21 +449,21 @@ fn merge(acc: &mut [f32], (max, sum): (f32, f32), (p_max, p_sum, p_out): (f32, f
 /// The CPU must support AVX2 and FMA; callers check with `is_x86_feature_detected!`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_item_avx2<T: KvElem>(
-    inp: &ItemInputs<'_, T>,
+unsafe fn attend_item_avx2<Q: KvElem, T: KvElem>(
+    inp: &ItemInputs<'_, Q, T>,
     scratch: &mut Scratch,
     idx: usize,
-    out: &mut [T],
+    out: &mut [Q],
 ) {
-    attend_item::<Fused, T>(inp, scratch, idx, out)
+    attend_item::<Fused, Q, T>(inp, scratch, idx, out)
 }
 
-fn attend_item_best<T: KvElem>(
-    inp: &ItemInputs<'_, T>,
+fn attend_item_best<Q: KvElem, T: KvElem>(
+    inp: &ItemInputs<'_, Q, T>,
     avx2: bool,
     scratch: &mut Scratch,
     idx: usize,
-    out: &mut [T],
+    out: &mut [Q],
 ) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
@@ -473,12 +473,17 @@ fn attend_item_best<T: KvElem>(
         return;
     }
     let _ = avx2;
-    attend_item::<Unfused, T>(inp, scratch, idx, out)
+    attend_item::<Unfused, Q, T>(inp, scratch, idx, out)
 }
 
 /// Attention of every token in `meta`'s batch on the CPU; `avx2` picks the AVX2 + FMA build
 /// of the kernel (the caller checked the CPU), otherwise the portable one.
-pub(super) fn attend<T: KvElem>(meta: &AttentionMeta, q: &[T], cache: &[T], avx2: bool) -> Vec<T> {
+pub(super) fn attend<Q: KvElem, T: KvElem>(
+    meta: &AttentionMeta,
+    q: &[Q],
+    cache: &[T],
+    avx2: bool,
+) -> Vec<Q> {
     let s = meta.shape;
     let item_len = s.num_heads / s.num_kv_heads * s.head_dim;
     // Below this many multiply-adds the thread hand-off costs more than it saves; and a
@@ -494,7 +499,7 @@ pub(super) fn attend<T: KvElem>(meta: &AttentionMeta, q: &[T], cache: &[T], avx2
         cache,
         partials: &partials,
     };
-    let mut out = vec![T::from_f32(0.0); q.len()];
+    let mut out = vec![Q::from_f32(0.0); q.len()];
     if serial {
         let mut scratch = Scratch::default();
         for (idx, chunk) in out.chunks_mut(item_len).enumerate() {
@@ -511,9 +516,9 @@ pub(super) fn attend<T: KvElem>(meta: &AttentionMeta, q: &[T], cache: &[T], avx2
 }
 
 /// The partial results of every shared-prefix tile, `[tiles][ROWS][2 + head_dim]`.
-fn shared_prefix_partials<T: KvElem>(
+fn shared_prefix_partials<Q: KvElem, T: KvElem>(
     meta: &AttentionMeta,
-    q: &[T],
+    q: &[Q],
     cache: &[T],
     avx2: bool,
     serial: bool,
@@ -536,7 +541,7 @@ fn shared_prefix_partials<T: KvElem>(
             return;
         }
         let _ = avx2;
-        shared_prefix::run_tile::<Unfused, T>(&inp, prefixes, tile, scratch, out)
+        shared_prefix::run_tile::<Unfused, Q, T>(&inp, prefixes, tile, scratch, out)
     };
     if serial {
         let mut scratch = TileScratch::default();
@@ -558,12 +563,12 @@ fn shared_prefix_partials<T: KvElem>(
 /// The CPU must support AVX2 and FMA; callers check with `is_x86_feature_detected!`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_tile_avx2<T: KvElem>(
-    inp: &TileInputs<'_, T>,
+unsafe fn run_tile_avx2<Q: KvElem, T: KvElem>(
+    inp: &TileInputs<'_, Q, T>,
     prefixes: &SharedPrefixes,
     tile: Tile,
     scratch: &mut TileScratch,
     out: &mut [f32],
 ) {
-    shared_prefix::run_tile::<Fused, T>(inp, prefixes, tile, scratch, out)
+    shared_prefix::run_tile::<Fused, Q, T>(inp, prefixes, tile, scratch, out)
 }

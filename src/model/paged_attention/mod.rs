@@ -19,7 +19,7 @@ use half::{bf16, f16};
 use super::batch::ForwardBatch;
 use super::fast_math::cpu_has_avx2_fma;
 
-/// Element types the cache can hold; math is always done in f32.
+/// Element types the cache and the queries can hold; math is always done in f32.
 pub trait KvElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
@@ -37,9 +37,17 @@ impl KvElem for f32 {
 }
 
 impl KvElem for f16 {
+    /// Branch-free, so the kernels' loads vectorise (`half`'s conversion checks for F16C at
+    /// run time and converts one value per call); exact, as a unit test checks for all 2^16.
+    /// The magnitude's bits placed as an f32's, times 2^112, rebias the exponent and
+    /// normalise a subnormal in one exact multiply; infinities and NaNs come out >= 2^16 and
+    /// get the top exponent.
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+        let h = self.to_bits() as u32;
+        let scaled = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+        let special = 0u32.wrapping_sub((scaled >= 65536.0) as u32) & 0x7f80_0000;
+        f32::from_bits(scaled.to_bits() | special | (h & 0x8000) << 16)
     }
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
@@ -48,9 +56,11 @@ impl KvElem for f16 {
 }
 
 impl KvElem for bf16 {
+    /// The bits moved up (exact). `half`'s own conversion also quiets a NaN, a branch that
+    /// keeps the kernels' loads from vectorising; a NaN stays a NaN here either way.
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
@@ -144,13 +154,15 @@ struct WriteKv<'a> {
 }
 
 impl WriteKv<'_> {
-    fn write<T: KvElem>(
+    /// `S` is the model's compute dtype and `T` the cache's: on the CPU an f32 model may keep
+    /// its cache in bf16 or f16 (`--kv-cache-dtype`), each value rounded as it is stored.
+    fn write<T: KvElem, S: KvElem>(
         &self,
         cache: &mut [T],
         cache_l: &Layout,
-        k: &[T],
+        k: &[S],
         k_l: &Layout,
-        v: &[T],
+        v: &[S],
         v_l: &Layout,
     ) -> candle_core::Result<()> {
         let (start, end) = cache_l
@@ -180,10 +192,15 @@ impl WriteKv<'_> {
                 let src = t * row + g * head_dim;
                 let k_base = block_base + g * head_len;
                 for d in 0..head_dim {
-                    cache[k_base + d * block_size + offset] = k[src + d];
+                    cache[k_base + d * block_size + offset] = T::from_f32(k[src + d].to_f32());
                 }
                 let v_base = block_base + (num_kv_heads + g) * head_len + offset * head_dim;
-                cache[v_base..v_base + head_dim].copy_from_slice(&v[src..src + head_dim]);
+                for (c, x) in cache[v_base..v_base + head_dim]
+                    .iter_mut()
+                    .zip(&v[src..src + head_dim])
+                {
+                    *c = T::from_f32(x.to_f32());
+                }
             }
         }
         Ok(())
@@ -212,6 +229,12 @@ impl InplaceOp3 for WriteKv<'_> {
                 self.write(c, cache_l, k, k_l, v, v_l)
             }
             (CpuStorage::BF16(c), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::BF16(c), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                self.write(c, cache_l, k, k_l, v, v_l)
+            }
+            (CpuStorage::F16(c), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 self.write(c, cache_l, k, k_l, v, v_l)
             }
             (c, k, _) => candle_core::bail!(
@@ -295,13 +318,13 @@ struct PagedAttention<'a> {
 }
 
 impl PagedAttention<'_> {
-    fn checked<T: KvElem>(
+    fn checked<Q: KvElem, T: KvElem>(
         &self,
-        q: &[T],
+        q: &[Q],
         q_l: &Layout,
         cache: &[T],
         cache_l: &Layout,
-    ) -> candle_core::Result<Vec<T>> {
+    ) -> candle_core::Result<Vec<Q>> {
         let q = contiguous(q, q_l, "q")?;
         let cache = contiguous(cache, cache_l, "kv cache")?;
         let s = self.meta.shape;
@@ -350,6 +373,12 @@ impl CustomOp2 for PagedAttention<'_> {
             }
             (CpuStorage::BF16(q), CpuStorage::BF16(c)) => {
                 CpuStorage::BF16(self.checked(q, q_l, c, cache_l)?)
+            }
+            (CpuStorage::F32(q), CpuStorage::BF16(c)) => {
+                CpuStorage::F32(self.checked(q, q_l, c, cache_l)?)
+            }
+            (CpuStorage::F32(q), CpuStorage::F16(c)) => {
+                CpuStorage::F32(self.checked(q, q_l, c, cache_l)?)
             }
             (q, c) => candle_core::bail!(
                 "paged-attention: unsupported dtypes q {:?}, cache {:?}",

@@ -192,17 +192,17 @@ pub(super) struct TileScratch {
 }
 
 /// What a tile reads.
-pub(super) struct TileInputs<'a, T> {
+pub(super) struct TileInputs<'a, Q, T> {
     pub(super) shape: AttentionShape,
     pub(super) scale: f32,
-    pub(super) q: &'a [T],
+    pub(super) q: &'a [Q],
     pub(super) cache: &'a [T],
 }
 
 /// Computes one tile's rows into `out` (`ROWS × (2 + head_dim)`).
 #[inline(always)]
-pub(super) fn run_tile<M: MulAdd, T: KvElem>(
-    inp: &TileInputs<'_, T>,
+pub(super) fn run_tile<M: MulAdd, Q: KvElem, T: KvElem>(
+    inp: &TileInputs<'_, Q, T>,
     prefixes: &SharedPrefixes,
     tile: Tile,
     scratch: &mut TileScratch,

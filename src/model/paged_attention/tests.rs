@@ -11,7 +11,10 @@ use super::*;
 
 struct Case {
     shape: AttentionShape,
+    /// What the cache stores.
     dtype: DType,
+    /// What q, k and v come in (the model's dtype): the cache's, or f32 around a half cache.
+    compute: DType,
     /// Per sequence: (positions already cached, new tokens this step).
     seqs: Vec<(usize, usize)>,
     /// Leading positions (whole blocks, all cached) that every sequence has in the same
@@ -48,8 +51,12 @@ fn uniform(n: usize, range: f32, rng: &mut StdRng) -> Vec<f32> {
 }
 
 /// The portable kernel on the same inputs as `attend`.
-fn portable<T: KvElem + WithDType>(meta: &AttentionMeta, q: &Tensor, cache: &Tensor) -> Vec<f32> {
-    let q = q.flatten_all().and_then(|t| t.to_vec1::<T>()).expect("q");
+fn portable<Q: KvElem + WithDType, T: KvElem + WithDType>(
+    meta: &AttentionMeta,
+    q: &Tensor,
+    cache: &Tensor,
+) -> Vec<f32> {
+    let q = q.flatten_all().and_then(|t| t.to_vec1::<Q>()).expect("q");
     let cache = cache
         .flatten_all()
         .and_then(|t| t.to_vec1::<T>())
@@ -68,7 +75,7 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
         head_dim: d,
         block_size: bs,
     } = case.shape;
-    let dtype = case.dtype;
+    let (dtype, compute) = (case.dtype, case.compute);
     let blocks: usize = case.seqs.iter().map(|&(c, n)| (c + n).div_ceil(bs)).sum();
     let num_blocks = blocks + 3;
     let mut free: Vec<u32> = (0..num_blocks as u32).collect();
@@ -76,8 +83,8 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
     let shared_table: Vec<u32> = (0..case.shared / bs)
         .map(|_| free.pop().expect("enough blocks"))
         .collect();
-    let shared_k = rounded(&uniform(case.shared * kvh * d, 1.0, rng), dtype);
-    let shared_v = rounded(&uniform(case.shared * kvh * d, 1.0, rng), dtype);
+    let shared_k = rounded(&uniform(case.shared * kvh * d, 1.0, rng), compute);
+    let shared_v = rounded(&uniform(case.shared * kvh * d, 1.0, rng), compute);
     // Per sequence: its block table and the K/V rows (`[ctx][kvh][d]`) of every position.
     let mut tables = Vec::new();
     let (mut keys, mut values) = (Vec::new(), Vec::new());
@@ -88,10 +95,10 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
         table.extend((table.len()..ctx.div_ceil(bs)).map(|_| free.pop().expect("enough blocks")));
         tables.push(table);
         let mut k = shared_k.clone();
-        k.extend(rounded(&uniform(own * kvh * d, 1.0, rng), dtype));
+        k.extend(rounded(&uniform(own * kvh * d, 1.0, rng), compute));
         keys.push(k);
         let mut v = shared_v.clone();
-        v.extend(rounded(&uniform(own * kvh * d, 1.0, rng), dtype));
+        v.extend(rounded(&uniform(own * kvh * d, 1.0, rng), compute));
         values.push(v);
     }
     // Garbage everywhere a context does not reach; large enough to wreck any output that
@@ -121,15 +128,15 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
             AttentionMeta::new(batch, case.shape, &Device::Cpu)
                 .write_kv(
                     &cache,
-                    &tensor(k, &[n, kvh, d], dtype),
-                    &tensor(v, &[n, kvh, d], dtype),
+                    &tensor(k, &[n, kvh, d], compute),
+                    &tensor(v, &[n, kvh, d], compute),
                 )
                 .expect("write_kv");
         }
     }
     let t = step.num_tokens();
-    let q = rounded(&uniform(t * h * d, 1.0, rng), dtype);
-    let q_t = tensor(&q, &[t, h, d], dtype);
+    let q = rounded(&uniform(t * h * d, 1.0, rng), compute);
+    let q_t = tensor(&q, &[t, h, d], compute);
     let meta = AttentionMeta::new(&step, case.shape, &Device::Cpu);
     let out = meta
         .attend(&q_t, &cache)
@@ -137,11 +144,16 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
         .and_then(|o| o.flatten_all())
         .and_then(|o| o.to_vec1::<f32>())
         .expect("attend");
-    let slow = match dtype {
-        DType::F32 => portable::<f32>(&meta, &q_t, &cache),
-        DType::F16 => portable::<f16>(&meta, &q_t, &cache),
-        _ => portable::<bf16>(&meta, &q_t, &cache),
+    let slow = match (compute, dtype) {
+        (DType::F32, DType::F32) => portable::<f32, f32>(&meta, &q_t, &cache),
+        (DType::F32, DType::F16) => portable::<f32, f16>(&meta, &q_t, &cache),
+        (DType::F32, DType::BF16) => portable::<f32, bf16>(&meta, &q_t, &cache),
+        (DType::F16, _) => portable::<f16, f16>(&meta, &q_t, &cache),
+        _ => portable::<bf16, bf16>(&meta, &q_t, &cache),
     };
+    // The reference reads what the cache holds: each K/V value rounded as it was written.
+    let keys: Vec<Vec<f32>> = keys.iter().map(|k| rounded(k, dtype)).collect();
+    let values: Vec<Vec<f32>> = values.iter().map(|v| rounded(v, dtype)).collect();
     // Dense reference, in f64, with no paging at all.
     let group = h / kvh;
     let scale = 1.0 / (d as f64).sqrt();
@@ -187,6 +199,16 @@ fn run_case(case: &Case, rng: &mut StdRng) -> f32 {
     worst
 }
 
+/// (compute, cache) pairs the CPU ops take: one dtype throughout, or an f32 model with a half
+/// cache (`--kv-cache-dtype`).
+const DTYPES: [(DType, DType); 5] = [
+    (DType::F32, DType::F32),
+    (DType::F16, DType::F16),
+    (DType::BF16, DType::BF16),
+    (DType::F32, DType::BF16),
+    (DType::F32, DType::F16),
+];
+
 fn tolerance(dtype: DType) -> f32 {
     match dtype {
         DType::F32 => 1e-4,
@@ -200,9 +222,7 @@ fn random_case(rng: &mut StdRng, max_ctx: usize) -> Case {
     let head_dim = *[4, 5, 12, 16, 20, 64].choose(rng).expect("head dims");
     let group = *[1, 2, 4].choose(rng).expect("groups");
     let num_kv_heads = rng.gen_range(1..=3);
-    let dtype = *[DType::F32, DType::F16, DType::BF16]
-        .choose(rng)
-        .expect("dtypes");
+    let (compute, dtype) = *DTYPES.choose(rng).expect("dtypes");
     let seqs = (0..rng.gen_range(1..=4))
         .map(|_| {
             let ctx = rng.gen_range(1..=max_ctx);
@@ -213,6 +233,7 @@ fn random_case(rng: &mut StdRng, max_ctx: usize) -> Case {
     Case {
         shape: heads(num_kv_heads, group, head_dim, block_size),
         dtype,
+        compute,
         seqs,
         shared: 0,
     }
@@ -250,10 +271,11 @@ fn matches_dense_attention_on_odd_shapes_and_long_contexts() {
         (2, 256, 16, vec![(0, 1), (300, 2), (2900, 1)]),
         (6, 128, 8, vec![(1500, 2)]),
     ] {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (compute, dtype) in DTYPES {
             let case = Case {
                 shape: heads(2, group, head_dim, block_size),
                 dtype,
+                compute,
                 seqs: seqs.clone(),
                 shared: 0,
             };
@@ -280,12 +302,11 @@ fn matches_dense_attention_over_shared_prefixes() {
                 (cached, rng.gen_range(1..=5))
             })
             .collect();
-        let dtype = *[DType::F32, DType::F16, DType::BF16]
-            .choose(&mut rng)
-            .expect("dtypes");
+        let (compute, dtype) = *DTYPES.choose(&mut rng).expect("dtypes");
         let case = Case {
             shape: heads(num_kv_heads, group, head_dim, block_size),
             dtype,
+            compute,
             seqs,
             shared,
         };
@@ -344,4 +365,20 @@ fn shared_prefixes_group_sequences_by_what_they_share() {
     // Every token but the lone one's takes its prefix from a group.
     let tokens: usize = found.groups.iter().map(|g| g.tokens.len()).sum();
     assert_eq!(tokens, 3 + 5 + 2);
+}
+
+#[test]
+fn half_values_widen_exactly() {
+    for bits in 0..=u16::MAX {
+        let (h, b) = (f16::from_bits(bits), bf16::from_bits(bits));
+        for (got, want) in [
+            (KvElem::to_f32(h), h.to_f32()),
+            (KvElem::to_f32(b), b.to_f32()),
+        ] {
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{bits:#06x}: {got:e} against half's {want:e}"
+            );
+        }
+    }
 }
