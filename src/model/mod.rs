@@ -21,6 +21,7 @@ pub mod half_matmul;
 mod kernel_test_values;
 pub mod kv_cache;
 pub mod paged_attention;
+pub mod q4_k_vnni;
 pub mod q8_0_avx2;
 pub mod quant;
 mod rope;

@@ -1,7 +1,8 @@
 //! Weight-only quantization of the decoder's projection matrices (`--quantization`): which
 //! GGML block format each matrix gets, and the matmul through candle's quantized kernels
-//! (int8 dot products, repacked for AVX-512 VNNI or AVX2 at run time), our AVX2 Q8_0 one
-//! (`q8_0_avx2`), or bf16/f16 weights against f32 activations (`half_matmul`).
+//! (int8 dot products, repacked for AVX-512 VNNI or AVX2 at run time), our own int8 ones where
+//! candle's are missing or slower (`q8_0_avx2`, `q4_k_vnni`), or bf16/f16 weights against f32
+//! activations (`half_matmul`).
 //!
 //! A matrix is quantized along its input dimension, in blocks of 32 (Q8_0, Q4_0) or 256
 //! (k-quants) weights with a scale each, as llama.cpp's GGUF files are; the activations are
@@ -13,6 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::half_matmul::{Half, HalfRows};
+use super::q4_k_vnni::{self, Q4kTiles};
 use super::q8_0_avx2::{self, Q8Rows};
 use super::ModelError;
 
@@ -119,10 +121,10 @@ pub enum Matrix {
         matmul: QMatMul,
         in_features: usize,
     },
-    /// Q8_0 blocks unpacked for our batched AVX2 kernel ([`q8_0_avx2`]), on CPUs where
-    /// candle has none (AVX2 without VNNI); `in_features` as for `Quantized`.
+    /// Blocks regrouped for one of our own int8 kernels ([`IntRows`]); `in_features` as for
+    /// `Quantized`.
     Int8 {
-        rows: std::sync::Arc<Q8Rows>,
+        rows: std::sync::Arc<IntRows>,
         in_features: usize,
     },
     /// bf16 or f16 weights against f32 activations ([`half_matmul`](super::half_matmul)).
@@ -130,6 +132,45 @@ pub enum Matrix {
     /// Projections of one input that could not be merged into one matrix (a GGUF file may
     /// store a layer's q, k and v in different formats): their outputs side by side.
     Parts(Vec<Matrix>),
+}
+
+/// A block-quantized matrix in the layout of one of our own int8 kernels.
+pub enum IntRows {
+    /// Q8_0 on CPUs with AVX2 but no VNNI, where candle has no batched kernel.
+    Q8_0(Q8Rows),
+    /// Q4_K on CPUs with AVX-512 VNNI, where ours keeps the int8 units busier than candle's.
+    Q4K(Q4kTiles),
+}
+
+impl IntRows {
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Q8_0(r) => r.rows(),
+            Self::Q4K(t) => t.rows(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Q8_0(r) => r.bytes(),
+            Self::Q4K(t) => t.bytes(),
+        }
+    }
+
+    pub fn format(&self) -> GgmlDType {
+        match self {
+            Self::Q8_0(_) => GgmlDType::Q8_0,
+            Self::Q4K(_) => GgmlDType::Q4K,
+        }
+    }
+
+    /// `x @ self.T` for `x` of `m` rows of the (padded) width, row-major `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        match self {
+            Self::Q8_0(r) => r.matmul(x, m),
+            Self::Q4K(t) => t.matmul(x, m),
+        }
+    }
 }
 
 /// A half-precision matrix's values as a dense f32 tensor (exact).
@@ -354,7 +395,7 @@ impl Matrix {
                 matmul: QMatMul::QTensor(t),
                 ..
             } => Some(t.dtype()),
-            Self::Int8 { .. } => Some(GgmlDType::Q8_0),
+            Self::Int8 { rows, .. } => Some(rows.format()),
             Self::Half(rows) => Some(match rows.format() {
                 Half::Bf16 => GgmlDType::BF16,
                 Half::F16 => GgmlDType::F16,
@@ -365,8 +406,9 @@ impl Matrix {
     }
 
     /// The matrix in the form this CPU multiplies fastest: Q8_0 blocks go to our AVX2 kernel
-    /// where candle's batched int8 kernels need VNNI the CPU lacks; anything else is kept.
-    /// Called once the matrices are final (stacked), before the first forward.
+    /// where candle's batched int8 kernels need VNNI the CPU lacks, Q4_K blocks to our
+    /// AVX-512 VNNI kernel where the CPU has it (and the rows come in whole tiles); anything
+    /// else is kept. Called once the matrices are final (stacked), before the first forward.
     pub fn for_this_cpu(self) -> Result<Self, ModelError> {
         match self {
             Self::Quantized {
@@ -378,9 +420,26 @@ impl Matrix {
                     ModelError::Resolve(format!("{rows} x {width} Q8_0: not whole blocks"))
                 })?;
                 Ok(Self::Int8 {
-                    rows: std::sync::Arc::new(rows),
+                    rows: std::sync::Arc::new(IntRows::Q8_0(rows)),
                     in_features,
                 })
+            }
+            Self::Quantized {
+                matmul: QMatMul::QTensor(t),
+                in_features,
+            } if t.dtype() == GgmlDType::Q4K && q4_k_vnni::preferred() => {
+                let (rows, width) = t.shape().dims2()?;
+                match Q4kTiles::from_blocks(&t.data()?, rows, width) {
+                    Some(tiles) => Ok(Self::Int8 {
+                        rows: std::sync::Arc::new(IntRows::Q4K(tiles)),
+                        in_features,
+                    }),
+                    // Rows not in whole tiles of 16: candle's kernels take them.
+                    None => Ok(Self::Quantized {
+                        matmul: QMatMul::QTensor(t),
+                        in_features,
+                    }),
+                }
             }
             Self::Parts(parts) => Ok(Self::Parts(
                 parts
