@@ -29,7 +29,16 @@ PY
   tar xzf sdist/llama_cpp_python-*.tar.gz
   mv llama_cpp_python-*/vendor/llama.cpp src
 fi
+# On CPUs with AMX (Sapphire Rapids and later), -march=native compiles ggml's AMX matmul,
+# which segfaulted in ggml_backend_amx_mul_mat on the first decode of a Q4_K_M file in this
+# workplace's VMs (0.3.36's sources; the kernel grants the tile state); without it llama.cpp
+# takes its AVX-512 VNNI repacked kernels, what such a user would fall back to.
+no_amx=""
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 cmake -S src -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
 cmake --build build -j"$(nproc)" --target llama-server llama-quantize
 mkdir -p bin

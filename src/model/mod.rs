@@ -19,9 +19,11 @@ pub mod gguf;
 pub mod half_matmul;
 #[cfg(test)]
 mod kernel_test_values;
+mod kquant_tiles;
 pub mod kv_cache;
 pub mod paged_attention;
 pub mod q4_k_vnni;
+pub mod q6_k_vnni;
 pub mod q8_0_avx2;
 pub mod quant;
 mod rope;

@@ -1,4 +1,5 @@
-//! Batched Q4_K × int8 matrix products for x86 CPUs with AVX-512 VNNI.
+//! Batched Q4_K × int8 matrix products for x86 CPUs with AVX-512 VNNI (Q6_K's are in
+//! `q6_k_vnni`, the activations' quantization in `kquant_tiles`).
 //!
 //! candle 0.11 has a repacked Q4_K kernel for these CPUs, but fewer than half of its vector
 //! instructions are `vpdpbusd` (it shifts every high nibble into place, rescales each 32-value
@@ -24,17 +25,11 @@
 //!
 //! Knows GGML's Q4_K block layout and nothing of models or tensors' meaning.
 
-use rayon::prelude::*;
+use super::kquant_tiles::{self, Activations, QK, TILE_ROWS};
 
-/// Values per super-block.
-const QK: usize = 256;
 /// Bytes per GGML Q4_K block: f16 `d`, f16 `dmin`, 12 bytes of 6-bit scales and minimums,
 /// 128 bytes of nibbles.
 const BLOCK_BYTES: usize = 144;
-/// Weight rows per tile: one 32-bit lane each in a 512-bit register.
-const TILE_ROWS: usize = 16;
-/// Activation rows sharing one pass over a tile: each needs three registers of 32.
-const MAX_M: usize = 8;
 
 /// 16 weight rows × 256 values.
 #[derive(Clone, Copy)]
@@ -153,135 +148,12 @@ impl Q4kTiles {
     }
 
     fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        let kb = self.blocks_per_row;
-        let acts = Activations::quantize(x, m, kb);
-        let n = self.rows;
-        // Computed per row tile as [m][16] (each task owns whole tiles), transposed at the end.
-        let mut out_t = vec![0f32; n * m];
-        out_t
-            .par_chunks_mut(TILE_ROWS * m)
-            .enumerate()
-            .for_each(|(row_tile, out)| {
-                let tiles = &self.tiles[row_tile * kb..(row_tile + 1) * kb];
-                for (sb, tile) in tiles.iter().enumerate() {
-                    // The first pass over a tile also fetches the next one (the next tile of
-                    // the next task's after the last); the tile then stays in L1 while every
-                    // activation row passes over it.
-                    let next = self.tiles.get(row_tile * kb + sb + 1).unwrap_or(tile);
-                    for (chunk, acc) in out.chunks_mut(TILE_ROWS * MAX_M).enumerate() {
-                        let first = chunk * MAX_M;
-                        let rows = acc.len() / TILE_ROWS;
-                        let prefetch = (chunk == 0).then_some(next);
-                        kernel.tile(tile, prefetch, &acts, sb, first, rows, acc);
-                    }
-                }
-            });
-        let mut out = vec![0f32; m * n];
-        for (row_tile, chunk) in out_t.chunks_exact(TILE_ROWS * m).enumerate() {
-            for (i, vals) in chunk.chunks_exact(TILE_ROWS).enumerate() {
-                let at = i * n + row_tile * TILE_ROWS;
-                out[at..at + TILE_ROWS].copy_from_slice(vals);
-            }
-        }
-        out
-    }
-}
-
-/// The activations quantized per super-block.
-struct Activations {
-    blocks_per_row: usize,
-    quants: Vec<i8>,
-    /// Per row and super-block: the scale.
-    scales: Vec<f32>,
-    /// Per row, super-block and 32-value sub-block: the scale times the sum of the quants
-    /// (what a sub-block's minimum multiplies).
-    sums: Vec<f32>,
-}
-
-impl Activations {
-    fn quantize(x: &[f32], m: usize, blocks_per_row: usize) -> Self {
-        let n = m * blocks_per_row;
-        let mut quants = vec![0i8; n * QK];
-        let mut scales = vec![0f32; n];
-        let mut sums = vec![0f32; n * 8];
-        let blocks = x[..n * QK]
-            .chunks_exact(QK)
-            .zip(quants.chunks_exact_mut(QK))
-            .zip(scales.iter_mut().zip(sums.chunks_exact_mut(8)));
-        #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            for ((x, q), (d, s)) in blocks {
-                // SAFETY: the features `avx512::quantize_block` is compiled for were found at
-                // run time; it only calls the safe `quantize_block`.
-                *d = unsafe { avx512::quantize_block(x, q, s) };
-            }
-            return Self {
-                blocks_per_row,
-                quants,
-                scales,
-                sums,
+        let tile =
+            |t: &Tile, next: Option<&Tile>, acts: &Activations, sb, first, acc: &mut [f32]| {
+                kernel.tile(t, next, acts, sb, first, acc.len() / TILE_ROWS, acc)
             };
-        }
-        for ((x, q), (d, s)) in blocks {
-            *d = quantize_block(x, q, s);
-        }
-        Self {
-            blocks_per_row,
-            quants,
-            scales,
-            sums,
-        }
+        kquant_tiles::matmul(&self.tiles, self.rows, self.blocks_per_row, x, m, tile)
     }
-
-    /// Row `i`'s quants of super-block `sb`.
-    fn block(&self, i: usize, sb: usize) -> &[i8] {
-        let at = (i * self.blocks_per_row + sb) * QK;
-        &self.quants[at..at + QK]
-    }
-
-    fn scale(&self, i: usize, sb: usize) -> f32 {
-        self.scales[i * self.blocks_per_row + sb]
-    }
-
-    fn sums(&self, i: usize, sb: usize) -> &[f32] {
-        let at = (i * self.blocks_per_row + sb) * 8;
-        &self.sums[at..at + 8]
-    }
-}
-
-/// One super-block of activations: its scale returned, its quants (rounded half away from
-/// zero, as `f32::round`) into `q`, each 32-value sub-block's scale × sum into `sums`.
-/// Written as 16-lane loops without early exits so that the compiler vectorizes it where the
-/// caller enables AVX-512; every step is exact or rounds the same in any lane order.
-#[inline(always)]
-fn quantize_block(x: &[f32], q: &mut [i8], sums: &mut [f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    for c in x.chunks_exact(16) {
-        for (l, v) in lanes.iter_mut().zip(c) {
-            let a = v.abs();
-            *l = if a > *l { a } else { *l };
-        }
-    }
-    let amax = lanes.iter().fold(0f32, |a, &l| if l > a { l } else { a });
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for ((x, q), s) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(sums) {
-        let mut sum = [0i32; 32];
-        for ((v, q), sum) in x.iter().zip(q.iter_mut()).zip(sum.iter_mut()) {
-            let y = v * id;
-            let t = y.trunc();
-            let r = if (y - t).abs() >= 0.5 {
-                t + 1f32.copysign(y)
-            } else {
-                t
-            };
-            let r = r.clamp(-127.0, 127.0) as i32;
-            *q = r as i8;
-            *sum = r;
-        }
-        *s = d * sum.iter().sum::<i32>() as f32;
-    }
-    d
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -345,7 +217,7 @@ impl Kernel {
 /// One activation row against a tile, in exactly the kernel's order of operations.
 fn scalar_tile(tile: &Tile, acts: &Activations, sb: usize, i: usize, acc: &mut [f32]) {
     let a = acts.block(i, sb);
-    let (d, sums) = (acts.scale(i, sb), acts.sums(i, sb));
+    let (d, sums) = (acts.scale(i, sb), acts.sums32(i, sb));
     for (r, acc) in acc.iter_mut().enumerate() {
         let mut t = 0f32;
         for p in 0..4 {
@@ -377,15 +249,6 @@ mod avx512 {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vnni")
-    }
-
-    /// [`super::quantize_block`] compiled for AVX-512.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F and BW.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn quantize_block(x: &[f32], q: &mut [i8], sums: &mut [f32]) -> f32 {
-        super::quantize_block(x, q, sums)
     }
 
     /// `M` activation rows from `first` against one tile, added into `acc` (`[M][16]`).
@@ -440,7 +303,7 @@ mod avx512 {
         }
         for (i, t) in t.iter().enumerate() {
             let out = acc.as_mut_ptr().add(i * TILE_ROWS);
-            let sums = acts.sums(first + i, sb);
+            let sums = acts.sums32(first + i, sb);
             let mut c = _mm512_fmadd_ps(
                 *t,
                 _mm512_set1_ps(acts.scale(first + i, sb)),
@@ -499,7 +362,7 @@ mod tests {
             for r in 0..rows {
                 let mut want = 0f64;
                 for k in 0..width {
-                    let a = acts.quants[i * width + k] as f64 * acts.scale(i, k / QK) as f64;
+                    let a = acts.block(i, k / QK)[k % QK] as f64 * acts.scale(i, k / QK) as f64;
                     want += w[r * width + k] as f64 * a;
                 }
                 let g = got[i * rows + r] as f64;
@@ -508,42 +371,6 @@ mod tests {
                     "row {i} col {r}: {g} vs {want}"
                 );
             }
-        }
-    }
-
-    #[test]
-    fn activations_round_half_away_from_zero_on_every_path() {
-        // Half-way points of both signs (127 sets the scale to 1), seeded values, and zeros.
-        let mut x: Vec<f32> = (0..QK).map(|i| (i as f32 - 128.0) * 0.5).collect();
-        x[0] = 127.0;
-        x.extend(activations(1, QK, 9));
-        x.extend(std::iter::repeat_n(0.0, QK));
-        let acts = Activations::quantize(&x, 3, 1);
-        for (b, block) in x.chunks_exact(QK).enumerate() {
-            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            assert_eq!(acts.scale(b, 0), d);
-            let want: Vec<i8> = block
-                .iter()
-                .map(|v| (v * id).round().clamp(-127.0, 127.0) as i8)
-                .collect();
-            assert_eq!(acts.block(b, 0), &want[..], "block {b}");
-            for (j, s) in acts.sums(b, 0).iter().enumerate() {
-                let sum: i32 = want[32 * j..32 * (j + 1)]
-                    .iter()
-                    .map(|&q| i32::from(q))
-                    .sum();
-                assert_eq!(*s, d * sum as f32);
-            }
-        }
-        let mut scalar = (vec![0i8; QK], vec![0f32; 8]);
-        for (b, block) in x.chunks_exact(QK).enumerate() {
-            let d = quantize_block(block, &mut scalar.0, &mut scalar.1);
-            assert_eq!(
-                (d, &scalar.0[..], &scalar.1[..]),
-                (acts.scale(b, 0), acts.block(b, 0), acts.sums(b, 0))
-            );
         }
     }
 

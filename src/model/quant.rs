@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::half_matmul::{Half, HalfRows};
 use super::q4_k_vnni::{self, Q4kTiles};
+use super::q6_k_vnni::{self, Q6kTiles};
 use super::q8_0_avx2::{self, Q8Rows};
 use super::ModelError;
 
@@ -140,6 +141,9 @@ pub enum IntRows {
     Q8_0(Q8Rows),
     /// Q4_K on CPUs with AVX-512 VNNI, where ours keeps the int8 units busier than candle's.
     Q4K(Q4kTiles),
+    /// Q6_K on the same CPUs for two activation rows and more; one row goes through candle's
+    /// compact blocks (`one_row`), which stream fewer bytes.
+    Q6K { tiles: Q6kTiles, one_row: QMatMul },
 }
 
 impl IntRows {
@@ -147,6 +151,7 @@ impl IntRows {
         match self {
             Self::Q8_0(r) => r.rows(),
             Self::Q4K(t) => t.rows(),
+            Self::Q6K { tiles, .. } => tiles.rows(),
         }
     }
 
@@ -154,6 +159,15 @@ impl IntRows {
         match self {
             Self::Q8_0(r) => r.bytes(),
             Self::Q4K(t) => t.bytes(),
+            Self::Q6K { tiles, one_row } => {
+                tiles.bytes()
+                    + match one_row {
+                        QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+                        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                            t.elem_count() * t.dtype().size_in_bytes()
+                        }
+                    }
+            }
         }
     }
 
@@ -161,15 +175,26 @@ impl IntRows {
         match self {
             Self::Q8_0(_) => GgmlDType::Q8_0,
             Self::Q4K(_) => GgmlDType::Q4K,
+            Self::Q6K { .. } => GgmlDType::Q6K,
         }
     }
 
-    /// `x @ self.T` for `x` of `m` rows of the (padded) width, row-major `[m, rows]`.
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        match self {
-            Self::Q8_0(r) => r.matmul(x, m),
-            Self::Q4K(t) => t.matmul(x, m),
+    /// `x @ self.T` for `x` (`[.., width]`, padded) as a tensor `[.., rows]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut out_dims = x.dims().to_vec();
+        let width = out_dims.pop().unwrap_or(0);
+        let m = x.elem_count() / width.max(1);
+        if let (Self::Q6K { one_row, .. }, 1) = (self, m) {
+            return one_row.forward(x);
         }
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        out_dims.push(self.rows());
+        let out = match self {
+            Self::Q8_0(r) => r.matmul(&values, m),
+            Self::Q4K(t) => t.matmul(&values, m),
+            Self::Q6K { tiles, .. } => tiles.matmul(&values, m),
+        };
+        Tensor::from_vec(out, out_dims, x.device())
     }
 }
 
@@ -406,8 +431,8 @@ impl Matrix {
     }
 
     /// The matrix in the form this CPU multiplies fastest: Q8_0 blocks go to our AVX2 kernel
-    /// where candle's batched int8 kernels need VNNI the CPU lacks, Q4_K blocks to our
-    /// AVX-512 VNNI kernel where the CPU has it (and the rows come in whole tiles); anything
+    /// where candle's batched int8 kernels need VNNI the CPU lacks, Q4_K and Q6_K blocks to
+    /// ours for AVX-512 VNNI where the CPU has it (and the rows come in whole tiles); anything
     /// else is kept. Called once the matrices are final (stacked), before the first forward.
     pub fn for_this_cpu(self) -> Result<Self, ModelError> {
         match self {
@@ -435,6 +460,25 @@ impl Matrix {
                         in_features,
                     }),
                     // Rows not in whole tiles of 16: candle's kernels take them.
+                    None => Ok(Self::Quantized {
+                        matmul: QMatMul::QTensor(t),
+                        in_features,
+                    }),
+                }
+            }
+            Self::Quantized {
+                matmul: QMatMul::QTensor(t),
+                in_features,
+            } if t.dtype() == GgmlDType::Q6K && q6_k_vnni::preferred() => {
+                let (rows, width) = t.shape().dims2()?;
+                match Q6kTiles::from_blocks(&t.data()?, rows, width) {
+                    Some(tiles) => Ok(Self::Int8 {
+                        rows: std::sync::Arc::new(IntRows::Q6K {
+                            tiles,
+                            one_row: QMatMul::QTensor(t),
+                        }),
+                        in_features,
+                    }),
                     None => Ok(Self::Quantized {
                         matmul: QMatMul::QTensor(t),
                         in_features,
@@ -541,15 +585,7 @@ impl Module for Matrix {
                 matmul,
                 in_features,
             } => matmul.forward(&padded_input(x, *in_features)?),
-            Self::Int8 { rows, in_features } => {
-                let x = padded_input(x, *in_features)?;
-                let mut out_dims = x.dims().to_vec();
-                let width = out_dims.pop().unwrap_or(0);
-                let m = x.elem_count() / width.max(1);
-                let values = x.flatten_all()?.to_vec1::<f32>()?;
-                out_dims.push(rows.rows());
-                Tensor::from_vec(rows.matmul(&values, m), out_dims, x.device())
-            }
+            Self::Int8 { rows, in_features } => rows.forward(&padded_input(x, *in_features)?),
             Self::Half(rows) => {
                 let mut out_dims = x.dims().to_vec();
                 let width = out_dims.pop().unwrap_or(0);

@@ -1,0 +1,309 @@
+//! What our k-quant kernels (`q4_k_vnni`, `q6_k_vnni`) share: the activations, quantized to
+//! int8 once per matmul, and the pass of every activation row over tiles of 16 weight rows ×
+//! one 256-value super-block.
+//!
+//! Activations: per 256 values (one super-block), scale = max |x| / 127, rounded half away from
+//! zero, with the sums of each sub-block's quants that the weights' offsets multiply (Q4_K's
+//! minimums per 32 values, Q6_K's −32 per 16). A row's quantization depends on that row alone,
+//! and the vectorized path rounds exactly as the scalar one (`f32::round`).
+//!
+//! The pass: each task owns a few row tiles and walks the super-blocks in order, every row tile
+//! at one super-block before the next, so that super-block's activations (256 bytes a row)
+//! stay in L1 across the tiles; each (weight row, activation row) sum is accumulated in the
+//! same order whatever the number of rows. Knows nothing of a tile's layout.
+
+use rayon::prelude::*;
+
+/// Values per super-block.
+pub const QK: usize = 256;
+/// Weight rows per tile: one 32-bit lane each in a 512-bit register.
+pub const TILE_ROWS: usize = 16;
+/// Activation rows sharing one pass over a tile (a kernel's registers hold their sums).
+pub const MAX_M: usize = 8;
+/// Row tiles per task: their shared super-block of activations stays in L1 between them.
+const TILES_PER_TASK: usize = 4;
+
+/// `x @ w.T` for `x` of `m` rows, over `tiles` (`[row tile][super-block]`, `blocks_per_row`
+/// super-blocks a row) of `rows` weight rows; row-major `[m, rows]`. `kernel(tile, next,
+/// acts, sb, first, acc)` adds the tile × activation rows `first..first + acc.len() / 16` of
+/// super-block `sb` into `acc` (`[rows][16]`, at most [`MAX_M`] rows), and may fetch `next`.
+pub fn matmul<T: Sync>(
+    tiles: &[T],
+    rows: usize,
+    blocks_per_row: usize,
+    x: &[f32],
+    m: usize,
+    kernel: impl Fn(&T, Option<&T>, &Activations, usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let kb = blocks_per_row;
+    let acts = Activations::quantize(x, m, kb);
+    // Computed per row tile as [m][16], transposed at the end.
+    let mut out_t = vec![0f32; rows * m];
+    let per_tile = TILE_ROWS * m;
+    out_t
+        .par_chunks_mut(TILES_PER_TASK * per_tile)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first_tile = task * TILES_PER_TASK;
+            for sb in 0..kb {
+                for (t, out) in out.chunks_mut(per_tile).enumerate() {
+                    let at = (first_tile + t) * kb + sb;
+                    let tile = &tiles[at];
+                    // The next tile in memory: this tile's next super-block.
+                    let next = tiles.get(at + 1);
+                    for (chunk, acc) in out.chunks_mut(TILE_ROWS * MAX_M).enumerate() {
+                        let next = if chunk == 0 { next } else { None };
+                        kernel(tile, next, &acts, sb, chunk * MAX_M, acc);
+                    }
+                }
+            }
+        });
+    let mut out = vec![0f32; m * rows];
+    for (row_tile, chunk) in out_t.chunks_exact(per_tile).enumerate() {
+        for (i, vals) in chunk.chunks_exact(TILE_ROWS).enumerate() {
+            let at = i * rows + row_tile * TILE_ROWS;
+            out[at..at + TILE_ROWS].copy_from_slice(vals);
+        }
+    }
+    out
+}
+
+pub struct Activations {
+    blocks_per_row: usize,
+    quants: Vec<i8>,
+    /// Per row and super-block: the scale.
+    scales: Vec<f32>,
+    /// Per row, super-block and 32-value sub-block: the scale times the sum of the quants.
+    sums32: Vec<f32>,
+    /// Per row, super-block and 16-value sub-block: the scale times 32 × the sum of the quants.
+    sums16: Vec<f32>,
+}
+
+impl Activations {
+    /// `m` rows of `blocks_per_row × 256` values from `x` (row-major).
+    pub fn quantize(x: &[f32], m: usize, blocks_per_row: usize) -> Self {
+        let n = m * blocks_per_row;
+        let mut quants = vec![0i8; n * QK];
+        let mut scales = vec![0f32; n];
+        let mut sums32 = vec![0f32; n * 8];
+        let mut sums16 = vec![0f32; n * 16];
+        let simd = avx512::available();
+        // In parallel: a long row (a down projection's 8,960 values × 64 rows) takes a
+        // noticeable share of a step on one thread.
+        x[..n * QK]
+            .par_chunks_exact(QK)
+            .zip(quants.par_chunks_exact_mut(QK))
+            .zip(scales.par_iter_mut())
+            .zip(
+                sums32
+                    .par_chunks_exact_mut(8)
+                    .zip(sums16.par_chunks_exact_mut(16)),
+            )
+            .with_min_len(16)
+            .for_each(|(((x, q), d), (s32, s16))| {
+                *d = quantize_block_with(simd, x, q, s32, s16);
+            });
+        Self {
+            blocks_per_row,
+            quants,
+            scales,
+            sums32,
+            sums16,
+        }
+    }
+
+    /// Row `i`'s quants of super-block `sb`.
+    pub fn block(&self, i: usize, sb: usize) -> &[i8] {
+        let at = (i * self.blocks_per_row + sb) * QK;
+        &self.quants[at..at + QK]
+    }
+
+    pub fn scale(&self, i: usize, sb: usize) -> f32 {
+        self.scales[i * self.blocks_per_row + sb]
+    }
+
+    /// The eight 32-value sub-blocks' scale × sum.
+    pub fn sums32(&self, i: usize, sb: usize) -> &[f32] {
+        let at = (i * self.blocks_per_row + sb) * 8;
+        &self.sums32[at..at + 8]
+    }
+
+    /// The sixteen 16-value sub-blocks' scale × 32 × sum.
+    pub fn sums16(&self, i: usize, sb: usize) -> &[f32] {
+        let at = (i * self.blocks_per_row + sb) * 16;
+        &self.sums16[at..at + 16]
+    }
+}
+
+/// [`quantize_block`], compiled for AVX-512 where `simd`.
+fn quantize_block_with(
+    simd: bool,
+    x: &[f32],
+    q: &mut [i8],
+    sums32: &mut [f32],
+    sums16: &mut [f32],
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is `avx512::available()`: the features the function is compiled for
+        // were found at run time; the callers pass one super-block (256 values, 8 and 16
+        // sums).
+        return unsafe { avx512::quantize_block(x, q, sums32, sums16) };
+    }
+    let _ = simd;
+    quantize_block(x, q, sums32, sums16)
+}
+
+/// One super-block: its scale returned, its quants into `q`, the sub-blocks' sums into
+/// `sums32` and `sums16`. The reference for `avx512::quantize_block`.
+fn quantize_block(x: &[f32], q: &mut [i8], sums32: &mut [f32], sums16: &mut [f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    for c in x.chunks_exact(16) {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            let a = v.abs();
+            *l = if a > *l { a } else { *l };
+        }
+    }
+    let amax = lanes.iter().fold(0f32, |a, &l| if l > a { l } else { a });
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut s16 = [0i32; 16];
+    for ((x, q), s) in x.chunks_exact(16).zip(q.chunks_exact_mut(16)).zip(&mut s16) {
+        let mut r16 = [0i32; 16];
+        for ((v, q), r16) in x.iter().zip(q.iter_mut()).zip(r16.iter_mut()) {
+            let y = v * id;
+            let t = y.trunc();
+            let r = if (y - t).abs() >= 0.5 {
+                t + 1f32.copysign(y)
+            } else {
+                t
+            };
+            let r = r.clamp(-127.0, 127.0) as i32;
+            *q = r as i8;
+            *r16 = r;
+        }
+        *s = r16.iter().sum();
+    }
+    for (j, s) in sums32.iter_mut().enumerate() {
+        *s = d * (s16[2 * j] + s16[2 * j + 1]) as f32;
+    }
+    for (s, &sum) in sums16.iter_mut().zip(&s16) {
+        *s = d * (32 * sum) as f32;
+    }
+    d
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    }
+
+    /// [`super::quantize_block`] in AVX-512: the same result for finite inputs (the maximum
+    /// is order-independent, the rounding is emulated exactly, the sums are integers).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW; `x` and `q` hold 256 values, `sums32` 8,
+    /// `sums16` 16.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_block(
+        x: &[f32],
+        q: &mut [i8],
+        sums32: &mut [f32],
+        sums16: &mut [f32],
+    ) -> f32 {
+        use std::arch::x86_64::*;
+        debug_assert!(x.len() >= super::QK && q.len() >= super::QK);
+        let mut m = _mm512_setzero_ps();
+        for c in 0..16 {
+            // SAFETY: 16 × 16 values, within x's 256.
+            let v = _mm512_abs_ps(_mm512_loadu_ps(x.as_ptr().add(16 * c)));
+            // A NaN is skipped as the scalar `a > l` comparison skips it.
+            m = _mm512_max_ps(v, m);
+        }
+        let amax = _mm512_reduce_max_ps(m);
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let one = _mm512_set1_ps(1.0);
+        let half = _mm512_set1_ps(0.5);
+        let mut s16 = [0i32; 16];
+        for (c, s) in s16.iter_mut().enumerate() {
+            let y = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(16 * c)), id);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
+            let step = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_and_si512(_mm512_castps_si512(y), sign),
+                _mm512_castps_si512(one),
+            ));
+            let r = _mm512_mask_add_ps(t, away, t, step);
+            let r = _mm512_max_ps(
+                _mm512_min_ps(r, _mm512_set1_ps(127.0)),
+                _mm512_set1_ps(-127.0),
+            );
+            let ri = _mm512_cvttps_epi32(r);
+            _mm_storeu_si128(q.as_mut_ptr().add(16 * c).cast(), _mm512_cvtepi32_epi8(ri));
+            *s = _mm512_reduce_add_epi32(ri);
+        }
+        for (j, s) in sums32.iter_mut().enumerate() {
+            *s = d * (s16[2 * j] + s16[2 * j + 1]) as f32;
+        }
+        for (s, &sum) in sums16.iter_mut().zip(&s16) {
+            *s = d * (32 * sum) as f32;
+        }
+        d
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    pub fn available() -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activations_round_half_away_from_zero_on_every_path() {
+        // Half-way points of both signs (127 sets the scale to 1), seeded values, and zeros.
+        let mut x: Vec<f32> = (0..QK).map(|i| (i as f32 - 128.0) * 0.5).collect();
+        x[0] = 127.0;
+        x.extend(
+            crate::model::kernel_test_values::uniform(QK, 9)
+                .enumerate()
+                .map(|(i, v)| v * (1 + i % 3) as f32),
+        );
+        x.extend(std::iter::repeat_n(0.0, QK));
+        let acts = Activations::quantize(&x, 3, 1);
+        for (b, block) in x.chunks_exact(QK).enumerate() {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            assert_eq!(acts.scale(b, 0), d);
+            let want: Vec<i8> = block
+                .iter()
+                .map(|v| (v * id).round().clamp(-127.0, 127.0) as i8)
+                .collect();
+            assert_eq!(acts.block(b, 0), &want[..], "block {b}");
+            let sum =
+                |r: std::ops::Range<usize>| -> i32 { want[r].iter().map(|&q| i32::from(q)).sum() };
+            for (j, s) in acts.sums32(b, 0).iter().enumerate() {
+                assert_eq!(*s, d * sum(32 * j..32 * (j + 1)) as f32);
+            }
+            for (j, s) in acts.sums16(b, 0).iter().enumerate() {
+                assert_eq!(*s, d * (32 * sum(16 * j..16 * (j + 1))) as f32);
+            }
+        }
+        // The scalar path gives what this CPU's path gave.
+        let (mut q, mut s32, mut s16) = (vec![0i8; QK], vec![0f32; 8], vec![0f32; 16]);
+        for (b, block) in x.chunks_exact(QK).enumerate() {
+            let d = quantize_block(block, &mut q, &mut s32, &mut s16);
+            assert_eq!(d, acts.scale(b, 0));
+            assert_eq!(&q[..], acts.block(b, 0));
+            assert_eq!((&s32[..], &s16[..]), (acts.sums32(b, 0), acts.sums16(b, 0)));
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! Batched Q6_K × int8 matrix products for x86 CPUs with AVX-512 VNNI, for two activation
+//! rows and more (one row keeps candle's compact path: see [`Q6kTiles`]).
+//!
+//! Q4_K_M files keep the output head and about half the layers' down projections in Q6_K,
+//! which took a third of a 1.5B model's decoding steps in candle's repacked kernel: it corrects
+//! the −32 offset and rescales every 16-value sub-block with four float operations per
+//! activation row (two of them broadcasts from general registers) and passes over the weights
+//! once per four rows. Here a tile is 16 weight rows × one 256-value super-block with each
+//! 6-bit value in a byte (what `vpdpbusd` takes as it is), up to eight activation rows share
+//! each weight register, a sub-block costs one conversion and one fused multiply-add per row,
+//! and the offset one more per sub-block and super-block, against sums the activations carry
+//! ([`Activations::sums16`]).
+//!
+//! Every activation row runs the same operations whatever the number of rows (two or more);
+//! the scalar reference performs the same sequence with `f32::mul_add`, and the unit tests hold
+//! the AVX-512 path to it bit for bit. Knows GGML's Q6_K block layout and nothing of models.
+
+use super::kquant_tiles::{self, Activations, QK, TILE_ROWS};
+
+/// Bytes per GGML Q6_K block: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed
+/// scales, an f16 `d`.
+const BLOCK_BYTES: usize = 210;
+
+/// 16 weight rows × 256 values.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Tile {
+    /// `[group g][row][byte b]`: value `4g + b` of the row, unsigned (0..63, the weight + 32).
+    qs: [u8; QK * TILE_ROWS],
+    /// `d × scale` per 16-value sub-block and row.
+    scales: [[f32; TILE_ROWS]; 16],
+}
+
+impl Tile {
+    const ZERO: Self = Self {
+        qs: [0; QK * TILE_ROWS],
+        scales: [[0.0; TILE_ROWS]; 16],
+    };
+}
+
+/// Whether this CPU multiplies Q6_K through this module: as [`super::q4_k_vnni::preferred`],
+/// with `DISTILLERY_Q6_K_KERNEL=candle` leaving Q6_K to candle for paired benchmarks.
+pub fn preferred() -> bool {
+    std::env::var("DISTILLERY_Q6_K_KERNEL").as_deref() != Ok("candle")
+        && std::env::var("MISTRALRS_FORCE_AVX2").as_deref() != Ok("1")
+        && avx512::available()
+}
+
+/// A Q6_K matrix regrouped into tiles, for two or more activation rows. The matrix keeps its
+/// GGML blocks for one row (decoding at concurrency 1 streams the weights, and the tiles are
+/// 1.5× the bytes), so like candle's own Q6_K paths, one row and several rows sum in different
+/// orders.
+pub struct Q6kTiles {
+    rows: usize,
+    blocks_per_row: usize,
+    /// `[row tile][super-block]`.
+    tiles: Vec<Tile>,
+}
+
+/// The 256 unsigned 6-bit values of a GGML Q6_K block (`dequantize_row_q6_K` before the
+/// offset and scale).
+fn values(block: &[u8]) -> [u8; QK] {
+    let (ql, qh) = (&block[..128], &block[128..192]);
+    let mut v = [0u8; QK];
+    for h in 0..2 {
+        let (ql, qh) = (&ql[64 * h..], &qh[32 * h..]);
+        for l in 0..32 {
+            let base = 128 * h + l;
+            v[base] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+            v[base + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+            v[base + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            v[base + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    v
+}
+
+impl Q6kTiles {
+    /// `rows` rows of `width / 256` GGML Q6_K blocks each. `None` when the bytes do not have
+    /// that shape or `rows` is not a multiple of 16.
+    pub fn from_blocks(raw: &[u8], rows: usize, width: usize) -> Option<Self> {
+        let kb = width / QK;
+        if width == 0
+            || !width.is_multiple_of(QK)
+            || !rows.is_multiple_of(TILE_ROWS)
+            || raw.len() != rows * kb * BLOCK_BYTES
+        {
+            return None;
+        }
+        let mut tiles = vec![Tile::ZERO; rows / TILE_ROWS * kb];
+        for (i, tile) in tiles.iter_mut().enumerate() {
+            let (row_tile, sb) = (i / kb, i % kb);
+            for r in 0..TILE_ROWS {
+                let at = ((row_tile * TILE_ROWS + r) * kb + sb) * BLOCK_BYTES;
+                let block = &raw[at..at + BLOCK_BYTES];
+                let d = half::f16::from_le_bytes([block[208], block[209]]).to_f32();
+                for j in 0..16 {
+                    // d is an f16 and the scale eight bits: the product is exact.
+                    tile.scales[j][r] = d * f32::from(block[192 + j] as i8);
+                }
+                for (k, v) in values(block).iter().enumerate() {
+                    tile.qs[((k / 4) * TILE_ROWS + r) * 4 + k % 4] = *v;
+                }
+            }
+        }
+        Some(Self {
+            rows,
+            blocks_per_row: kb,
+            tiles,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Bytes held: 5,120 per tile of 16 rows × 256 values (the file's Q6_K takes 3,360).
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * std::mem::size_of::<Tile>()
+    }
+
+    /// `x @ self.T` for `x` of `m` rows of the width, row-major `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(x, m, Kernel::best())
+    }
+
+    fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
+        let tile =
+            |t: &Tile, next: Option<&Tile>, acts: &Activations, sb, first, acc: &mut [f32]| {
+                kernel.tile(t, next, acts, sb, first, acc.len() / TILE_ROWS, acc)
+            };
+        kquant_tiles::matmul(&self.tiles, self.rows, self.blocks_per_row, x, m, tile)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            return Self::Avx512;
+        }
+        Self::Scalar
+    }
+
+    /// Adds tile × activation rows `first..first + rows` of super-block `sb` into `acc`
+    /// (`[rows][16]`), prefetching `prefetch` meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        self,
+        tile: &Tile,
+        prefetch: Option<&Tile>,
+        acts: &Activations,
+        sb: usize,
+        first: usize,
+        rows: usize,
+        acc: &mut [f32],
+    ) {
+        match self {
+            Self::Scalar => {
+                let _ = prefetch;
+                for (i, acc) in acc.chunks_exact_mut(TILE_ROWS).enumerate() {
+                    scalar_tile(tile, acts, sb, first + i, acc);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => {
+                // SAFETY: `Kernel::Avx512` is only chosen where `avx512::available()` found
+                // the features at run time (`best`; the tests check before forcing it), and
+                // `avx512::tile` reads only the tiles, `acc` ([rows][16]) and the activations'
+                // rows `first..first + rows` of super-block `sb`, which `Activations` holds.
+                unsafe {
+                    match rows {
+                        1 => avx512::tile::<1>(tile, prefetch, acts, sb, first, acc),
+                        2 => avx512::tile::<2>(tile, prefetch, acts, sb, first, acc),
+                        3 => avx512::tile::<3>(tile, prefetch, acts, sb, first, acc),
+                        4 => avx512::tile::<4>(tile, prefetch, acts, sb, first, acc),
+                        5 => avx512::tile::<5>(tile, prefetch, acts, sb, first, acc),
+                        6 => avx512::tile::<6>(tile, prefetch, acts, sb, first, acc),
+                        7 => avx512::tile::<7>(tile, prefetch, acts, sb, first, acc),
+                        _ => avx512::tile::<8>(tile, prefetch, acts, sb, first, acc),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One activation row against a tile, in exactly the kernel's order of operations.
+fn scalar_tile(tile: &Tile, acts: &Activations, sb: usize, i: usize, acc: &mut [f32]) {
+    let a = acts.block(i, sb);
+    let (d, sums) = (acts.scale(i, sb), acts.sums16(i, sb));
+    for (r, acc) in acc.iter_mut().enumerate() {
+        let mut t = 0f32;
+        for j in 0..16 {
+            let mut isum = 0i32;
+            for g in 4 * j..4 * j + 4 {
+                let w = &tile.qs[(g * TILE_ROWS + r) * 4..][..4];
+                for (b, &w) in w.iter().enumerate() {
+                    isum += i32::from(w) * i32::from(a[4 * g + b]);
+                }
+            }
+            t = (isum as f32).mul_add(tile.scales[j][r], t);
+        }
+        let mut c = t.mul_add(d, *acc);
+        for (j, s) in sums.iter().enumerate() {
+            c = (-tile.scales[j][r]).mul_add(*s, c);
+        }
+        *acc = c;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Activations, Tile, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// `M` activation rows from `first` against one tile, added into `acc` (`[M][16]`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VNNI; `acc` must hold `M × 16` values and `acts`
+    /// rows `first..first + M`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn tile<const M: usize>(
+        tile: &Tile,
+        prefetch: Option<&Tile>,
+        acts: &Activations,
+        sb: usize,
+        first: usize,
+        acc: &mut [f32],
+    ) {
+        debug_assert!(acc.len() >= M * TILE_ROWS);
+        let a: [*const i8; M] = std::array::from_fn(|i| acts.block(first + i, sb).as_ptr());
+        let mut t = [_mm512_setzero_ps(); M];
+        for j in 0..16 {
+            if let Some(next) = prefetch {
+                // 16 sub-blocks × 5 lines cover the next tile's 80 lines.
+                let base = (next as *const Tile).cast::<i8>().add(j * 5 * 64);
+                for line in 0..5 {
+                    _mm_prefetch::<_MM_HINT_T0>(base.add(line * 64));
+                }
+            }
+            let mut isum = [_mm512_setzero_si512(); M];
+            for g in 4 * j..4 * j + 4 {
+                // SAFETY: the tile holds 64 groups of 64 bytes; each activation block holds
+                // 256 values, and 4g + 4 <= 256.
+                let w = _mm512_load_si512(tile.qs.as_ptr().add(g * 64).cast());
+                for i in 0..M {
+                    let x = a[i].add(4 * g).cast::<i32>().read_unaligned();
+                    isum[i] = _mm512_dpbusd_epi32(isum[i], w, _mm512_set1_epi32(x));
+                }
+            }
+            let s = _mm512_load_ps(tile.scales[j].as_ptr());
+            for i in 0..M {
+                t[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), s, t[i]);
+            }
+        }
+        for (i, t) in t.iter().enumerate() {
+            let out = acc.as_mut_ptr().add(i * TILE_ROWS);
+            let sums = acts.sums16(first + i, sb);
+            let mut c = _mm512_fmadd_ps(
+                *t,
+                _mm512_set1_ps(acts.scale(first + i, sb)),
+                _mm512_loadu_ps(out),
+            );
+            for (j, s) in sums.iter().enumerate() {
+                c = _mm512_fnmadd_ps(
+                    _mm512_load_ps(tile.scales[j].as_ptr()),
+                    _mm512_set1_ps(*s),
+                    c,
+                );
+            }
+            _mm512_storeu_ps(out, c);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    pub fn available() -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    fn q6k(rows: usize, width: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let values: Vec<f32> = crate::model::kernel_test_values::uniform(rows * width, seed)
+            .enumerate()
+            .map(|(i, v)| v * (1 + (i / width) % 7) as f32 * (1 + (i / 16) % 3) as f32)
+            .collect();
+        let w = Tensor::from_vec(values, (rows, width), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
+        let deq = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+        (q.data().unwrap().to_vec(), deq.to_vec1::<f32>().unwrap())
+    }
+
+    fn activations(m: usize, width: usize, seed: u64) -> Vec<f32> {
+        crate::model::kernel_test_values::uniform(m * width, seed)
+            .enumerate()
+            .map(|(i, v)| v * (1 + i % 3) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn the_reference_computes_the_dequantized_product() {
+        let (rows, width, m) = (32, 512, 3);
+        let (raw, w) = q6k(rows, width, 11);
+        let tiles = Q6kTiles::from_blocks(&raw, rows, width).unwrap();
+        let x = activations(m, width, 12);
+        let got = tiles.matmul_with(&x, m, Kernel::Scalar);
+        // The exact product of candle's dequantized weights and our quantized activations.
+        let acts = Activations::quantize(&x, m, width / QK);
+        for i in 0..m {
+            for r in 0..rows {
+                let mut want = 0f64;
+                for k in 0..width {
+                    let a = acts.block(i, k / QK)[k % QK] as f64 * acts.scale(i, k / QK) as f64;
+                    want += w[r * width + k] as f64 * a;
+                }
+                let g = got[i * rows + r] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "row {i} col {r}: {g} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_how_many_rows_come_with_it() {
+        let (rows, width) = (32, 512);
+        let (raw, _) = q6k(rows, width, 13);
+        let tiles = Q6kTiles::from_blocks(&raw, rows, width).unwrap();
+        let m = 11;
+        let x = activations(m, width, 14);
+        for kernel in kernels() {
+            let all = tiles.matmul_with(&x, m, kernel);
+            for i in 0..m - 1 {
+                let two = tiles.matmul_with(&x[i * width..(i + 2) * width], 2, kernel);
+                assert_eq!(
+                    two,
+                    all[i * rows..(i + 2) * rows],
+                    "{kernel:?} rows {i}, {}",
+                    i + 1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_simd_kernel_this_cpu_has_matches_the_reference_bit_for_bit() {
+        let (rows, width) = (48, 768);
+        let (raw, _) = q6k(rows, width, 15);
+        let tiles = Q6kTiles::from_blocks(&raw, rows, width).unwrap();
+        let simd: Vec<Kernel> = kernels()
+            .into_iter()
+            .filter(|k| *k != Kernel::Scalar)
+            .collect();
+        if simd.is_empty() {
+            eprintln!("no AVX-512 VNNI on this CPU: only the scalar reference was run");
+        }
+        for m in [1, 2, 5, 8, 9, 17] {
+            let x = activations(m, width, 16 + m as u64);
+            let want = tiles.matmul_with(&x, m, Kernel::Scalar);
+            for &kernel in &simd {
+                assert_eq!(
+                    tiles.matmul_with(&x, m, kernel),
+                    want,
+                    "{kernel:?} at {m} rows"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_that_are_not_whole_tiles_are_refused() {
+        let (raw, _) = q6k(32, 256, 17);
+        assert!(Q6kTiles::from_blocks(&raw, 32, 256).is_some());
+        assert!(Q6kTiles::from_blocks(&raw[1..], 32, 256).is_none());
+        let (raw8, _) = q6k(8, 256, 18);
+        assert!(
+            Q6kTiles::from_blocks(&raw8, 8, 256).is_none(),
+            "8 rows: not a whole tile"
+        );
+        assert!(Q6kTiles::from_blocks(&[], 0, 0).is_none());
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut k = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            k.push(Kernel::Avx512);
+        }
+        k
+    }
+}
