@@ -3,9 +3,10 @@
 //! one 256-value super-block.
 //!
 //! Activations: per 256 values (one super-block), scale = max |x| / 127, rounded half away from
-//! zero, with the sums of each sub-block's quants that the weights' offsets multiply (Q4_K's
-//! minimums per 32 values, Q6_K's −32 per 16). A row's quantization depends on that row alone,
-//! and the vectorized path rounds exactly as the scalar one (`f32::round`).
+//! zero, with the sums of each 32-value sub-block's quants (what Q4_K's minimums multiply) and
+//! a copy offset by +128 as unsigned bytes (Q6_K's kernel takes the weights as the signed
+//! operand). A row's quantization depends on that row alone, and the vectorized path rounds
+//! exactly as the scalar one (`f32::round`).
 //!
 //! The pass: each task owns a few row tiles and walks the super-blocks in order, every row tile
 //! at one super-block before the next, so that super-block's activations (256 bytes a row)
@@ -58,11 +59,16 @@ pub fn matmul<T: Sync>(
                 }
             }
         });
-    let mut out = vec![0f32; m * rows];
-    for (row_tile, chunk) in out_t.chunks_exact(per_tile).enumerate() {
-        for (i, vals) in chunk.chunks_exact(TILE_ROWS).enumerate() {
-            let at = i * rows + row_tile * TILE_ROWS;
-            out[at..at + TILE_ROWS].copy_from_slice(vals);
+    if m == 1 {
+        // One row: [row tile][1][16] is already row-major.
+        return out_t;
+    }
+    // Written in order rather than zeroed and scattered into: an output head's 64 × 151,936
+    // logits are 39 MB a step.
+    let mut out = Vec::with_capacity(m * rows);
+    for i in 0..m {
+        for tile in out_t.chunks_exact(per_tile) {
+            out.extend_from_slice(&tile[i * TILE_ROWS..(i + 1) * TILE_ROWS]);
         }
     }
     out
@@ -75,8 +81,8 @@ pub struct Activations {
     scales: Vec<f32>,
     /// Per row, super-block and 32-value sub-block: the scale times the sum of the quants.
     sums32: Vec<f32>,
-    /// Per row, super-block and 16-value sub-block: the scale times 32 × the sum of the quants.
-    sums16: Vec<f32>,
+    /// The quants + 128.
+    biased: Vec<u8>,
 }
 
 impl Activations {
@@ -86,7 +92,7 @@ impl Activations {
         let mut quants = vec![0i8; n * QK];
         let mut scales = vec![0f32; n];
         let mut sums32 = vec![0f32; n * 8];
-        let mut sums16 = vec![0f32; n * 16];
+        let mut biased = vec![0u8; n * QK];
         let simd = avx512::available();
         // In parallel: a long row (a down projection's 8,960 values × 64 rows) takes a
         // noticeable share of a step on one thread.
@@ -97,18 +103,21 @@ impl Activations {
             .zip(
                 sums32
                     .par_chunks_exact_mut(8)
-                    .zip(sums16.par_chunks_exact_mut(16)),
+                    .zip(biased.par_chunks_exact_mut(QK)),
             )
             .with_min_len(16)
-            .for_each(|(((x, q), d), (s32, s16))| {
-                *d = quantize_block_with(simd, x, q, s32, s16);
+            .for_each(|(((x, q), d), (s32, u))| {
+                *d = quantize_block_with(simd, x, q, s32);
+                for (u, q) in u.iter_mut().zip(q.iter()) {
+                    *u = (*q as u8) ^ 0x80;
+                }
             });
         Self {
             blocks_per_row,
             quants,
             scales,
             sums32,
-            sums16,
+            biased,
         }
     }
 
@@ -128,35 +137,29 @@ impl Activations {
         &self.sums32[at..at + 8]
     }
 
-    /// The sixteen 16-value sub-blocks' scale × 32 × sum.
-    pub fn sums16(&self, i: usize, sb: usize) -> &[f32] {
-        let at = (i * self.blocks_per_row + sb) * 16;
-        &self.sums16[at..at + 16]
+    /// Row `i`'s quants of super-block `sb` plus 128.
+    pub fn biased_block(&self, i: usize, sb: usize) -> &[u8] {
+        let at = (i * self.blocks_per_row + sb) * QK;
+        &self.biased[at..at + QK]
     }
 }
 
 /// [`quantize_block`], compiled for AVX-512 where `simd`.
-fn quantize_block_with(
-    simd: bool,
-    x: &[f32],
-    q: &mut [i8],
-    sums32: &mut [f32],
-    sums16: &mut [f32],
-) -> f32 {
+fn quantize_block_with(simd: bool, x: &[f32], q: &mut [i8], sums32: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is `avx512::available()`: the features the function is compiled for
         // were found at run time; the callers pass one super-block (256 values, 8 and 16
         // sums).
-        return unsafe { avx512::quantize_block(x, q, sums32, sums16) };
+        return unsafe { avx512::quantize_block(x, q, sums32) };
     }
     let _ = simd;
-    quantize_block(x, q, sums32, sums16)
+    quantize_block(x, q, sums32)
 }
 
 /// One super-block: its scale returned, its quants into `q`, the sub-blocks' sums into
-/// `sums32` and `sums16`. The reference for `avx512::quantize_block`.
-fn quantize_block(x: &[f32], q: &mut [i8], sums32: &mut [f32], sums16: &mut [f32]) -> f32 {
+/// `sums32`. The reference for `avx512::quantize_block`.
+fn quantize_block(x: &[f32], q: &mut [i8], sums32: &mut [f32]) -> f32 {
     let mut lanes = [0f32; 16];
     for c in x.chunks_exact(16) {
         for (l, v) in lanes.iter_mut().zip(c) {
@@ -187,9 +190,6 @@ fn quantize_block(x: &[f32], q: &mut [i8], sums32: &mut [f32], sums16: &mut [f32
     for (j, s) in sums32.iter_mut().enumerate() {
         *s = d * (s16[2 * j] + s16[2 * j + 1]) as f32;
     }
-    for (s, &sum) in sums16.iter_mut().zip(&s16) {
-        *s = d * (32 * sum) as f32;
-    }
     d
 }
 
@@ -204,14 +204,9 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and BW; `x` and `q` hold 256 values, `sums32` 8,
-    /// `sums16` 16.
+    /// and `sums32` 8.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn quantize_block(
-        x: &[f32],
-        q: &mut [i8],
-        sums32: &mut [f32],
-        sums16: &mut [f32],
-    ) -> f32 {
+    pub unsafe fn quantize_block(x: &[f32], q: &mut [i8], sums32: &mut [f32]) -> f32 {
         use std::arch::x86_64::*;
         debug_assert!(x.len() >= super::QK && q.len() >= super::QK);
         let mut m = _mm512_setzero_ps();
@@ -247,9 +242,6 @@ mod avx512 {
         }
         for (j, s) in sums32.iter_mut().enumerate() {
             *s = d * (s16[2 * j] + s16[2 * j + 1]) as f32;
-        }
-        for (s, &sum) in sums16.iter_mut().zip(&s16) {
-            *s = d * (32 * sum) as f32;
         }
         d
     }
@@ -293,17 +285,16 @@ mod tests {
             for (j, s) in acts.sums32(b, 0).iter().enumerate() {
                 assert_eq!(*s, d * sum(32 * j..32 * (j + 1)) as f32);
             }
-            for (j, s) in acts.sums16(b, 0).iter().enumerate() {
-                assert_eq!(*s, d * (32 * sum(16 * j..16 * (j + 1))) as f32);
-            }
+            let biased: Vec<u8> = want.iter().map(|&q| (i32::from(q) + 128) as u8).collect();
+            assert_eq!(acts.biased_block(b, 0), &biased[..]);
         }
         // The scalar path gives what this CPU's path gave.
-        let (mut q, mut s32, mut s16) = (vec![0i8; QK], vec![0f32; 8], vec![0f32; 16]);
+        let (mut q, mut s32) = (vec![0i8; QK], vec![0f32; 8]);
         for (b, block) in x.chunks_exact(QK).enumerate() {
-            let d = quantize_block(block, &mut q, &mut s32, &mut s16);
+            let d = quantize_block(block, &mut q, &mut s32);
             assert_eq!(d, acts.scale(b, 0));
             assert_eq!(&q[..], acts.block(b, 0));
-            assert_eq!((&s32[..], &s16[..]), (acts.sums32(b, 0), acts.sums16(b, 0)));
+            assert_eq!(&s32[..], acts.sums32(b, 0));
         }
     }
 }

@@ -6,10 +6,12 @@
 //! the −32 offset and rescales every 16-value sub-block with four float operations per
 //! activation row (two of them broadcasts from general registers) and passes over the weights
 //! once per four rows. Here a tile is 16 weight rows × one 256-value super-block with each
-//! 6-bit value in a byte (what `vpdpbusd` takes as it is), up to eight activation rows share
-//! each weight register, a sub-block costs one conversion and one fused multiply-add per row,
-//! and the offset one more per sub-block and super-block, against sums the activations carry
-//! ([`Activations::sums16`]).
+//! weight (the 6-bit value − 32) in a signed byte, up to eight activation rows share each
+//! weight register, and a sub-block costs one conversion and one fused multiply-add per row.
+//! `vpdpbusd` wants one unsigned operand: the activations come offset by +128
+//! ([`Activations::biased_block`]), and what the offset adds, 128 × each row's scaled weight
+//! sums, depends on the weights alone: one constant per row and super-block, computed at load
+//! and taken off with one more fused multiply-add.
 //!
 //! Every activation row runs the same operations whatever the number of rows (two or more);
 //! the scalar reference performs the same sequence with `f32::mul_add`, and the unit tests hold
@@ -25,16 +27,19 @@ const BLOCK_BYTES: usize = 210;
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Tile {
-    /// `[group g][row][byte b]`: value `4g + b` of the row, unsigned (0..63, the weight + 32).
-    qs: [u8; QK * TILE_ROWS],
+    /// `[group g][row][byte b]`: value `4g + b` of the row, signed (−32..31).
+    qs: [i8; QK * TILE_ROWS],
     /// `d × scale` per 16-value sub-block and row.
     scales: [[f32; TILE_ROWS]; 16],
+    /// Per row: Σ over sub-blocks of `d × scale × 128 × (sum of the sub-block's values)`.
+    bias: [f32; TILE_ROWS],
 }
 
 impl Tile {
     const ZERO: Self = Self {
         qs: [0; QK * TILE_ROWS],
         scales: [[0.0; TILE_ROWS]; 16],
+        bias: [0.0; TILE_ROWS],
     };
 }
 
@@ -98,9 +103,16 @@ impl Q6kTiles {
                     // d is an f16 and the scale eight bits: the product is exact.
                     tile.scales[j][r] = d * f32::from(block[192 + j] as i8);
                 }
-                for (k, v) in values(block).iter().enumerate() {
-                    tile.qs[((k / 4) * TILE_ROWS + r) * 4 + k % 4] = *v;
+                let v = values(block);
+                for (k, v) in v.iter().enumerate() {
+                    tile.qs[((k / 4) * TILE_ROWS + r) * 4 + k % 4] = *v as i8 - 32;
                 }
+                let mut bias = 0f32;
+                for (j, sub) in v.chunks_exact(16).enumerate() {
+                    let sum: i32 = sub.iter().map(|&v| i32::from(v) - 32).sum();
+                    bias = ((128 * sum) as f32).mul_add(tile.scales[j][r], bias);
+                }
+                tile.bias[r] = bias;
             }
         }
         Some(Self {
@@ -114,7 +126,7 @@ impl Q6kTiles {
         self.rows
     }
 
-    /// Bytes held: 5,120 per tile of 16 rows × 256 values (the file's Q6_K takes 3,360).
+    /// Bytes held: 5,184 per tile of 16 rows × 256 values (the file's Q6_K takes 3,360).
     pub fn bytes(&self) -> usize {
         self.tiles.len() * std::mem::size_of::<Tile>()
     }
@@ -194,8 +206,8 @@ impl Kernel {
 
 /// One activation row against a tile, in exactly the kernel's order of operations.
 fn scalar_tile(tile: &Tile, acts: &Activations, sb: usize, i: usize, acc: &mut [f32]) {
-    let a = acts.block(i, sb);
-    let (d, sums) = (acts.scale(i, sb), acts.sums16(i, sb));
+    let a = acts.biased_block(i, sb);
+    let d = acts.scale(i, sb);
     for (r, acc) in acc.iter_mut().enumerate() {
         let mut t = 0f32;
         for j in 0..16 {
@@ -208,11 +220,8 @@ fn scalar_tile(tile: &Tile, acts: &Activations, sb: usize, i: usize, acc: &mut [
             }
             t = (isum as f32).mul_add(tile.scales[j][r], t);
         }
-        let mut c = t.mul_add(d, *acc);
-        for (j, s) in sums.iter().enumerate() {
-            c = (-tile.scales[j][r]).mul_add(*s, c);
-        }
-        *acc = c;
+        let c = t.mul_add(d, *acc);
+        *acc = (-tile.bias[r]).mul_add(d, c);
     }
 }
 
@@ -242,13 +251,13 @@ mod avx512 {
         acc: &mut [f32],
     ) {
         debug_assert!(acc.len() >= M * TILE_ROWS);
-        let a: [*const i8; M] = std::array::from_fn(|i| acts.block(first + i, sb).as_ptr());
+        let a: [*const u8; M] = std::array::from_fn(|i| acts.biased_block(first + i, sb).as_ptr());
         let mut t = [_mm512_setzero_ps(); M];
         for j in 0..16 {
             if let Some(next) = prefetch {
-                // 16 sub-blocks × 5 lines cover the next tile's 80 lines.
-                let base = (next as *const Tile).cast::<i8>().add(j * 5 * 64);
-                for line in 0..5 {
+                // 16 sub-blocks × 5 lines, and the last line, cover the next tile's 81 lines.
+                let base = (next as *const Tile).cast::<i8>();
+                for line in 5 * j..5 * j + if j == 15 { 6 } else { 5 } {
                     _mm_prefetch::<_MM_HINT_T0>(base.add(line * 64));
                 }
             }
@@ -259,7 +268,8 @@ mod avx512 {
                 let w = _mm512_load_si512(tile.qs.as_ptr().add(g * 64).cast());
                 for i in 0..M {
                     let x = a[i].add(4 * g).cast::<i32>().read_unaligned();
-                    isum[i] = _mm512_dpbusd_epi32(isum[i], w, _mm512_set1_epi32(x));
+                    // Unsigned activations × signed weights.
+                    isum[i] = _mm512_dpbusd_epi32(isum[i], _mm512_set1_epi32(x), w);
                 }
             }
             let s = _mm512_load_ps(tile.scales[j].as_ptr());
@@ -267,22 +277,12 @@ mod avx512 {
                 t[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), s, t[i]);
             }
         }
+        let bias = _mm512_load_ps(tile.bias.as_ptr());
         for (i, t) in t.iter().enumerate() {
             let out = acc.as_mut_ptr().add(i * TILE_ROWS);
-            let sums = acts.sums16(first + i, sb);
-            let mut c = _mm512_fmadd_ps(
-                *t,
-                _mm512_set1_ps(acts.scale(first + i, sb)),
-                _mm512_loadu_ps(out),
-            );
-            for (j, s) in sums.iter().enumerate() {
-                c = _mm512_fnmadd_ps(
-                    _mm512_load_ps(tile.scales[j].as_ptr()),
-                    _mm512_set1_ps(*s),
-                    c,
-                );
-            }
-            _mm512_storeu_ps(out, c);
+            let d = _mm512_set1_ps(acts.scale(first + i, sb));
+            let c = _mm512_fmadd_ps(*t, d, _mm512_loadu_ps(out));
+            _mm512_storeu_ps(out, _mm512_fnmadd_ps(bias, d, c));
         }
     }
 }
