@@ -28,9 +28,10 @@ mod simd {
             // Keeps the loop a loop (the compiler would otherwise fold the trips).
             std::arch::asm!("", options(nomem, nostack));
         }
-        acc.iter()
-            .fold(_mm512_setzero_si512(), |s, x| _mm512_add_epi32(s, *x))
-            .as_i32()
+        _mm512_reduce_add_epi32(
+            acc.iter()
+                .fold(_mm512_setzero_si512(), |s, x| _mm512_add_epi32(s, *x)),
+        )
     }
 
     /// # Safety
@@ -49,17 +50,6 @@ mod simd {
             acc.iter()
                 .fold(_mm512_setzero_ps(), |s, x| _mm512_add_ps(s, *x)),
         )
-    }
-
-    trait Lane {
-        fn as_i32(self) -> i32;
-    }
-
-    impl Lane for __m512i {
-        fn as_i32(self) -> i32 {
-            // SAFETY: AVX-512 F is present wherever `dpbusd` ran.
-            unsafe { _mm512_reduce_add_epi32(self) }
-        }
     }
 }
 
