@@ -38,41 +38,69 @@ pub fn matmul<T: Sync>(
 ) -> Vec<f32> {
     let kb = blocks_per_row;
     let acts = Activations::quantize(x, m, kb);
-    // Computed per row tile as [m][16], transposed at the end.
-    let mut out_t = vec![0f32; rows * m];
+    let row_tiles = rows / TILE_ROWS;
     let per_tile = TILE_ROWS * m;
-    out_t
-        .par_chunks_mut(TILES_PER_TASK * per_tile)
-        .enumerate()
-        .for_each(|(task, out)| {
+    let mut out: Vec<f32> = Vec::with_capacity(m * rows);
+    let dst = Output(out.as_mut_ptr());
+    (0..row_tiles.div_ceil(TILES_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
             let first_tile = task * TILES_PER_TASK;
+            let here = TILES_PER_TASK.min(row_tiles - first_tile);
+            // Accumulated per row tile as [m][16] in a buffer of the task's own (zeroed in
+            // parallel, in cache), then copied to the output's rows.
+            let mut acc = vec![0f32; here * per_tile];
             for sb in 0..kb {
-                for (t, out) in out.chunks_mut(per_tile).enumerate() {
+                for (t, acc) in acc.chunks_mut(per_tile).enumerate() {
                     let at = (first_tile + t) * kb + sb;
                     let tile = &tiles[at];
                     // The next tile in memory: this tile's next super-block.
                     let next = tiles.get(at + 1);
-                    for (chunk, acc) in out.chunks_mut(TILE_ROWS * MAX_M).enumerate() {
+                    for (chunk, acc) in acc.chunks_mut(TILE_ROWS * MAX_M).enumerate() {
                         let next = if chunk == 0 { next } else { None };
                         kernel(tile, next, &acts, sb, chunk * MAX_M, acc);
                     }
                 }
             }
+            for (t, acc) in acc.chunks_exact(per_tile).enumerate() {
+                let column = (first_tile + t) * TILE_ROWS;
+                for (i, vals) in acc.chunks_exact(TILE_ROWS).enumerate() {
+                    // SAFETY: `out` has capacity for m × rows values; row i's columns
+                    // column..column + 16 lie within it (column + 16 <= rows), and this task
+                    // alone writes them (tasks own disjoint row tiles), so the writes neither
+                    // overlap nor race.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            vals.as_ptr(),
+                            dst.at(i * rows + column),
+                            TILE_ROWS,
+                        )
+                    };
+                }
+            }
         });
-    if m == 1 {
-        // One row: [row tile][1][16] is already row-major.
-        return out_t;
-    }
-    // Written in order rather than zeroed and scattered into: an output head's 64 × 151,936
-    // logits are 39 MB a step.
-    let mut out = Vec::with_capacity(m * rows);
-    for i in 0..m {
-        for tile in out_t.chunks_exact(per_tile) {
-            out.extend_from_slice(&tile[i * TILE_ROWS..(i + 1) * TILE_ROWS]);
-        }
-    }
+    // SAFETY: the tasks cover every row tile, each writing its 16 columns of all m rows: every
+    // one of the m × rows values was initialized above.
+    unsafe { out.set_len(m * rows) };
     out
 }
+
+/// The output's buffer, shared by the tasks of [`matmul`], which write disjoint parts of it.
+struct Output(*mut f32);
+
+impl Output {
+    /// # Safety
+    /// `offset` must lie within the buffer's capacity.
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: as the caller promises.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+// SAFETY: the pointer is only written through, at places no two tasks share (see `matmul`),
+// and the buffer outlives the parallel loop.
+unsafe impl Sync for Output {}
+unsafe impl Send for Output {}
 
 pub struct Activations {
     blocks_per_row: usize,
