@@ -2,9 +2,7 @@
 //! (int8 multiply-adds, AVX-512 VNNI) and `vfmadd231ps` (f32) with sixteen independent
 //! accumulators in registers, on one thread and on every core at once. Throughput is in
 //! multiply-adds. `cargo bench --bench cpu_peak`; skipped where the CPU lacks AVX-512 VNNI.
-//!
-//! On the 2-vCPU hosts of BENCHMARKS.md both threads together reach what one does: the two
-//! vCPUs are one core's hyperthreads, so "the machine's peak" is one core's.
+//! Run it on a quiet machine: a second thread's figure is only the peak if nothing else runs.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 

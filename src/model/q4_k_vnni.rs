@@ -2,10 +2,9 @@
 //! `q6_k_vnni`, the activations' quantization in `kquant_tiles`).
 //!
 //! candle 0.11 has a repacked Q4_K kernel for these CPUs, but fewer than half of its vector
-//! instructions are `vpdpbusd` (it shifts every high nibble into place, rescales each 32-value
+//! instructions are `vpdpbusd`: it shifts every high nibble into place, rescales each 32-value
 //! sub-block once per activation row with four float operations, and passes over the weights
-//! once per four activation rows), and vector instructions are what a 2-vCPU host runs out of
-//! first: it reached ~43% of the machine's int8 rate. Here:
+//! once per four activation rows. Here:
 //!
 //! - a weight tile is 16 rows × one 256-value super-block, its bytes regrouped so that one
 //!   64-byte load gives four consecutive values of 16 rows; GGML stores sub-block `2p` in the
