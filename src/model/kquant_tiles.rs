@@ -24,18 +24,67 @@ pub const MAX_M: usize = 8;
 /// Row tiles per task: their shared super-block of activations stays in L1 between them.
 const TILES_PER_TASK: usize = 4;
 
+/// One format's two implementations of "a tile × up to [`MAX_M`] activation rows of one
+/// super-block, added into `acc` (`[rows][16]`)".
+pub struct TileKernels<T> {
+    /// `scalar(tile, acts, sb, row, acc)`: one activation row, the reference.
+    pub scalar: fn(&T, &Activations, usize, usize, &mut [f32]),
+    /// `simd[M - 1](tile, next, acts, sb, first, acc)`: M rows from `first`, fetching `next`
+    /// meanwhile. Unsafe: only where [`vnni_available`].
+    #[cfg(target_arch = "x86_64")]
+    pub simd: [SimdTile<T>; MAX_M],
+}
+
+#[cfg(target_arch = "x86_64")]
+pub type SimdTile<T> = unsafe fn(&T, Option<&T>, &Activations, usize, usize, &mut [f32]);
+
+/// `[f::<1>, …, f::<8>]`: a SIMD kernel for each number of activation rows (a constant, so
+/// that its accumulators stay in registers).
+macro_rules! simd_by_rows {
+    ($($f:ident)::+) => {
+        [
+            $($f)::+::<1>,
+            $($f)::+::<2>,
+            $($f)::+::<3>,
+            $($f)::+::<4>,
+            $($f)::+::<5>,
+            $($f)::+::<6>,
+            $($f)::+::<7>,
+            $($f)::+::<8>,
+        ]
+    };
+}
+pub(crate) use simd_by_rows;
+
 /// `x @ w.T` for `x` of `m` rows, over `tiles` (`[row tile][super-block]`, `blocks_per_row`
-/// super-blocks a row) of `rows` weight rows; row-major `[m, rows]`. `kernel(tile, next,
-/// acts, sb, first, acc)` adds the tile × activation rows `first..first + acc.len() / 16` of
-/// super-block `sb` into `acc` (`[rows][16]`, at most [`MAX_M`] rows), and may fetch `next`.
+/// super-blocks a row) of `rows` weight rows, by `kernel`'s implementation in `fns`;
+/// row-major `[m, rows]`.
 pub fn matmul<T: Sync>(
     tiles: &[T],
     rows: usize,
     blocks_per_row: usize,
     x: &[f32],
     m: usize,
-    kernel: impl Fn(&T, Option<&T>, &Activations, usize, usize, &mut [f32]) + Sync,
+    kernel: Kernel,
+    fns: &TileKernels<T>,
 ) -> Vec<f32> {
+    let kernel = |tile: &T, next: Option<&T>, acts: &Activations, sb, first, acc: &mut [f32]| {
+        let n = acc.len() / TILE_ROWS;
+        match kernel {
+            Kernel::Scalar => {
+                for (i, acc) in acc.chunks_exact_mut(TILE_ROWS).enumerate() {
+                    (fns.scalar)(tile, acts, sb, first + i, acc);
+                }
+            }
+            // SAFETY: `Kernel::Avx512` is only chosen where the features were found at run
+            // time (`Kernel::best`, `Kernel::on_this_cpu`); the callers pass at most MAX_M
+            // rows (1 <= n <= 8), and the SIMD kernels read only the tile, `acc` ([n][16])
+            // and the activations' rows `first..first + n` of super-block `sb`, which
+            // `acts` holds.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { (fns.simd[n - 1])(tile, next, acts, sb, first, acc) },
+        }
+    };
     let kb = blocks_per_row;
     let acts = Activations::quantize(x, m, kb);
     let row_tiles = rows / TILE_ROWS;
@@ -101,6 +150,59 @@ impl Output {
 // and the buffer outlives the parallel loop.
 unsafe impl Sync for Output {}
 unsafe impl Send for Output {}
+
+/// Which implementation multiplies a tile: the scalar reference (every machine) or AVX-512
+/// VNNI. The kernels' modules hold one function of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    pub fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if vnni_available() {
+            return Self::Avx512;
+        }
+        Self::Scalar
+    }
+
+    /// Every kernel this CPU can run, the scalar reference first.
+    #[cfg(test)]
+    pub fn on_this_cpu() -> Vec<Self> {
+        let mut k = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if vnni_available() {
+            k.push(Self::Avx512);
+        }
+        k
+    }
+}
+
+/// AVX-512 F, BW and VNNI: what the SIMD kernels are compiled for.
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Seeded activations for the kernels' tests: uniform values at three magnitudes.
+#[cfg(test)]
+pub fn test_activations(m: usize, width: usize, seed: u64) -> Vec<f32> {
+    crate::model::kernel_test_values::uniform(m * width, seed)
+        .enumerate()
+        .map(|(i, v)| v * (1 + i % 3) as f32)
+        .collect()
+}
 
 pub struct Activations {
     blocks_per_row: usize,

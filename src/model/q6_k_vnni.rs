@@ -17,7 +17,7 @@
 //! the scalar reference performs the same sequence with `f32::mul_add`, and the unit tests hold
 //! the AVX-512 path to it bit for bit. Knows GGML's Q6_K block layout and nothing of models.
 
-use super::kquant_tiles::{self, Activations, QK, TILE_ROWS};
+use super::kquant_tiles::{self, Activations, Kernel, TileKernels, QK, TILE_ROWS};
 
 /// Bytes per GGML Q6_K block: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed
 /// scales, an f16 `d`.
@@ -48,7 +48,7 @@ impl Tile {
 pub fn preferred() -> bool {
     std::env::var("DISTILLERY_Q6_K_KERNEL").as_deref() != Ok("candle")
         && std::env::var("MISTRALRS_FORCE_AVX2").as_deref() != Ok("1")
-        && avx512::available()
+        && kquant_tiles::vnni_available()
 }
 
 /// A Q6_K matrix regrouped into tiles, for two or more activation rows. The matrix keeps its
@@ -137,70 +137,20 @@ impl Q6kTiles {
     }
 
     fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        let tile =
-            |t: &Tile, next: Option<&Tile>, acts: &Activations, sb, first, acc: &mut [f32]| {
-                kernel.tile(t, next, acts, sb, first, acc.len() / TILE_ROWS, acc)
-            };
-        kquant_tiles::matmul(&self.tiles, self.rows, self.blocks_per_row, x, m, tile)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
-    Scalar,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Kernel {
-    fn best() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            return Self::Avx512;
-        }
-        Self::Scalar
-    }
-
-    /// Adds tile × activation rows `first..first + rows` of super-block `sb` into `acc`
-    /// (`[rows][16]`), prefetching `prefetch` meanwhile.
-    #[allow(clippy::too_many_arguments)]
-    fn tile(
-        self,
-        tile: &Tile,
-        prefetch: Option<&Tile>,
-        acts: &Activations,
-        sb: usize,
-        first: usize,
-        rows: usize,
-        acc: &mut [f32],
-    ) {
-        match self {
-            Self::Scalar => {
-                let _ = prefetch;
-                for (i, acc) in acc.chunks_exact_mut(TILE_ROWS).enumerate() {
-                    scalar_tile(tile, acts, sb, first + i, acc);
-                }
-            }
+        let fns = TileKernels {
+            scalar: scalar_tile,
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => {
-                // SAFETY: `Kernel::Avx512` is only chosen where `avx512::available()` found
-                // the features at run time (`best`; the tests check before forcing it), and
-                // `avx512::tile` reads only the tiles, `acc` ([rows][16]) and the activations'
-                // rows `first..first + rows` of super-block `sb`, which `Activations` holds.
-                unsafe {
-                    match rows {
-                        1 => avx512::tile::<1>(tile, prefetch, acts, sb, first, acc),
-                        2 => avx512::tile::<2>(tile, prefetch, acts, sb, first, acc),
-                        3 => avx512::tile::<3>(tile, prefetch, acts, sb, first, acc),
-                        4 => avx512::tile::<4>(tile, prefetch, acts, sb, first, acc),
-                        5 => avx512::tile::<5>(tile, prefetch, acts, sb, first, acc),
-                        6 => avx512::tile::<6>(tile, prefetch, acts, sb, first, acc),
-                        7 => avx512::tile::<7>(tile, prefetch, acts, sb, first, acc),
-                        _ => avx512::tile::<8>(tile, prefetch, acts, sb, first, acc),
-                    }
-                }
-            }
-        }
+            simd: kquant_tiles::simd_by_rows!(avx512::tile),
+        };
+        kquant_tiles::matmul(
+            &self.tiles,
+            self.rows,
+            self.blocks_per_row,
+            x,
+            m,
+            kernel,
+            &fns,
+        )
     }
 }
 
@@ -229,12 +179,6 @@ fn scalar_tile(tile: &Tile, acts: &Activations, sb: usize, i: usize, acc: &mut [
 mod avx512 {
     use super::{Activations, Tile, TILE_ROWS};
     use std::arch::x86_64::*;
-
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-    }
 
     /// `M` activation rows from `first` against one tile, added into `acc` (`[M][16]`).
     ///
@@ -287,13 +231,6 @@ mod avx512 {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-mod avx512 {
-    pub fn available() -> bool {
-        false
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,19 +248,12 @@ mod tests {
         (q.data().unwrap().to_vec(), deq.to_vec1::<f32>().unwrap())
     }
 
-    fn activations(m: usize, width: usize, seed: u64) -> Vec<f32> {
-        crate::model::kernel_test_values::uniform(m * width, seed)
-            .enumerate()
-            .map(|(i, v)| v * (1 + i % 3) as f32)
-            .collect()
-    }
-
     #[test]
     fn the_reference_computes_the_dequantized_product() {
         let (rows, width, m) = (32, 512, 3);
         let (raw, w) = q6k(rows, width, 11);
         let tiles = Q6kTiles::from_blocks(&raw, rows, width).unwrap();
-        let x = activations(m, width, 12);
+        let x = kquant_tiles::test_activations(m, width, 12);
         let got = tiles.matmul_with(&x, m, Kernel::Scalar);
         // The exact product of candle's dequantized weights and our quantized activations.
         let acts = Activations::quantize(&x, m, width / QK);
@@ -349,8 +279,8 @@ mod tests {
         let (raw, _) = q6k(rows, width, 13);
         let tiles = Q6kTiles::from_blocks(&raw, rows, width).unwrap();
         let m = 11;
-        let x = activations(m, width, 14);
-        for kernel in kernels() {
+        let x = kquant_tiles::test_activations(m, width, 14);
+        for kernel in Kernel::on_this_cpu() {
             let all = tiles.matmul_with(&x, m, kernel);
             for i in 0..m - 1 {
                 let two = tiles.matmul_with(&x[i * width..(i + 2) * width], 2, kernel);
@@ -369,7 +299,7 @@ mod tests {
         let (rows, width) = (48, 768);
         let (raw, _) = q6k(rows, width, 15);
         let tiles = Q6kTiles::from_blocks(&raw, rows, width).unwrap();
-        let simd: Vec<Kernel> = kernels()
+        let simd: Vec<Kernel> = Kernel::on_this_cpu()
             .into_iter()
             .filter(|k| *k != Kernel::Scalar)
             .collect();
@@ -377,7 +307,7 @@ mod tests {
             eprintln!("no AVX-512 VNNI on this CPU: only the scalar reference was run");
         }
         for m in [1, 2, 5, 8, 9, 17] {
-            let x = activations(m, width, 16 + m as u64);
+            let x = kquant_tiles::test_activations(m, width, 16 + m as u64);
             let want = tiles.matmul_with(&x, m, Kernel::Scalar);
             for &kernel in &simd {
                 assert_eq!(
@@ -400,14 +330,5 @@ mod tests {
             "8 rows: not a whole tile"
         );
         assert!(Q6kTiles::from_blocks(&[], 0, 0).is_none());
-    }
-
-    fn kernels() -> Vec<Kernel> {
-        let mut k = vec![Kernel::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            k.push(Kernel::Avx512);
-        }
-        k
     }
 }
