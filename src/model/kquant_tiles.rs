@@ -85,6 +85,15 @@ pub fn matmul<T: Sync>(
             Kernel::Avx512 => unsafe { (fns.simd[n - 1])(tile, next, acts, sb, first, acc) },
         }
     };
+    // The unsafe writes below cover every output value only for whole row tiles.
+    assert!(
+        rows.is_multiple_of(TILE_ROWS) && tiles.len() == rows / TILE_ROWS * blocks_per_row,
+        "{} tiles for {rows} rows of {blocks_per_row} super-blocks",
+        tiles.len()
+    );
+    if m == 0 {
+        return Vec::new();
+    }
     let kb = blocks_per_row;
     let acts = Activations::quantize(x, m, kb);
     let row_tiles = rows / TILE_ROWS;

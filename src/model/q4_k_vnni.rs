@@ -346,6 +346,15 @@ mod tests {
     }
 
     #[test]
+    fn no_activation_rows_give_no_output() {
+        let (raw, _) = q4k(16, 256, 19);
+        let tiles = Q4kTiles::from_blocks(&raw, 16, 256).unwrap();
+        for kernel in Kernel::on_this_cpu() {
+            assert!(tiles.matmul_with(&[], 0, kernel).is_empty());
+        }
+    }
+
+    #[test]
     fn shapes_that_are_not_whole_tiles_are_refused() {
         let (raw, _) = q4k(32, 256, 7);
         assert!(Q4kTiles::from_blocks(&raw, 32, 256).is_some());
