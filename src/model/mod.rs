@@ -17,6 +17,7 @@ mod fast_math;
 pub mod generation_defaults;
 pub mod gguf;
 pub mod half_matmul;
+mod int_rows;
 #[cfg(test)]
 mod kernel_test_values;
 mod kquant_tiles;

@@ -14,6 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::half_matmul::{Half, HalfRows};
+pub use super::int_rows::IntRows;
 use super::q4_k_vnni::{self, Q4kTiles};
 use super::q6_k_vnni::{self, Q6kTiles};
 use super::q8_0_avx2::{self, Q8Rows};
@@ -133,69 +134,6 @@ pub enum Matrix {
     /// Projections of one input that could not be merged into one matrix (a GGUF file may
     /// store a layer's q, k and v in different formats): their outputs side by side.
     Parts(Vec<Matrix>),
-}
-
-/// A block-quantized matrix in the layout of one of our own int8 kernels.
-pub enum IntRows {
-    /// Q8_0 on CPUs with AVX2 but no VNNI, where candle has no batched kernel.
-    Q8_0(Q8Rows),
-    /// Q4_K on CPUs with AVX-512 VNNI, where ours keeps the int8 units busier than candle's.
-    Q4K(Q4kTiles),
-    /// Q6_K on the same CPUs for two activation rows and more; one row goes through candle's
-    /// compact blocks (`one_row`), which stream fewer bytes.
-    Q6K { tiles: Q6kTiles, one_row: QMatMul },
-}
-
-impl IntRows {
-    pub fn rows(&self) -> usize {
-        match self {
-            Self::Q8_0(r) => r.rows(),
-            Self::Q4K(t) => t.rows(),
-            Self::Q6K { tiles, .. } => tiles.rows(),
-        }
-    }
-
-    pub fn bytes(&self) -> usize {
-        match self {
-            Self::Q8_0(r) => r.bytes(),
-            Self::Q4K(t) => t.bytes(),
-            Self::Q6K { tiles, one_row } => {
-                tiles.bytes()
-                    + match one_row {
-                        QMatMul::QTensor(t) => t.storage_size_in_bytes(),
-                        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                            t.elem_count() * t.dtype().size_in_bytes()
-                        }
-                    }
-            }
-        }
-    }
-
-    pub fn format(&self) -> GgmlDType {
-        match self {
-            Self::Q8_0(_) => GgmlDType::Q8_0,
-            Self::Q4K(_) => GgmlDType::Q4K,
-            Self::Q6K { .. } => GgmlDType::Q6K,
-        }
-    }
-
-    /// `x @ self.T` for `x` (`[.., width]`, padded) as a tensor `[.., rows]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut out_dims = x.dims().to_vec();
-        let width = out_dims.pop().unwrap_or(0);
-        let m = x.elem_count() / width.max(1);
-        if let (Self::Q6K { one_row, .. }, 1) = (self, m) {
-            return one_row.forward(x);
-        }
-        let values = x.flatten_all()?.to_vec1::<f32>()?;
-        out_dims.push(self.rows());
-        let out = match self {
-            Self::Q8_0(r) => r.matmul(&values, m),
-            Self::Q4K(t) => t.matmul(&values, m),
-            Self::Q6K { tiles, .. } => tiles.matmul(&values, m),
-        };
-        Tensor::from_vec(out, out_dims, x.device())
-    }
 }
 
 /// A half-precision matrix's values as a dense f32 tensor (exact).
